@@ -1,0 +1,31 @@
+"""lmm_symbolic: the linear mixed model derived in closed form with sympy, fitted with scipy.
+
+Pipeline (each stage returns a plain value to the next, like lme4's modular functions):
+specification (``specify``) -> derivation (``derive``) -> compilation -> optimisation -> results (``fit``).
+"""
+from __future__ import annotations
+
+from . import datasets
+from .derivation import Derivation, Equation
+from .derivation import derive as derive_design
+from .errors import DataError, ExpressionError, FormulaError, LMMError, LMMWarning, ModelError, NumericalError
+from .paired import paired_t_test, within_centred
+from .results import FitResult, fit_design, likelihood_ratio_test
+from .specification import Design, specify
+
+__version__ = "0.1.0"
+
+
+def derive(formula: str, data) -> Derivation:
+    """Eq. 1-12 for ``formula`` on ``data`` (a DataFrame or CSV path), derived by sympy."""
+    return derive_design(specify(formula, data))
+
+
+def fit(formula: str, data, method: str = "REML", exact: bool = True) -> FitResult:
+    """Fit ``formula`` (lme4 syntax, e.g. ``Resp ~ Treat + (1|Ind)``) by REML (default) or ML."""
+    return fit_design(specify(formula, data), method=method, exact=exact)
+
+
+__all__ = ["DataError", "Derivation", "Design", "Equation", "ExpressionError", "FitResult", "FormulaError",
+           "LMMError", "LMMWarning", "ModelError", "NumericalError", "datasets", "derive", "derive_design",
+           "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "within_centred"]

@@ -1,0 +1,133 @@
+"""The ``lmm-symbolic`` command: derive, fit, verify and the tutorial demo.
+
+Every error the package raises on purpose becomes one line on stderr and exit code 2; warnings (dropped
+rows, aliased columns, singular fits) go to stderr as one line each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import sympy as sp
+
+from . import datasets
+from .errors import LMMError, LMMWarning
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmm-symbolic", description="The linear mixed model derived with sympy, "
+                                "fitted with scipy, checked against lme4.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("derive", help="derive Eq. 1-12 in closed form")
+    d.add_argument("data", help="CSV file (or the name of a shipped data set, e.g. toy)")
+    d.add_argument("formula", help="lme4 formula, e.g. 'Resp ~ Treat + (1|Ind)'")
+    out = d.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the derivation as JSON")
+    out.add_argument("--latex", metavar="FILE", help="write a standalone LaTeX document of Eq. 1-12")
+    f = sub.add_parser("fit", help="fit by REML (default) or ML")
+    f.add_argument("data")
+    f.add_argument("formula")
+    how = f.add_mutually_exclusive_group()
+    how.add_argument("--reml", dest="method", action="store_const", const="REML")
+    how.add_argument("--ml", dest="method", action="store_const", const="ML")
+    f.add_argument("--json", action="store_true", help="print the result as JSON")
+    f.set_defaults(method="REML")
+    v = sub.add_parser("verify", help="check a hand-derived expression")
+    v.add_argument("data")
+    v.add_argument("formula")
+    v.add_argument("--quantity", required=True,
+                   choices=["det", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"])
+    v.add_argument("--expr", required=True, help="the expression, plain (sigma**2) or LaTeX (\\sigma^2)")
+    v.add_argument("--latex", action="store_true", help="read --expr as LaTeX")
+    v.add_argument("--json", action="store_true")
+    sub.add_parser("demo", help="the tutorial on its toy data, in the terminal")
+    return p
+
+
+def _data(arg: str):
+    """A shipped data set by name, else a CSV path."""
+    return datasets.load(arg) if arg in datasets.names() else arg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LMMWarning)
+        try:
+            code = _COMMANDS[args.command](args)
+        except LMMError as exc:
+            _flush(caught)
+            print(f"lmm-symbolic: error: {exc}", file=sys.stderr)
+            return 2
+        _flush(caught)
+    return code
+
+
+def _flush(caught) -> None:
+    for w in caught:
+        if issubclass(w.category, LMMWarning):
+            print(f"lmm-symbolic: warning: {w.message}", file=sys.stderr)
+    caught.clear()
+
+
+def _derive(args) -> int:
+    from . import derive
+    d = derive(args.formula, _data(args.data))
+    if args.json:
+        print(json.dumps(d.to_dict(), indent=2))
+    elif args.latex:
+        with open(args.latex, "w", encoding="utf-8") as fh:
+            fh.write(d.to_latex_document())
+        print(f"wrote {args.latex}")
+    else:
+        for e in d.equations:
+            print(_pretty(e))
+    return 0
+
+
+def _pretty(e) -> str:
+    note = f"   ({e.note})" if e.note else ""
+    return f"\nEq. {e.number}: {e.title}{note}\n{sp.pretty(e.expr, use_unicode=True, wrap_line=False)}"
+
+
+def _fit(args) -> int:
+    from . import fit
+    result = fit(args.formula, _data(args.data), method=args.method)
+    print(result.to_json() if args.json else result.summary())
+    return 0
+
+
+def _verify(args) -> int:
+    from . import derive
+    from .verification import verify
+    verdict = verify(derive(args.formula, _data(args.data)), args.quantity, args.expr,
+                     syntax="latex" if args.latex else None)
+    print(json.dumps(verdict.to_dict(), indent=2) if args.json else str(verdict))
+    return 0 if verdict.equal else 1
+
+
+def _demo(args) -> int:
+    from . import derive, fit, paired_t_test
+    data = datasets.load("toy")
+    formula = datasets.formula("toy")
+    print("The tutorial's toy data (Treat, Resp, Ind):\n")
+    print(data.to_string(index=False))
+    print(f"\nModel: {formula}")
+    d = derive(formula, data)
+    for e in d.equations:
+        print(_pretty(e))
+    for method in ("ML", "REML"):
+        print("\n" + "=" * 78)
+        print(fit(formula, data, method=method).summary())
+    print("\n" + "=" * 78)
+    print(paired_t_test(data))
+    return 0
+
+
+_COMMANDS = {"derive": _derive, "fit": _fit, "verify": _verify, "demo": _demo}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Optimisation: minimise the profiled deviance with scipy, and solve the score equations exactly with
+sympy where the design is balanced.
+
+Like lme4's ``optimizeLmer`` the numeric search is over theta = sigma_s / sigma >= 0 alone; sigma^2 and
+beta follow in closed form. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in
+one immutable object (as MixedModels.jl's ``OptSummary``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.optimize
+import sympy as sp
+
+from .compilation import ProfiledDeviance
+from .statistics import GroupStatistics
+from .derivation import Derivation, derive, exact_number, sigma, sigma_s
+from .errors import NumericalError
+from .specification import Design
+
+#: lme4's tolerance for a singular (boundary) fit: theta below this counts as sigma_s = 0
+SINGULAR_TOL = 1e-4
+#: the derivative test for convergence (scaled response units)
+GRADIENT_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class OptSummary:
+    """The optimiser's settings, path and outcome."""
+
+    method: str
+    optimizer: str
+    initial: float
+    theta: float
+    fmin: float
+    gradient: float
+    evaluations: int
+    converged: bool
+    at_boundary: bool
+    message: str
+    path: tuple[float, ...] = field(repr=False, default=())
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """The numeric optimum in the response's own units (GLS beta, sigma, sigma_s)."""
+
+    theta: float
+    sigma: float
+    sigma_s: float
+    beta: np.ndarray
+    deviance: float
+    summary: OptSummary
+    objective: ProfiledDeviance = field(repr=False)
+
+
+def optimise(stats: GroupStatistics, reml: bool, theta0: float = 1.0) -> Optimum:
+    """Minimise the profiled deviance over theta >= 0 (L-BFGS-B, analytic derivative), then polish.
+
+    At the optimum the derivative must vanish, or be >= 0 at theta = 0 (a boundary fit); otherwise the
+    fit is reported as not converged.
+    """
+    objective = ProfiledDeviance(stats, reml)
+    path: list[float] = []
+
+    def fun(x):
+        path.append(float(x[0]))
+        return objective.value_and_derivative(x)
+
+    res = scipy.optimize.minimize(fun, x0=[theta0], jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
+                                  options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500})
+    th = float(res.x[0])
+    th = _polish(objective, th)
+    st = objective.state(th)
+    grad = objective.derivative(st)
+    at_boundary = th <= 0.0
+    converged = (abs(grad) < GRADIENT_TOL * max(1.0, abs(objective.value(st)))
+                 or (at_boundary and grad >= -GRADIENT_TOL))
+    message = str(res.message) if converged else (
+        f"the optimiser stopped with derivative {grad:.3g} at theta = {th:.6g}: {res.message}")
+    summary = OptSummary(method="REML" if reml else "ML", optimizer="L-BFGS-B (scipy) + Newton polish",
+                         initial=theta0, theta=th, fmin=objective.value(st), gradient=grad,
+                         evaluations=len(path), converged=bool(converged), at_boundary=at_boundary,
+                         message=message, path=tuple(path))
+    return _in_units(objective, st, summary)
+
+
+def _polish(objective: ProfiledDeviance, th: float, steps: int = 20) -> float:
+    """Safeguarded secant steps on the derivative, to reach the optimum to machine precision."""
+    if th <= 0.0:
+        return 0.0
+    h = max(1e-6, 1e-6 * th)
+    for _ in range(steps):
+        g = objective.derivative(objective.state(th))
+        g2 = (objective.derivative(objective.state(th + h)) - g) / h
+        if not np.isfinite(g2) or g2 <= 0:
+            break
+        step = g / g2
+        new = max(th - step, 0.0)
+        if objective(new) > objective(th) + 1e-12:
+            break
+        if abs(new - th) <= 1e-14 * max(1.0, th):
+            th = new
+            break
+        th = new
+    return th
+
+
+def _in_units(objective: ProfiledDeviance, st, summary: OptSummary) -> Optimum:
+    s = objective.stats
+    sig_w = np.sqrt(st.rss / objective.n_eff)
+    sig = sig_w * s.scale
+    beta = st.beta * s.scale + s.beta_shift
+    dev = objective.value(st) + 2 * objective.n_eff * np.log(s.scale)
+    return Optimum(theta=st.theta, sigma=float(sig), sigma_s=float(st.theta * sig), beta=beta,
+                   deviance=float(dev), summary=summary, objective=objective)
+
+
+# ------------------------------------------------------------------------------ exact estimates
+def is_balanced(design: Design) -> bool:
+    """Equal group sizes, and each X column constant within groups or with one within-group pattern."""
+    if not design.is_random_intercept:
+        return False
+    codes = np.asarray(design.terms[0].codes)
+    sizes = np.bincount(codes)
+    if len(set(sizes.tolist())) != 1:
+        return False
+    order = np.argsort(codes, kind="stable")
+    G, size = len(sizes), int(sizes[0])
+    blocks = design.X[order].reshape(G, size, design.p)
+    constant = np.all(blocks == blocks[:, :1, :], axis=1).all(axis=0)
+    same_pattern = np.all(blocks == blocks[:1], axis=0).all(axis=0)
+    return bool(np.all(constant | same_pattern))
+
+
+@dataclass(frozen=True)
+class ExactOptimum:
+    """sigma^2 and sigma_s^2 that solve the score equations exactly (sympy rationals or radicals)."""
+
+    sigma2: sp.Expr
+    sigma_s2: sp.Expr
+    beta: tuple[sp.Expr, ...]
+
+
+def exact_optimum(design: Design, reml: bool, derivation: Derivation | None = None) -> ExactOptimum | None:
+    """Solve d log L / d(sigma^2, sigma_s^2) = 0 with sympy for a balanced design; None otherwise.
+
+    Under balance the GLS estimate equals OLS (col(X) is invariant under Sigma), so beta is exact
+    first; the (restricted) log-likelihood then depends on v = sigma^2 and vs = sigma_s^2 alone. At a
+    boundary (no interior root) sigma_s^2 = 0 and sigma^2 solves its own score equation.
+    """
+    if not is_balanced(design) or design.n > 2000:
+        return None
+    d = derivation or derive(design)
+    if not d.symbolic_y:
+        return None
+    X = d._Xexact
+    y = sp.Matrix([exact_number(v) for v in design.y])
+    beta = (X.T * X).LUsolve(X.T * y)
+    v, vs = sp.symbols("v v_s", positive=True)
+    ll = d.reml_loglik if reml else d.loglik
+    at = {**dict(zip(d.symbols.y, y)), **dict(zip(d.symbols.beta, beta))}
+    ll = sp.expand_log(ll.subs(at), force=True).subs({sigma: sp.sqrt(v), sigma_s: sp.sqrt(vs)})
+    scores = [sp.numer(sp.together(sp.diff(ll, x))) for x in (v, vs)]
+    interior = [s for s in sp.solve(scores, [v, vs], dict=True)
+                if s.get(v, 0).is_positive and s.get(vs, 0).is_positive]
+    if interior:
+        sol = interior[0]
+        return ExactOptimum(sigma2=sp.nsimplify(sol[v]), sigma_s2=sp.nsimplify(sol[vs]), beta=tuple(beta))
+    boundary = sp.numer(sp.together(sp.diff(ll.subs(vs, 0), v)))
+    roots = [r for r in sp.solve(boundary, v) if r.is_positive]
+    if not roots:
+        raise NumericalError("the score equations have no positive solution")
+    return ExactOptimum(sigma2=roots[0], sigma_s2=sp.Integer(0), beta=tuple(beta))

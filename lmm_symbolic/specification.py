@@ -1,0 +1,410 @@
+"""Specification: data + lme4-style formula -> design (y, X, the random-effect terms and their grouping).
+
+The first stage of the pipeline, like lme4's ``lFormula``. The fixed part goes to formulaic (after a
+whitelist check, since formulaic evaluates Python); the random terms ``(expr | group)``,
+``(expr || group)`` and ``group1/group2`` are parsed here.
+"""
+from __future__ import annotations
+
+import io
+import keyword
+import os
+import re
+import tokenize
+import warnings
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, FormulaError, LMMWarning, ModelError
+
+DataLike = Union[pd.DataFrame, str, os.PathLike]
+
+#: functions a formula may call; formulaic evaluates them, so nothing else is let through
+FORMULA_FUNCTIONS = frozenset({"C", "I", "log", "log2", "log10", "exp", "sqrt", "center", "scale",
+                               "poly", "abs", "Treatment", "Sum", "Helmert", "Poly", "Diff"})
+_FORMULA_OPS = frozenset({"+", "-", "*", "/", ":", "**", "(", ")", ",", "|", "||", "~", "="})
+MAX_FORMULA_LENGTH = 2000
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One random-effect term ``(expr | group)``: u_j ~ N(0, D) for each level j of the grouping.
+
+    ``Z`` holds the term's columns (n x q), ``codes`` each row's level index, ``levels`` the level labels.
+    """
+
+    expr: str
+    group: str
+    names: tuple[str, ...]
+    Z: np.ndarray
+    codes: np.ndarray
+    levels: tuple[str, ...]
+
+    @property
+    def q(self) -> int:
+        """Random effects per level (1 for a random intercept)."""
+        return self.Z.shape[1]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def is_intercept(self) -> bool:
+        """True for ``(1|g)``: Z is the column of ones, so Z_j^T Z_j = m_j."""
+        return self.q == 1 and self.names == ("(Intercept)",)
+
+    def indicator(self) -> np.ndarray:
+        """The tutorial's K for a random intercept: K[i, j] = 1 when row i belongs to level j (Eq. 3)."""
+        K = np.zeros((len(self.codes), self.n_levels))
+        K[np.arange(len(self.codes)), self.codes] = 1.0
+        return K
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """m_j, the number of observations of each level."""
+        return np.bincount(self.codes, minlength=self.n_levels)
+
+
+@dataclass(frozen=True)
+class Design:
+    """The model's data in matrix form: Y = X beta + sum_k Z_k u_k + epsilon (Eq. 4)."""
+
+    formula: str
+    response: str
+    y: np.ndarray
+    X: np.ndarray
+    fixed_names: tuple[str, ...]
+    terms: tuple[RandomTerm, ...]
+    frame: pd.DataFrame = field(repr=False)
+    messages: tuple[str, ...] = ()
+    dropped_columns: tuple[str, ...] = ()
+    n_dropped_rows: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @property
+    def p(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def has_intercept(self) -> bool:
+        return "Intercept" in self.fixed_names or "(Intercept)" in self.fixed_names
+
+    @property
+    def is_random_intercept(self) -> bool:
+        """One ``(1|g)`` term: the tutorial's model, whose Sigma is block-diagonal by g."""
+        return len(self.terms) == 1 and self.terms[0].is_intercept
+
+
+# --------------------------------------------------------------------------------------------- data
+def read_data(data: DataLike) -> pd.DataFrame:
+    """A DataFrame as given, or a CSV file read with pandas; anything else is a DataError."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"data must be a pandas DataFrame or a CSV path, not {type(data).__name__}")
+    path = os.fspath(data)
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path!r}; give the path of a CSV file")
+    if os.path.isdir(path):
+        raise DataError(f"{path!r} is a directory; give the path of a CSV file")
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if b"\x00" in head:
+        raise DataError(f"{path!r} is not a text CSV file (it holds binary data)")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path!r} as CSV: {str(exc).splitlines()[0]}") from None
+    return frame
+
+
+# ------------------------------------------------------------------------------------------ formula
+def _check_tokens(text: str, columns: set[str]) -> None:
+    """Whitelist the formula's tokens: column names, known functions, numbers, strings and operators.
+
+    formulaic evaluates terms as Python, so attribute access, subscripts, braces, backticks and unknown
+    names never reach it.
+    """
+    if len(text) > MAX_FORMULA_LENGTH:
+        raise FormulaError(f"formula longer than {MAX_FORMULA_LENGTH} characters")
+    if any(ch in text for ch in "{}[]`;\\@"):
+        raise FormulaError(f"formula {text!r} contains a character formulas do not use")
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text.replace("~", " ~ ")).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError) as exc:
+        raise FormulaError(f"malformed formula {text!r}: {exc.args[0]}") from None
+    for tok in tokens:
+        if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT,
+                        tokenize.DEDENT, tokenize.NUMBER, tokenize.STRING):
+            continue
+        if tok.type == tokenize.NAME:
+            if tok.string in columns or tok.string in FORMULA_FUNCTIONS:
+                continue
+            if keyword.iskeyword(tok.string) or tok.string.startswith("_"):
+                raise FormulaError(f"formula {text!r}: {tok.string!r} is not allowed in a formula")
+            raise DataError(f"unknown column {tok.string!r} in formula; the data has columns "
+                            f"{', '.join(sorted(map(str, columns)))}")
+        elif tok.type == tokenize.OP and tok.string in _FORMULA_OPS:
+            continue
+        else:
+            raise FormulaError(f"formula {text!r}: {tok.string!r} is not allowed in a formula")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` where it stands outside all parentheses."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise FormulaError(f"unbalanced parentheses in {text!r}")
+        elif depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    if depth != 0:
+        raise FormulaError(f"unbalanced parentheses in {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def _random_bar(term: str) -> tuple[str, str, bool] | None:
+    """``(expr | group)`` -> (expr, group, correlated); None for a fixed-effect term."""
+    t = term.strip()
+    if not (t.startswith("(") and t.endswith(")")):
+        return None
+    inner = t[1:-1]  # a parenthesised term with no top-level bar, like (x + z), is fixed
+    for bar, correlated in (("||", False), ("|", True)):
+        pieces = _split_top(inner, bar)
+        if len(pieces) == 2:
+            expr, group = (s.strip() for s in pieces)
+            if not expr or not group:
+                raise FormulaError(f"random-effect term {t!r} needs an expression and a grouping factor, "
+                                   "as in (1|group)")
+            return expr, group, correlated
+        if len(pieces) > 2:
+            raise FormulaError(f"random-effect term {t!r} has more than one bar")
+    return None
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    """A formula split into its response, the fixed part for formulaic and the random terms."""
+
+    response: str
+    fixed: str
+    random: tuple[tuple[str, str], ...]  # (expr, group) with group possibly "a:b"
+
+
+def parse_formula(formula: str, columns: set[str]) -> ParsedFormula:
+    """Split ``y ~ fixed + (expr|group) + ...``; ``a/b`` groups expand to ``b:a`` and ``a`` as in lme4."""
+    if not isinstance(formula, str) or not formula.strip():
+        raise FormulaError("the formula is empty; write one like 'Resp ~ Treat + (1|Ind)'")
+    _check_tokens(formula, columns)
+    sides = formula.split("~")
+    if len(sides) != 2 or not sides[0].strip() or not sides[1].strip():
+        raise FormulaError(f"malformed formula {formula!r}: write it as 'response ~ terms', "
+                           "e.g. 'Resp ~ Treat + (1|Ind)'")
+    response, rhs = sides[0].strip(), sides[1]
+    if response not in columns:
+        raise DataError(f"the response {response!r} must be a column of the data")
+    fixed_terms, random_terms = [], []
+    for term in _split_top(rhs, "+"):
+        if not term.strip():
+            raise FormulaError(f"malformed formula {formula!r}: an empty term around '+'")
+        bar = _random_bar(term)
+        if bar is None:
+            if "|" in term:
+                raise FormulaError(f"malformed formula {formula!r}: put random-effect terms in parentheses, "
+                                   "as in (1|group)")
+            fixed_terms.append(term.strip())
+            continue
+        expr, group, correlated = bar
+        groups = _expand_group(group, formula)
+        exprs = [expr] if correlated else _uncorrelated(expr)
+        random_terms.extend((e, g) for g in groups for e in exprs)
+    if not random_terms:
+        raise FormulaError(f"the formula {formula!r} has no random-effect term such as (1|group); this is "
+                           "then an ordinary linear model: fit it with ordinary least squares "
+                           "(e.g. statsmodels.formula.api.ols)")
+    fixed = " + ".join(fixed_terms) if fixed_terms else "1"
+    return ParsedFormula(response, fixed, tuple(random_terms))
+
+
+def _expand_group(group: str, formula: str) -> list[str]:
+    """``a/b`` -> ``b:a``, ``a`` (lme4's order and names); ``a:b`` stays an interaction."""
+    parts = [g.strip() for g in group.split("/")]
+    if any(not re.fullmatch(r"[A-Za-z_.][\w.]*(\s*:\s*[A-Za-z_.][\w.]*)*", g) for g in parts):
+        raise FormulaError(f"malformed grouping factor {group!r} in {formula!r}: use a column name, "
+                           "a/b for nesting or a:b for an interaction")
+    out = []
+    for k in range(len(parts), 0, -1):
+        out.append(":".join(reversed([p.replace(" ", "") for p in parts[:k]])))
+    return out
+
+
+def _uncorrelated(expr: str) -> list[str]:
+    """``(x || g)`` -> ``(1|g) + (0 + x|g)``, one independent term per column, as lme4."""
+    terms = [t.strip() for t in _split_top(expr, "+")]
+    intercept = not any(t in ("0", "-1") for t in terms)
+    slopes = [t for t in terms if t not in ("0", "1", "-1")]
+    return (["1"] if intercept else []) + [f"0 + {t}" for t in slopes]
+
+
+# ------------------------------------------------------------------------------------------- design
+def _grouping(frame: pd.DataFrame, group: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Level codes and labels of a grouping factor (an interaction for ``a:b``); levels sorted as R does."""
+    cols = group.split(":")
+    if len(cols) == 1:
+        values = frame[cols[0]]
+    else:
+        values = frame[cols[0]].astype(str)
+        for c in cols[1:]:
+            values = values + ":" + frame[c].astype(str)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cat = values.cat.remove_unused_categories()
+        return cat.cat.codes.to_numpy().astype(np.int64), tuple(str(c) for c in cat.cat.categories)
+    uniques = pd.unique(values)
+    try:
+        levels = sorted(uniques)
+    except TypeError:
+        levels = sorted(uniques, key=str)
+    index = {v: k for k, v in enumerate(levels)}
+    codes = np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values))
+    return codes, tuple(str(v) for v in levels)
+
+
+def _model_matrix(spec: str, frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    from formulaic import model_matrix
+    from formulaic.errors import FormulaicError
+
+    try:
+        mm = model_matrix(spec, frame, na_action="raise")
+    except FormulaicError as exc:
+        raise FormulaError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
+    return pd.DataFrame(mm)
+
+
+def _numeric_response(frame: pd.DataFrame, response: str) -> np.ndarray:
+    col = frame[response]
+    if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        bad = next((v for v in col if not _is_number(v)), col.iloc[0] if len(col) else None)
+        raise DataError(f"the response {response!r} must be numeric, but it holds {bad!r}; "
+                        "convert it to numbers first")
+    return col.to_numpy(dtype=float)
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _drop_aliased(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Keep earlier columns and drop each later column that is a linear combination of them (lme4)."""
+    keep: list[int] = []
+    scale = max(1.0, float(np.abs(X).max())) if X.size else 1.0
+    for k in range(X.shape[1]):
+        trial = X[:, keep + [k]] / scale
+        if np.linalg.matrix_rank(trial, tol=1e-7 * max(trial.shape)) == len(keep) + 1:
+            keep.append(k)
+    dropped = [names[k] for k in range(X.shape[1]) if k not in keep]
+    return X[:, keep], [names[k] for k in keep], dropped
+
+
+def specify(formula: str, data: DataLike) -> Design:
+    """Data + formula -> Design (Eq. 3-4): response y, fixed-effects X, random terms Z_k with groupings.
+
+    Rows with NA in any used column are dropped (and counted); aliased fixed-effect columns are dropped
+    with a message, as lme4 does. Bad input raises DataError, FormulaError or ModelError.
+    """
+    frame = read_data(data)
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise DataError("the data are empty: no rows to fit")
+    columns = {str(c) for c in frame.columns}
+    parsed = parse_formula(formula, columns)
+    used = _used_columns(parsed, columns)
+    messages: list[str] = []
+    sub = frame[[c for c in frame.columns if str(c) in used]]
+    na = sub.isna().any(axis=1).to_numpy()
+    n_dropped = int(na.sum())
+    if n_dropped:
+        sub = sub.loc[~na]
+        messages.append(f"{n_dropped} row(s) with missing values dropped")
+    if len(sub) == 0:
+        raise DataError("no rows left after dropping rows with missing values")
+    sub = sub.reset_index(drop=True)
+    y = _numeric_response(sub, parsed.response)
+    for c in sub.columns:
+        if pd.api.types.is_numeric_dtype(sub[c]) and not pd.api.types.is_bool_dtype(sub[c]):
+            if not np.all(np.isfinite(sub[c].to_numpy(dtype=float))):
+                raise DataError(f"column {c!r} holds an infinite value; remove or correct those rows")
+    fixed = _model_matrix(f"{parsed.fixed}", sub, "fixed-effects matrix X")
+    names = [("(Intercept)" if c == "Intercept" else str(c)) for c in fixed.columns]
+    try:
+        X = fixed.to_numpy(dtype=float)
+    except (TypeError, ValueError):
+        raise DataError(f"the fixed part {parsed.fixed!r} gives non-numeric columns") from None
+    if not np.all(np.isfinite(X)):
+        raise DataError(f"the fixed part {parsed.fixed!r} gives non-finite values (log of 0 or less?)")
+    X, names, dropped = _drop_aliased(X, names)
+    if dropped:
+        messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+                        f"column(s): {', '.join(dropped)}")
+    terms = tuple(_random_term(expr, group, sub) for expr, group in parsed.random)
+    _check_identifiable(terms, len(y))
+    for msg in messages:
+        warnings.warn(msg, LMMWarning, stacklevel=2)
+    for arr in (y, X):
+        arr.setflags(write=False)
+    return Design(formula=formula, response=parsed.response, y=y, X=X, fixed_names=tuple(names),
+                  terms=terms, frame=sub, messages=tuple(messages), dropped_columns=tuple(dropped),
+                  n_dropped_rows=n_dropped)
+
+
+def _used_columns(parsed: ParsedFormula, columns: set[str]) -> set[str]:
+    text = " ".join([parsed.response, parsed.fixed] + [f"{e} {g}" for e, g in parsed.random])
+    return {name for name in re.findall(r"[A-Za-z_.][\w.]*", text) if name in columns}
+
+
+def _random_term(expr: str, group: str, frame: pd.DataFrame) -> RandomTerm:
+    Zf = _model_matrix(expr, frame, f"random-effects matrix of ({expr}|{group})")
+    if Zf.shape[1] == 0:
+        raise FormulaError(f"random-effect term ({expr}|{group}) has no columns")
+    names = tuple("(Intercept)" if c == "Intercept" else str(c) for c in Zf.columns)
+    codes, levels = _grouping(frame, group)
+    Z = Zf.to_numpy(dtype=float)
+    for arr in (Z, codes):
+        arr.setflags(write=False)
+    return RandomTerm(expr=expr, group=group, names=names, Z=Z, codes=codes, levels=levels)
+
+
+def _check_identifiable(terms: tuple[RandomTerm, ...], n: int) -> None:
+    """lme4's checks: every grouping factor has 2 to n-1 levels, random effects fewer than observations."""
+    for t in terms:
+        if t.n_levels < 2:
+            raise ModelError(f"grouping factor {t.group!r} has a single level: a random effect needs at "
+                             "least two groups; drop the term or use a fixed effect")
+        if t.n_levels >= n:
+            raise ModelError(f"number of levels of grouping factor {t.group!r} ({t.n_levels}) must be less "
+                             f"than the number of observations ({n}): each group needs replicates")
+        if t.n_levels * t.q >= n:
+            raise ModelError(f"number of observations ({n}) <= number of random effects "
+                             f"({t.n_levels * t.q}) for term ({t.expr}|{t.group}); the random-effects "
+                             "parameters and the residual variance are probably unidentifiable")
