@@ -25,6 +25,7 @@ from .specification import Design
 sigma = sp.Symbol("sigma", positive=True)
 sigma_s = sp.Symbol("sigma_s", positive=True)
 m = sp.Symbol("m", positive=True, integer=True)
+n_obs = sp.Symbol("n", positive=True, integer=True)
 
 #: designs up to this many observations keep the responses y_ij as symbols and Sigma^-1 written out
 SYMBOLIC_N = 200
@@ -119,12 +120,17 @@ def _matrix_latex(M: sp.Matrix, total_rows: int, total_cols: int, names: dict) -
 # ------------------------------------------------------------------------------------ derivation
 @dataclass(frozen=True)
 class Symbols:
-    """The names ``derive`` uses: sigma, sigma_s, beta_k, y_ij (data-row order), u_j, epsilon_ij."""
+    """The names ``derive`` uses: sigma, sigma_s, beta_k, y_ij (data-row order), u_j, epsilon_ij.
+
+    ``y_names`` lists every observation's name; for a large design ``y``, ``u`` and ``epsilon`` hold the
+    symbols of the rows and groups that are shown (the data's values stand in the closed forms).
+    """
 
     beta: tuple[sp.Symbol, ...]
     y: tuple[sp.Symbol, ...]
     u: tuple[sp.Symbol, ...]
     epsilon: tuple[sp.Symbol, ...]
+    y_names: tuple[str, ...]
     latex_names: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -161,26 +167,32 @@ class GroupStructure:
         return cls(codes=codes, position=position, sizes=sizes)
 
 
-def _symbols(design: Design, groups: GroupStructure) -> Symbols:
+def u_symbol(j: int) -> sp.Symbol:
+    """u_(j+1), the random effect of group j (0-based)."""
+    return sp.Symbol(f"u_{j + 1}", real=True)
+
+
+def _symbols(design: Design, groups: GroupStructure, shown: int) -> Symbols:
+    """Symbols for the first ``shown`` rows (all rows of a symbolic design), names for every row."""
     p = design.p
     first = 0 if design.has_intercept else 1
     beta = tuple(sp.Symbol(f"beta_{k + first}", real=True) for k in range(p))
     G = len(groups.sizes)
     wide = groups.sizes.max() > 9 or G > 9
+    i_s, j_s = (groups.position + 1).tolist(), (groups.codes + 1).tolist()
+    sep = "_" if wide else ""
+    names = tuple(f"{i}{sep}{j}" for i, j in zip(i_s, j_s))
     latex_names = {}
     ys, eps = [], []
-    for i, j in zip(groups.position + 1, groups.codes + 1):
-        name = f"{i}_{j}" if wide else f"{i}{j}"
+    for name, i, j in zip(names[:shown], i_s, j_s):
         y, e = sp.Symbol(f"y_{name}", real=True), sp.Symbol(f"epsilon_{name}", real=True)
-        if wide:
-            latex_names[y] = f"y_{{{i},{j}}}"
-            latex_names[e] = rf"\varepsilon_{{{i},{j}}}"
-        else:
-            latex_names[e] = rf"\varepsilon_{{{name}}}"
+        latex_names[y] = f"y_{{{i},{j}}}" if wide else f"y_{{{name}}}"
+        latex_names[e] = rf"\varepsilon_{{{i},{j}}}" if wide else rf"\varepsilon_{{{name}}}"
         ys.append(y)
         eps.append(e)
-    u = tuple(sp.Symbol(f"u_{j}", real=True) for j in range(1, G + 1))
-    return Symbols(beta=beta, y=tuple(ys), u=u, epsilon=tuple(eps), latex_names=latex_names)
+    u = tuple(u_symbol(j) for j in range(G if shown >= len(names) else 0))
+    return Symbols(beta=beta, y=tuple(ys), u=u, epsilon=tuple(eps), y_names=tuple(f"y_{v}" for v in names),
+                   latex_names=latex_names)
 
 
 class Derivation:
@@ -199,8 +211,8 @@ class Derivation:
         self.design = design
         self.block = random_intercept_block()
         self.groups = GroupStructure.of(design)
-        self.symbols = _symbols(design, self.groups)
         self.symbolic_y = design.n <= SYMBOLIC_N
+        self.symbols = _symbols(design, self.groups, design.n if self.symbolic_y else SHOWN_ROWS)
         self._names = self.symbols.latex_names
         X = design.X
         self._Xexact = sp.Matrix(X.shape[0], X.shape[1], [exact_number(v) for v in X.ravel()]) \
@@ -318,8 +330,10 @@ class Derivation:
         """The restricted log-likelihood: loglik - 1/2 log|X^T Sigma^-1 X| + p/2 log(2 pi), beta = beta_hat."""
         p = self.design.p
         info = self.gls_information
-        logdet_info = sp.expand_log(sp.log(sp.factor(info.det(method="berkowitz"))), force=True) \
-            if p <= 4 else sp.log(sp.Determinant(info))
+        if p <= 4 and len(self.size_counts) <= 3:
+            logdet_info = sp.expand_log(sp.log(sp.factor(info.det(method="berkowitz"))), force=True)
+        else:  # many distinct group sizes: factoring the determinant costs more than it shows
+            logdet_info = sp.log(sp.Determinant(info))
         return self.loglik - logdet_info / 2 + sp.Rational(p, 2) * sp.log(2 * sp.pi)
 
     # -------------------------------------------------------------------------------- Eq. 1 - 12
@@ -338,7 +352,7 @@ class Derivation:
         s = self.symbols
         x = self.design.X[i]
         fixed = sp.Add(*[exact_number(v) * b for v, b in zip(x, s.beta)])
-        return sp.Add(fixed, s.u[self.groups.codes[i]], s.epsilon[i], evaluate=False)
+        return sp.Add(fixed, u_symbol(self.groups.codes[i]), s.epsilon[i], evaluate=False)
 
     def _eq1(self) -> Equation:
         n = self.design.n
@@ -385,13 +399,14 @@ class Derivation:
 
     def _eq3(self) -> Equation:
         d, s = self.design, self.symbols
-        n, G = d.n, len(s.u)
+        n, G = d.n, d.terms[0].n_levels
         rows = n if n <= 12 else SHOWN_ROWS
         Xs = sp.Matrix(rows, d.p, lambda i, k: exact_number(d.X[i, k]))
         gcols = G if G <= 12 else SHOWN_ROWS
-        K = d.terms[0].indicator()
-        Ks = sp.Matrix(rows, gcols, lambda i, j: int(K[i, j]))
-        Y, E, U, B = (sp.Matrix(list(v[:rows])) for v in (s.y, s.epsilon, s.u[:gcols], s.beta))
+        codes = self.groups.codes
+        Ks = sp.Matrix(rows, gcols, lambda i, j: int(codes[i] == j))
+        U = sp.Matrix([u_symbol(j) for j in range(gcols)])
+        Y, E, B = (sp.Matrix(list(v[:rows])) for v in (s.y, s.epsilon, s.beta))
         expr = sp.Eq(Y, sp.MatAdd(sp.MatMul(Xs, B), sp.MatMul(Ks, U), E, evaluate=False), evaluate=False)
         lat = lambda M, r, c: _matrix_latex(M, r, c, self._names)  # noqa: E731
         latex = (lat(Y, n, 1) + " = " + lat(Xs, n, d.p) + lat(B, d.p, 1) + " + " + lat(Ks, n, G)
@@ -401,7 +416,7 @@ class Derivation:
 
     def _matrix_symbols(self):
         d = self.design
-        n, p, G = d.n, d.p, len(self.symbols.u)
+        n, p, G = d.n, d.p, d.terms[0].n_levels
         return (sp.MatrixSymbol("Y", n, 1), sp.MatrixSymbol("X", n, p), sp.MatrixSymbol("beta", p, 1),
                 sp.MatrixSymbol("K", n, G), sp.MatrixSymbol("u", G, 1), sp.MatrixSymbol("epsilon", n, 1))
 
@@ -459,19 +474,19 @@ class Derivation:
     def _eq9(self) -> Equation:
         n, Q, det, names = self._likelihood_parts()
         L = sp.Symbol("L")
-        rhs = (2 * sp.pi) ** (-sp.Rational(n, 2)) * det ** (-sp.Rational(1, 2)) * sp.exp(-Q / 2)
+        rhs = (2 * sp.pi) ** (-n_obs / 2) * det ** (-sp.Rational(1, 2)) * sp.exp(-Q / 2)
         expr = sp.Eq(L, rhs, evaluate=False)
         return Equation(9, "the multivariate normal likelihood", expr,
                         r"L(\beta, \sigma, \sigma_{s}) = " + sp.latex(rhs, symbol_names=names),
-                        note="Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
+                        note=f"n = {n}, Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
 
     def _eq10(self) -> Equation:
         n, Q, det, names = self._likelihood_parts()
-        rhs = -sp.Rational(n, 2) * sp.log(2 * sp.pi) - sp.log(det) / 2 - Q / 2
+        rhs = -n_obs / 2 * sp.log(2 * sp.pi) - sp.log(det) / 2 - Q / 2
         expr = sp.Eq(sp.Symbol("log L"), rhs, evaluate=False)
         return Equation(10, "the log-likelihood", expr,
                         r"\log L(\beta, \sigma, \sigma_{s}) = " + sp.latex(rhs, symbol_names=names),
-                        note="Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
+                        note=f"n = {n}, Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
 
     def _eq11(self) -> Equation:
         n = self.design.n
@@ -492,7 +507,7 @@ class Derivation:
         s = self.symbols
         return {
             "equations": [e.to_dict() for e in self.equations],
-            "symbols": {"sigma": sigma.name, "sigma_s": sigma_s.name, "y": [v.name for v in s.y],
+            "symbols": {"sigma": sigma.name, "sigma_s": sigma_s.name, "y": list(s.y_names),
                         "beta": [b.name for b in s.beta], "beta_columns": list(self.design.fixed_names)},
             "det": sp.sstr(self.det),
             "logdet": sp.sstr(self.logdet),
