@@ -30,6 +30,8 @@ n_obs = sp.Symbol("n", positive=True, integer=True)
 #: designs up to this many observations keep the responses y_ij as symbols and Sigma^-1 written out
 SYMBOLIC_N = 200
 INVERSE_N = 40
+#: designs up to this many observations carry X as exact rationals (for X^T Sigma^-1 X, exact estimates)
+EXACT_N = 5000
 #: written-out matrices (Eq. 1, 3, 7, 8) show this many rows before the ellipsis
 SHOWN_ROWS = 8
 
@@ -214,9 +216,14 @@ class Derivation:
         self.symbolic_y = design.n <= SYMBOLIC_N
         self.symbols = _symbols(design, self.groups, design.n if self.symbolic_y else SHOWN_ROWS)
         self._names = self.symbols.latex_names
-        X = design.X
-        self._Xexact = sp.Matrix(X.shape[0], X.shape[1], [exact_number(v) for v in X.ravel()]) \
-            if self.symbolic_y else None
+
+    @functools.cached_property
+    def X_exact(self) -> sp.Matrix | None:
+        """X as the rationals its decimal values state (None beyond EXACT_N rows)."""
+        X = self.design.X
+        if self.design.n > EXACT_N:
+            return None
+        return sp.Matrix(X.shape[0], X.shape[1], [exact_number(v) for v in X.ravel()])
 
     # ------------------------------------------------------------------ closed forms (Eq. 11, 12)
     @functools.cached_property
@@ -242,7 +249,7 @@ class Derivation:
     @functools.cached_property
     def residuals(self) -> list[sp.Expr]:
         """r = Y - X beta, one entry per observation (data-row order); symbolic designs only."""
-        xb = self._Xexact * sp.Matrix(self.symbols.beta)
+        xb = self.X_exact * sp.Matrix(self.symbols.beta)
         return [y - v for y, v in zip(self.symbols.y, xb)]
 
     @functools.cached_property
@@ -319,7 +326,7 @@ class Derivation:
         d, G = self.design, len(self.groups.sizes)
         Xt1 = np.zeros((G, d.p))
         np.add.at(Xt1, self.groups.codes, d.X)
-        out = self._Xexact.T * self._Xexact if self.symbolic_y else _exact_matrix(d.X.T @ d.X)
+        out = self.X_exact.T * self.X_exact if self.X_exact is not None else _exact_matrix(d.X.T @ d.X)
         for size in self.size_counts:
             C = Xt1[self.groups.sizes == size]
             out = out - self._weight(size) * _exact_matrix(C.T @ C)

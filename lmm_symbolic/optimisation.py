@@ -15,7 +15,7 @@ import sympy as sp
 
 from .compilation import ProfiledDeviance
 from .statistics import GroupStatistics
-from .derivation import Derivation, derive, exact_number, sigma, sigma_s
+from .derivation import Derivation, derive, exact_number, m, sigma, sigma_s
 from .errors import NumericalError
 from .specification import Design
 
@@ -146,22 +146,33 @@ class ExactOptimum:
 def exact_optimum(design: Design, reml: bool, derivation: Derivation | None = None) -> ExactOptimum | None:
     """Solve d log L / d(sigma^2, sigma_s^2) = 0 with sympy for a balanced design; None otherwise.
 
-    Under balance the GLS estimate equals OLS (col(X) is invariant under Sigma), so beta is exact
-    first; the (restricted) log-likelihood then depends on v = sigma^2 and vs = sigma_s^2 alone. At a
-    boundary (no interior root) sigma_s^2 = 0 and sigma^2 solves its own score equation.
+    Under balance GLS equals OLS (col(X) is invariant under Sigma), so beta is exact first. Every group
+    has size m, and the block quadratic form (r^T r - w (1^T r)^2) / sigma^2 is linear in r^T r and
+    (1^T r)^2, so Eq. 10 summed over groups needs only R2 = sum r^2 and S1 = sum_g (1^T r_g)^2. The
+    score equations in v = sigma^2, vs = sigma_s^2 are then solved exactly; without an interior root the
+    optimum is on the boundary sigma_s^2 = 0.
     """
-    if not is_balanced(design) or design.n > 2000:
+    if not is_balanced(design):
         return None
     d = derivation or derive(design)
-    if not d.symbolic_y:
+    X = d.X_exact
+    if X is None:
         return None
-    X = d._Xexact
     y = sp.Matrix([exact_number(v) for v in design.y])
     beta = (X.T * X).LUsolve(X.T * y)
+    r = y - X * beta
+    codes = np.asarray(design.terms[0].codes)
+    G, size = d.groups.sizes.size, int(d.groups.sizes[0])
+    R2 = sum(ri**2 for ri in r)
+    S1 = sum(sp.Add(*[r[i] for i in np.flatnonzero(codes == g)]) ** 2 for g in range(G))
+    blk = d.block
+    n, p = design.n, design.p
+    ll = (-sp.Rational(n, 2) * sp.log(2 * sp.pi) - G * blk.logdet.subs(m, size) / 2
+          - blk.quadratic.subs({blk.R2: R2, blk.Zr[0, 0]: sp.sqrt(S1), m: size}) / 2)
+    if reml:
+        ll += -sp.log(d.gls_information.det()) / 2 + sp.Rational(p, 2) * sp.log(2 * sp.pi)
     v, vs = sp.symbols("v v_s", positive=True)
-    ll = d.reml_loglik if reml else d.loglik
-    at = {**dict(zip(d.symbols.y, y)), **dict(zip(d.symbols.beta, beta))}
-    ll = sp.expand_log(ll.subs(at), force=True).subs({sigma: sp.sqrt(v), sigma_s: sp.sqrt(vs)})
+    ll = sp.expand_log(ll.subs({sigma: sp.sqrt(v), sigma_s: sp.sqrt(vs)}), force=True)
     scores = [sp.numer(sp.together(sp.diff(ll, x))) for x in (v, vs)]
     interior = [s for s in sp.solve(scores, [v, vs], dict=True)
                 if s.get(v, 0).is_positive and s.get(vs, 0).is_positive]
@@ -169,7 +180,7 @@ def exact_optimum(design: Design, reml: bool, derivation: Derivation | None = No
         sol = interior[0]
         return ExactOptimum(sigma2=sp.nsimplify(sol[v]), sigma_s2=sp.nsimplify(sol[vs]), beta=tuple(beta))
     boundary = sp.numer(sp.together(sp.diff(ll.subs(vs, 0), v)))
-    roots = [r for r in sp.solve(boundary, v) if r.is_positive]
+    roots = [root for root in sp.solve(boundary, v) if root.is_positive]
     if not roots:
         raise NumericalError("the score equations have no positive solution")
     return ExactOptimum(sigma2=roots[0], sigma_s2=sp.Integer(0), beta=tuple(beta))

@@ -1,6 +1,8 @@
 """Results: inference from an optimum, and the immutable fit object with lmer-style output.
 
-Standard errors from (X^T Sigma^-1 X)^-1; p values with nlme's between/within degrees of freedom and with
+Standard errors from (X^T Sigma^-1 X)^-1 (lme4's); p values with nlme's between/within degrees of freedom
+and nlme's t (for ML fits lme scales the fixed-effects covariance by n/(n-p), which is why lmer's and lme's
+ML standard errors differ), and with
 Satterthwaite's (as lmerTest: df = 2 (L V L^T)^2 / (g^T A g), A = 2 H^-1 the covariance of the variance
 parameters (theta, sigma), g the gradient of L V(theta, sigma) L^T); log-likelihood, AIC and BIC as lme4;
 conditional modes (BLUPs) u_g = w_g 1^T r_g with conditional variance sigma^2 w_g.
@@ -173,7 +175,19 @@ def _between_within_df(design: Design) -> np.ndarray:
     between = constant & ~intercept
     within_count = int((~constant).sum())
     between_count = int(between.sum())
+    if not intercept.any() and _spans_constant(X):
+        # an implicit intercept (cell-means coding): one of its columns is the intercept
+        if within_count:
+            within_count -= 1
+        else:
+            between_count -= 1
     return np.where(between, G - 1 - between_count, design.n - G - within_count).astype(float)
+
+
+def _spans_constant(X: np.ndarray) -> bool:
+    ones = np.ones(X.shape[0])
+    coef, *_ = np.linalg.lstsq(X, ones, rcond=None)
+    return bool(np.linalg.norm(X @ coef - ones) <= 1e-8 * np.sqrt(X.shape[0]))
 
 
 def _satterthwaite(opt: Optimum) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +218,9 @@ def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: Exa
     bse = np.sqrt(np.diag(vcov))
     t = opt.beta / bse
     df_bw = _between_within_df(design)
-    p_bw = 2 * scipy.stats.t.sf(np.abs(t), df_bw)
+    # nlme's t: for ML fits lme scales the fixed-effect covariance by n / (n - p)
+    t_nlme = t if reml else t * np.sqrt((design.n - design.p) / design.n)
+    p_bw = 2 * scipy.stats.t.sf(np.abs(t_nlme), df_bw)
     p_s = 2 * scipy.stats.t.sf(np.abs(t), df_s)
     n, p = design.n, design.p
     # log-likelihood in the response's units: the deviance is -2 log L (REML: the REML criterion)
