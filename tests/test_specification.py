@@ -1,0 +1,70 @@
+"""Specification: data + formula -> design."""
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmm_symbolic as lmm
+from lmm_symbolic.specification import parse_formula
+
+
+def test_toy_design():
+    d = lmm.specify("Resp ~ Treat + (1|Ind)", lmm.datasets.load("toy"))
+    np.testing.assert_array_equal(d.y, [10, 25, 3, 6])
+    np.testing.assert_array_equal(d.X, [[1, 0], [1, 1], [1, 0], [1, 1]])
+    assert d.fixed_names == ("(Intercept)", "Treat")
+    (term,) = d.terms
+    assert term.group == "Ind" and term.levels == ("1", "2") and term.is_intercept
+    np.testing.assert_array_equal(term.indicator(), [[1, 0], [1, 0], [0, 1], [0, 1]])   # the tutorial's K
+
+
+def test_cell_means_and_no_intercept():
+    data = lmm.datasets.load("toy")
+    d = lmm.specify("Resp ~ 0 + C(Treat) + (1|Ind)", data)
+    np.testing.assert_array_equal(d.X, [[1, 0], [0, 1], [1, 0], [0, 1]])
+    assert not d.has_intercept
+    d = lmm.specify("Resp ~ 1 + (1|Ind)", data)
+    assert d.fixed_names == ("(Intercept)",)
+
+
+def test_csv_path_and_categorical_fixed_term(tmp_path):
+    frame = pd.DataFrame({"y": [1.0, 2.5, 3.1, 4.2, 5.9, 6.1], "trt": list("abcabc"), "g": [1, 1, 1, 2, 2, 2]})
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    d = lmm.specify("y ~ trt + (1|g)", str(path))
+    assert d.fixed_names == ("(Intercept)", "trt[T.b]", "trt[T.c]")
+    assert d.n == 6
+
+
+def test_random_term_parsing_like_lme4():
+    cols = {"y", "x", "a", "b", "g"}
+    assert parse_formula("y ~ x + (1|g)", cols).random == (("1", "g"),)
+    assert parse_formula("y ~ 1 + (1|a/b)", cols).random == (("1", "b:a"), ("1", "a"))
+    assert parse_formula("y ~ x + (x||g)", cols).random == (("1", "g"), ("0 + x", "g"))
+    assert parse_formula("y ~ (1|a) + (1|b)", cols).fixed == "1"
+
+
+@pytest.mark.parametrize("formula, error", [
+    ("Resp ~ Foo + (1|Ind)", lmm.DataError),
+    ("Resp ~ Treat + (1|Foo)", lmm.DataError),
+    ("Resp ~ Treat", lmm.FormulaError),
+    ("Resp Treat + (1|Ind)", lmm.FormulaError),
+    ("Resp ~ Treat + (1|Ind", lmm.FormulaError),
+    ("Resp ~ Treat + 1|Ind", lmm.FormulaError),
+    ("Resp ~ Treat.__class__ + (1|Ind)", lmm.FormulaError),
+])
+def test_bad_formulas_raise_typed_errors(formula, error):
+    with pytest.raises(error):
+        lmm.specify(formula, lmm.datasets.load("toy"))
+
+
+def test_no_random_term_suggests_ols():
+    with pytest.raises(lmm.FormulaError, match="least squares"):
+        lmm.specify("Resp ~ Treat", lmm.datasets.load("toy"))
+
+
+def test_missing_file_and_non_numeric_response(tmp_path):
+    with pytest.raises(lmm.DataError, match="not found"):
+        lmm.specify("y ~ x + (1|g)", str(tmp_path / "nope.csv"))
+    frame = pd.DataFrame({"y": ["250ms", "300ms", "1", "2"], "g": [1, 1, 2, 2]})
+    with pytest.raises(lmm.DataError, match="numeric"):
+        lmm.specify("y ~ 1 + (1|g)", frame)
