@@ -12,6 +12,7 @@ from .errors import DataError, ExpressionError, FormulaError, LMMError, LMMWarni
 from .paired import paired_t_test, within_centred
 from .results import FitResult, fit_design, likelihood_ratio_test
 from .specification import Design, specify
+from .verification import Verdict, verify
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,4 @@ def fit(formula: str, data, method: str = "REML", exact: bool = True) -> FitResu
 
 __all__ = ["DataError", "Derivation", "Design", "Equation", "ExpressionError", "FitResult", "FormulaError",
            "LMMError", "LMMWarning", "ModelError", "NumericalError", "datasets", "derive", "derive_design",
-           "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "within_centred"]
+           "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "Verdict", "verify", "within_centred"]

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("data")
     v.add_argument("formula")
     v.add_argument("--quantity", required=True,
-                   choices=["det", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"])
+                   choices=["det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"])
     v.add_argument("--expr", required=True, help="the expression, plain (sigma**2) or LaTeX (\\sigma^2)")
     v.add_argument("--latex", action="store_true", help="read --expr as LaTeX")
     v.add_argument("--json", action="store_true")

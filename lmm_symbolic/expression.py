@@ -1,0 +1,892 @@
+"""A whitelist parser for untrusted maths: plain (``sigma**2``, ``^`` allowed) or LaTeX (``\\sigma^2``).
+
+The text never reaches ``eval``, ``sympify``, ``parse_expr`` or ``lambdify``. Plain syntax is read with
+``ast.parse(..., mode="eval")`` and the tree is walked allowing only numbers, the derivation's symbol names,
+``pi`` and ``e``, ``+ - * / **``, a few functions (``log``, ``ln``, ``exp``, ``sqrt``, ``abs``) and lists of
+rows for matrices. LaTeX is read by a small tokenizer and recursive-descent parser of our own. Both build
+the sympy object through :class:`_Builder`, which bounds everything that could make sympy work hard:
+
+* the text's length (:data:`MAX_LENGTH`) and bracket nesting (:data:`MAX_DEPTH`, counted before any parser
+  runs, so 100,000 nested parentheses never reach ``ast.parse``);
+* the number of digits of a literal (:data:`MAX_LITERAL_DIGITS`) and of any number sympy would compute
+  (:data:`MAX_NUMBER_DIGITS`), checked *before* a power or product of numbers is evaluated;
+* exponents: a constant exponent has magnitude at most :data:`MAX_EXPONENT`; a symbolic exponent (and the
+  argument of ``exp``) may not itself contain a symbolic power or ``exp`` -- no power towers;
+* the polynomial degree of the result (:data:`MAX_DEGREE`) and the size of matrices (:data:`MAX_MATRIX_DIM`).
+
+Anything else raises :class:`~lmm_symbolic.errors.ExpressionError` with a one-line message saying what is
+not allowed.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+import sympy as sp
+from sympy.matrices import MatrixBase
+
+from .errors import ExpressionError
+
+MAX_LENGTH = 10_000
+MAX_DEPTH = 100
+MAX_EXPONENT = 1000
+MAX_LITERAL_DIGITS = 100
+MAX_NUMBER_DIGITS = 300
+MAX_DEGREE = 2000
+MAX_MATRIX_DIM = 50
+MAX_MATRIX_PRODUCT = 20_000
+
+_MAX_BITS = MAX_NUMBER_DIGITS * math.log2(10)  # about 997 bits
+
+#: functions the plain syntax may call, by name
+PLAIN_FUNCTIONS = ("log", "ln", "exp", "sqrt", "abs", "Abs")
+#: names of constants (in both syntaxes, ``\\pi`` in LaTeX)
+CONSTANTS = {"pi": sp.pi, "E": sp.E, "e": sp.E}
+
+Value = sp.Expr | MatrixBase
+_INFINITE = (sp.zoo, sp.nan, sp.oo, -sp.oo)
+
+
+def detect_syntax(text: str) -> str:
+    """``"latex"`` when the text has a backslash or a brace, else ``"plain"``."""
+    return "latex" if ("\\" in text or "{" in text) else "plain"
+
+
+def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | None = None) -> Value:
+    """The sympy expression (or Matrix) ``text`` states, with symbol names taken from ``names``.
+
+    ``syntax`` is ``"plain"``, ``"latex"`` or None (detect: LaTeX if the text has ``\\`` or ``{``).
+    Raises ExpressionError for anything outside the whitelist or beyond the bounds.
+    """
+    if not isinstance(text, str):
+        raise ExpressionError(f"the expression must be text, not {type(text).__name__}")
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(f"the expression is too long ({len(text):,} characters; at most {MAX_LENGTH:,})")
+    bad = next((c for c in text if not (" " <= c <= "~" or c in "\t\n\r")), None)
+    if bad is not None:
+        raise ExpressionError(f"character {bad!r} is not allowed; write the expression in ASCII "
+                              "(e.g. sigma_s, \\sigma_s)")
+    if not text.strip():
+        raise ExpressionError("the expression is empty")
+    if syntax is None:
+        syntax = detect_syntax(text)
+    syntax = str(syntax).lower()
+    if syntax not in ("plain", "latex"):
+        raise ExpressionError(f"unknown syntax {syntax!r}; use 'plain' or 'latex'")
+    _check_nesting(text)
+    builder = _Builder(names)
+    try:
+        parser = _PlainParser(text, builder) if syntax == "plain" else _LatexParser(text, builder)
+        value = parser.parse()
+        builder.check_result(value)
+    except (RecursionError, MemoryError):
+        raise ExpressionError("the expression is nested too deeply or too complex to read") from None
+    return value
+
+
+def _check_nesting(text: str) -> None:
+    """Reject bracket nesting deeper than MAX_DEPTH before any parser (or ast.parse) sees the text."""
+    depth = deepest = 0
+    for c in text:
+        if c in "([{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    raise ExpressionError(f"brackets are nested too deeply (more than {MAX_DEPTH} levels)")
+        elif c in ")]}":
+            depth -= 1
+    if text.count("\\begin") > MAX_DEPTH:
+        raise ExpressionError(f"too many \\begin environments (at most {MAX_DEPTH})")
+
+
+# ------------------------------------------------------------------------------------------ builder
+def _bits(r: sp.Rational) -> int:
+    return max(abs(int(r.p)).bit_length(), int(r.q).bit_length())
+
+
+def _log2(r: sp.Rational) -> float:
+    """log2 of the larger of |numerator| and denominator: the bits a power of r grows by per unit exponent."""
+    p, q = abs(int(r.p)), int(r.q)
+    return max(math.log2(p) if p else 0.0, math.log2(q))
+
+
+def _too_big() -> ExpressionError:
+    return ExpressionError(f"a number in the expression is too large (more than {MAX_NUMBER_DIGITS} digits)")
+
+
+def _coeff_bits(v: sp.Expr) -> float:
+    """log2 of the rational coefficient sympy would multiply out when v is a factor or a power's base."""
+    if v.is_Rational:
+        return _log2(v)
+    if v.is_Mul:
+        c = v.as_coeff_Mul()[0]
+        return _log2(c) if c.is_Rational else 0.0
+    return 0.0
+
+
+def _has_tower(e: sp.Expr) -> bool:
+    """True when e contains exp or a power with a non-constant exponent (a power tower's ingredient)."""
+    for node in sp.preorder_traversal(e):
+        if isinstance(node, sp.exp):
+            return True
+        if isinstance(node, sp.Pow) and node.exp.free_symbols:
+            return True
+    return False
+
+
+def degree_bound(e: sp.Basic, memo: dict | None = None) -> int:
+    """An upper bound on e's total degree in its symbols (functions' arguments counted by their degree)."""
+    memo = {} if memo is None else memo
+    if e in memo:
+        return memo[e]
+    if e.is_Symbol:
+        d = 1
+    elif e.is_Number or e.is_NumberSymbol or not e.args:
+        d = 0
+    elif e.is_Add:
+        d = max(degree_bound(a, memo) for a in e.args)
+    elif e.is_Mul:
+        d = sum(degree_bound(a, memo) for a in e.args)
+    elif e.is_Pow and e.exp.is_Rational:
+        d = int(degree_bound(e.base, memo) * abs(e.exp) + 1) if e.exp.q != 1 else \
+            degree_bound(e.base, memo) * abs(int(e.exp.p))
+    else:
+        d = max(degree_bound(a, memo) for a in e.args)
+    memo[e] = d
+    return d
+
+
+class _Builder:
+    """Makes the sympy objects for both parsers, checking every bound before sympy evaluates anything."""
+
+    def __init__(self, names: Mapping[str, sp.Symbol]):
+        self.names = dict(names)
+
+    # ---------------------------------------------------------------------------------- leaves
+    def number(self, text: str) -> sp.Rational:
+        """The exact rational a decimal literal states (``0.1`` is 1/10, not the nearest double)."""
+        digits = sum(c.isdigit() for c in text)
+        if digits > MAX_LITERAL_DIGITS:
+            raise ExpressionError(f"the number {text[:20]}... has too many digits (at most {MAX_LITERAL_DIGITS})")
+        try:
+            dec = Decimal(text.replace("_", ""))
+        except InvalidOperation:
+            raise ExpressionError(f"cannot read the number {text[:40]!r}") from None
+        if not dec.is_finite():
+            raise ExpressionError(f"the number {text[:40]!r} is not finite")
+        exponent = dec.as_tuple().exponent
+        if abs(exponent) > MAX_NUMBER_DIGITS or dec.adjusted() > MAX_NUMBER_DIGITS:
+            raise _too_big()
+        return sp.Rational(Fraction(dec))
+
+    def symbol(self, name: str) -> sp.Expr:
+        if name in self.names:
+            return self.names[name]
+        if name in CONSTANTS:
+            return CONSTANTS[name]
+        raise ExpressionError(f"unknown symbol {name!r}; known names: {self.known()}")
+
+    def known(self) -> str:
+        order = [n for n in ("sigma", "sigma_s") if n in self.names] + \
+            [n for n in self.names if n not in ("sigma", "sigma_s")]
+        shown = order[:40]
+        more = f", ... ({len(order)} in all)" if len(order) > len(shown) else ""
+        return ", ".join(shown) + more + ", pi, e"
+
+    # ------------------------------------------------------------------------------ arithmetic
+    @staticmethod
+    def _checked(v):
+        if isinstance(v, MatrixBase):
+            return v
+        if v in _INFINITE or any(a in _INFINITE for a in v.args):
+            raise ExpressionError("the expression divides by zero or is infinite (e.g. 1/0, log(0))")
+        if v.is_Rational and _bits(v) > _MAX_BITS:
+            raise _too_big()
+        if v.is_Mul and _coeff_bits(v) > _MAX_BITS:
+            raise _too_big()
+        return v
+
+    def add(self, terms: list[tuple[int, Value]]) -> Value:
+        """sum of sign * value; matrices add to matrices of the same shape."""
+        mats = [isinstance(v, MatrixBase) for _, v in terms]
+        if any(mats):
+            if not all(mats):
+                raise ExpressionError("a matrix and a scalar cannot be added")
+            shape = terms[0][1].shape
+            if any(v.shape != shape for _, v in terms):
+                raise ExpressionError("matrices of different shapes cannot be added")
+            out = sp.zeros(*shape)
+            for s, v in terms:
+                out = out + v if s > 0 else out - v
+            return out.applyfunc(self._checked)
+        return self._checked(sp.Add(*[v if s > 0 else -v for s, v in terms]))
+
+    def neg(self, v: Value) -> Value:
+        return -v
+
+    def mul(self, factors: list[tuple[str, Value]]) -> Value:
+        """A product left to right; op is '*' or '/' (the first factor's op is ignored)."""
+        acc = factors[0][1]
+        for op, v in factors[1:]:
+            acc = self._div(acc, v) if op == "/" else self._mul2(acc, v)
+        return acc
+
+    def _mul2(self, a: Value, b: Value) -> Value:
+        am, bm = isinstance(a, MatrixBase), isinstance(b, MatrixBase)
+        if am and bm:
+            if a.shape[1] != b.shape[0]:
+                raise ExpressionError(f"cannot multiply a {a.shape[0]}x{a.shape[1]} matrix by a "
+                                      f"{b.shape[0]}x{b.shape[1]} matrix")
+            if a.shape[0] * a.shape[1] * b.shape[1] > MAX_MATRIX_PRODUCT:
+                raise ExpressionError("the matrix product is too large")
+            return (a * b).applyfunc(self._checked)
+        if am or bm:
+            m, s = (a, b) if am else (b, a)
+            if _coeff_bits(s) + max((_coeff_bits(x) for x in m), default=0) > _MAX_BITS:
+                raise _too_big()
+            return m.applyfunc(lambda x: self._checked(s * x))
+        if _coeff_bits(a) + _coeff_bits(b) > _MAX_BITS:
+            raise _too_big()
+        return self._checked(a * b)
+
+    def _div(self, a: Value, b: Value) -> Value:
+        if isinstance(b, MatrixBase):
+            raise ExpressionError("division by a matrix is not allowed (write its inverse out)")
+        if b == 0:
+            raise ExpressionError("division by zero")
+        return self._mul2(a, self.power(b, sp.Integer(-1)))
+
+    def power(self, base: Value, exponent: Value) -> sp.Expr:
+        """base ** exponent after the checks that stop power towers and huge numbers."""
+        if isinstance(base, MatrixBase) or isinstance(exponent, MatrixBase):
+            raise ExpressionError("powers of matrices are not allowed (write the product or inverse out)")
+        if exponent.free_symbols:
+            if _has_tower(exponent):
+                raise ExpressionError("power towers are not allowed: an exponent may not contain a power "
+                                      "with a symbolic exponent or exp")
+            if base.is_Rational and _bits(base) > 64:
+                raise _too_big()
+            return self._checked(sp.Pow(base, exponent))
+        if exponent.is_Rational:
+            if abs(exponent) > MAX_EXPONENT or exponent.q > MAX_EXPONENT:
+                raise ExpressionError(f"the exponent is too large (at most {MAX_EXPONENT} in magnitude)")
+            if base == 0 and exponent < 0:
+                raise ExpressionError("division by zero (0 to a negative power)")
+            if _coeff_bits(base) * float(abs(exponent)) > _MAX_BITS:
+                raise _too_big()
+            if degree_bound(base) * abs(exponent) > MAX_DEGREE:
+                raise ExpressionError(f"the expression's degree is too high (at most {MAX_DEGREE})")
+            return self._checked(sp.Pow(base, exponent))
+        # a constant such as pi, log(2) or sqrt(2): no towers, and a bounded magnitude
+        if _has_tower(exponent):
+            raise ExpressionError("power towers are not allowed: an exponent may not contain exp or a power "
+                                  "of a power")
+        value = exponent.evalf(15)
+        if not value.is_real or not value.is_finite or abs(value) > MAX_EXPONENT:
+            raise ExpressionError(f"the exponent is too large (at most {MAX_EXPONENT} in magnitude)")
+        if base.is_Rational and _bits(base) > 64:
+            raise _too_big()
+        return self._checked(sp.Pow(base, exponent))
+
+    def function(self, name: str, arg: Value) -> sp.Expr:
+        if isinstance(arg, MatrixBase):
+            raise ExpressionError(f"{name} of a matrix is not allowed")
+        if name in ("log", "ln"):
+            if arg == 0:
+                raise ExpressionError("log(0) is not finite")
+            return self._checked(sp.log(arg))
+        if name == "exp":
+            return self.power(sp.E, arg)
+        if name == "sqrt":
+            return self.power(arg, sp.Rational(1, 2))
+        if name in ("abs", "Abs"):
+            return self._checked(sp.Abs(arg))
+        raise ExpressionError(f"function {name!r} is not allowed")  # pragma: no cover - callers check
+
+    def root(self, arg: Value, index: Value) -> sp.Expr:
+        if not (isinstance(index, sp.Integer) and 1 <= index <= MAX_EXPONENT):
+            raise ExpressionError(f"a root's index must be a whole number from 1 to {MAX_EXPONENT}")
+        return self.power(arg, sp.Rational(1, int(index)))
+
+    def matrix(self, rows: list[list[Value]]) -> sp.Matrix:
+        if not rows or not rows[0]:
+            raise ExpressionError("a matrix needs at least one row and one column")
+        ncol = len(rows[0])
+        if any(len(r) != ncol for r in rows):
+            raise ExpressionError("the rows of the matrix have different lengths")
+        if len(rows) > MAX_MATRIX_DIM or ncol > MAX_MATRIX_DIM:
+            raise ExpressionError(f"the matrix is too large (at most {MAX_MATRIX_DIM}x{MAX_MATRIX_DIM})")
+        for r in rows:
+            for v in r:
+                if isinstance(v, MatrixBase):
+                    raise ExpressionError("a matrix entry must be a number or an expression, not a matrix")
+        return sp.Matrix(rows)
+
+    # ----------------------------------------------------------------------------------- result
+    def check_result(self, value: Value) -> None:
+        entries = list(value) if isinstance(value, MatrixBase) else [value]
+        memo: dict = {}
+        for e in entries:
+            if e.has(*_INFINITE):
+                raise ExpressionError("the expression divides by zero or is infinite (e.g. 1/0, log(0))")
+            if degree_bound(e, memo) > MAX_DEGREE:
+                raise ExpressionError(f"the expression's degree is too high (at most {MAX_DEGREE})")
+            for a in e.atoms(sp.Rational):
+                if _bits(a) > _MAX_BITS:
+                    raise _too_big()
+            for a in e.atoms(sp.Pow):
+                if a.exp.is_Rational and a.exp.q > MAX_EXPONENT:
+                    raise ExpressionError(f"roots are nested too deeply (a root index above {MAX_EXPONENT})")
+
+
+# ------------------------------------------------------------------------------------ plain syntax
+_AST_NAMES = {
+    ast.Attribute: "attribute access ('.')", ast.Lambda: "lambda", ast.Subscript: "indexing ('x[...]')",
+    ast.Compare: "comparisons", ast.BoolOp: "'and'/'or'", ast.IfExp: "'if ... else'",
+    ast.NamedExpr: "assignment (':=')", ast.Dict: "dictionaries", ast.Set: "sets",
+    ast.ListComp: "comprehensions", ast.SetComp: "comprehensions", ast.DictComp: "comprehensions",
+    ast.GeneratorExp: "generator expressions", ast.JoinedStr: "f-strings", ast.FormattedValue: "f-strings",
+    ast.Starred: "'*' unpacking", ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield",
+    ast.Slice: "slices",
+}
+_OP_NAMES = {ast.Mod: "%", ast.FloorDiv: "//", ast.MatMult: "@", ast.BitAnd: "&", ast.BitOr: "|",
+             ast.BitXor: "^", ast.LShift: "<<", ast.RShift: ">>", ast.Not: "not", ast.Invert: "~"}
+
+
+class _PlainParser:
+    def __init__(self, text: str, builder: _Builder):
+        self.source = text.replace("^", "**").strip()
+        self.b = builder
+
+    def parse(self) -> Value:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SyntaxWarning for e.g. "1if": the text is rejected anyway
+                tree = ast.parse(self.source, mode="eval")
+        except SyntaxError as exc:
+            where = f" at column {exc.offset}" if exc.offset else ""
+            raise ExpressionError(f"cannot read the expression ({exc.msg}{where}); only one expression is "
+                                  "allowed: no statements, assignments or imports") from None
+        except (RecursionError, MemoryError, ValueError, OverflowError):
+            raise ExpressionError("the expression is nested too deeply or too complex to read") from None
+        return self.walk(tree.body, 1, top=True)
+
+    def walk(self, node: ast.AST, depth: int, top: bool = False) -> Value:
+        if depth > MAX_DEPTH:
+            raise ExpressionError(f"the expression is nested too deeply (more than {MAX_DEPTH} levels)")
+        b = self.b
+        if isinstance(node, ast.BinOp):
+            op = type(node.op)
+            if op in (ast.Add, ast.Sub):
+                return b.add(self._chain(node, (ast.Add, ast.Sub), depth, lambda o: 1 if o is ast.Add else -1))
+            if op in (ast.Mult, ast.Div):
+                return b.mul(self._chain(node, (ast.Mult, ast.Div), depth, lambda o: "*" if o is ast.Mult else "/"))
+            if op is ast.Pow:
+                base = self.walk(node.left, depth + 1)
+                return b.power(base, self.walk(node.right, depth + 1))
+            raise ExpressionError(f"the operator {_OP_NAMES.get(op, op.__name__)} is not allowed; "
+                                  "use + - * / ** (or ^)")
+        if isinstance(node, ast.UnaryOp):
+            if isinstance(node.op, ast.USub):
+                return b.neg(self.walk(node.operand, depth + 1))
+            if isinstance(node.op, ast.UAdd):
+                return self.walk(node.operand, depth + 1)
+            raise ExpressionError(f"the operator {_OP_NAMES.get(type(node.op), '?')} is not allowed")
+        if isinstance(node, ast.Constant):
+            return self._constant(node)
+        if isinstance(node, ast.Name):
+            return b.symbol(node.id)
+        if isinstance(node, ast.Call):
+            return self._call(node, depth, top)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return self._matrix(node, depth)
+        what = _AST_NAMES.get(type(node), type(node).__name__)
+        if isinstance(node, ast.Attribute):
+            what = f"attribute access ('.{node.attr}')"
+        raise ExpressionError(f"{what} is not allowed in an expression")
+
+    def _chain(self, node, ops, depth, label):
+        """Operands of a left-associated chain a op b op c ..., collected without recursion."""
+        items = []
+        while isinstance(node, ast.BinOp) and type(node.op) in ops:
+            items.append((label(type(node.op)), node.right))
+            node = node.left
+        items.append((label(ops[0]), node))
+        items.reverse()
+        return [(lab, self.walk(n, depth + 1)) for lab, n in items]
+
+    def _constant(self, node: ast.Constant) -> sp.Rational:
+        v = node.value
+        if type(v) is int or type(v) is float:
+            text = ast.get_source_segment(self.source, node) or repr(v)
+            if type(v) is int:
+                if v.bit_length() > int(MAX_LITERAL_DIGITS * 3.33) + 1:
+                    raise ExpressionError(f"a number has too many digits (at most {MAX_LITERAL_DIGITS})")
+                return sp.Integer(v)
+            return self.b.number(text)
+        if isinstance(v, complex):
+            raise ExpressionError("complex numbers are not allowed")
+        if isinstance(v, (str, bytes)):
+            raise ExpressionError("strings are not allowed in an expression")
+        raise ExpressionError(f"{v!r} is not allowed in an expression")
+
+    def _call(self, node: ast.Call, depth: int, top: bool) -> Value:
+        func = node.func
+        if not isinstance(func, ast.Name):
+            what = f"attribute access ('.{func.attr}')" if isinstance(func, ast.Attribute) else "calling this"
+            raise ExpressionError(f"{what} is not allowed; functions: {', '.join(PLAIN_FUNCTIONS)}")
+        name = func.id
+        if name not in PLAIN_FUNCTIONS and name != "Matrix":
+            raise ExpressionError(f"the function {name!r} is not allowed; functions: {', '.join(PLAIN_FUNCTIONS)}")
+        if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
+            raise ExpressionError(f"{name} takes exactly one argument")
+        if name == "Matrix":
+            if not isinstance(node.args[0], (ast.List, ast.Tuple)):
+                raise ExpressionError("Matrix takes a list of rows, e.g. Matrix([[a, b], [c, d]])")
+            return self._matrix(node.args[0], depth)
+        return self.b.function(name, self.walk(node.args[0], depth + 1))
+
+    def _matrix(self, node, depth: int) -> sp.Matrix:
+        if not node.elts or not all(isinstance(r, (ast.List, ast.Tuple)) for r in node.elts):
+            raise ExpressionError("a matrix is a list of rows, e.g. [[a, b], [c, d]]")
+        if len(node.elts) > MAX_MATRIX_DIM:
+            raise ExpressionError(f"the matrix is too large (at most {MAX_MATRIX_DIM}x{MAX_MATRIX_DIM})")
+        rows = []
+        for r in node.elts:
+            if len(r.elts) > MAX_MATRIX_DIM:
+                raise ExpressionError(f"the matrix is too large (at most {MAX_MATRIX_DIM}x{MAX_MATRIX_DIM})")
+            if any(isinstance(e, (ast.List, ast.Tuple)) for e in r.elts):
+                raise ExpressionError("a matrix entry must be a number or an expression, not a list")
+            rows.append([self.walk(e, depth + 2) for e in r.elts])
+        return self.b.matrix(rows)
+
+
+# ------------------------------------------------------------------------------------ LaTeX syntax
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<rowsep>\\\\)
+  | (?P<begin>\\begin\s*\{\s*(?P<benv>[A-Za-z]+\*?)\s*\})
+  | (?P<end>\\end\s*\{\s*(?P<eenv>[A-Za-z]+\*?)\s*\})
+  | (?P<cmd>\\[A-Za-z]+)
+  | (?P<space>\\[,;:!\ ])
+  | (?P<brace>\\[{}|])
+  | (?P<badcmd>\\.?)
+  | (?P<num>\d+(?:\.\d+)?|\.\d+)
+  | (?P<letter>[A-Za-z])
+  | (?P<op>[-+*/^_&,|()\[\]{}.])
+""", re.VERBOSE | re.DOTALL)
+
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "iota",
+          "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
+          "omega"}
+_GREEK_NAME = {"varepsilon": "epsilon", "varphi": "phi"}
+_FUNCTIONS = {"log": "log", "ln": "ln", "exp": "exp"}
+_MULOPS = {"cdot": "*", "times": "*", "div": "/"}
+_FRACS = {"frac", "dfrac", "tfrac"}
+_MATRIX_ENVS = {"matrix", "pmatrix", "bmatrix", "Bmatrix", "smallmatrix"}
+_CLOSER = {"(": ")", "[": "]", "{": "}", "\\{": "\\}", "|": "|", "\\|": "\\|", ".": None}
+_SKIP_CMDS = {"quad", "qquad", "displaystyle"}
+
+
+class _Tok:
+    __slots__ = ("kind", "pos", "text")
+
+    def __init__(self, kind: str, text: str, pos: int):
+        self.kind, self.text, self.pos = kind, text, pos
+
+    def show(self) -> str:
+        return "end of the expression" if self.kind == "eof" else f"'{self.text}'"
+
+
+def _tokenize(text: str) -> list[_Tok]:
+    out = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise ExpressionError(f"character {text[pos]!r} is not allowed in LaTeX input")
+        tok = m.group(0)
+        if m.group("begin"):
+            out.append(_Tok("begin", m.group("benv"), pos))
+        elif m.group("end"):
+            out.append(_Tok("end", m.group("eenv"), pos))
+        elif m.group("cmd"):
+            name = tok[1:]
+            if name not in _SKIP_CMDS:
+                out.append(_Tok("cmd", name, pos))
+        elif m.group("badcmd"):
+            raise ExpressionError(f"unknown LaTeX command {tok!r}")
+        elif m.group("rowsep"):
+            out.append(_Tok("rowsep", tok, pos))
+        elif m.group("brace"):
+            out.append(_Tok("op", tok, pos))
+        elif m.group("num"):
+            out.append(_Tok("num", tok, pos))
+        elif m.group("letter"):
+            out.append(_Tok("letter", tok, pos))
+        elif m.group("op"):
+            out.append(_Tok("op", tok, pos))
+        pos = m.end()
+    out.append(_Tok("eof", "", len(text)))
+    return out
+
+
+class _LatexParser:
+    """Recursive descent over the token list; every recursion goes through ``self.enter``."""
+
+    def __init__(self, text: str, builder: _Builder):
+        text = text.strip()
+        while len(text) >= 2 and text[0] == "$" and text[-1] == "$":
+            text = text[1:-1].strip()
+        self.toks = _tokenize(text)
+        self.i = 0
+        self.depth = 0
+        self.b = builder
+
+    # --------------------------------------------------------------------------------- helpers
+    def peek(self) -> _Tok:
+        return self.toks[self.i]
+
+    def next(self) -> _Tok:
+        t = self.toks[self.i]
+        if t.kind != "eof":
+            self.i += 1
+        return t
+
+    def is_op(self, text: str, t: _Tok | None = None) -> bool:
+        t = t or self.peek()
+        return t.kind == "op" and t.text == text
+
+    def is_cmd(self, name, t: _Tok | None = None) -> bool:
+        t = t or self.peek()
+        return t.kind == "cmd" and (t.text == name if isinstance(name, str) else t.text in name)
+
+    def expect_op(self, text: str) -> None:
+        t = self.next()
+        if not (t.kind == "op" and t.text == text):
+            raise ExpressionError(f"expected {text!r} but found {t.show()}")
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ExpressionError(f"the expression is nested too deeply (more than {MAX_DEPTH} levels)")
+
+    def leave(self) -> None:
+        self.depth -= 1
+
+    # ---------------------------------------------------------------------------------- grammar
+    def parse(self) -> Value:
+        value = self.expr()
+        t = self.peek()
+        if t.kind == "rowsep":
+            raise ExpressionError("'\\\\' is allowed only inside a matrix environment")
+        if t.kind == "end":
+            raise ExpressionError(f"unexpected \\end{{{t.text}}}")
+        if t.kind != "eof":
+            if t.kind == "cmd" and t.text not in _GREEK | _FUNCTIONS.keys() | _FRACS | {"sqrt", "pi", "left"}:
+                raise ExpressionError(f"unknown or misplaced LaTeX command \\{t.text}")
+            raise ExpressionError(f"unexpected {t.show()} in LaTeX input")
+        return value
+
+    def expr(self) -> Value:
+        self.enter()
+        terms = [(1, self.term())]
+        while self.is_op("+") or self.is_op("-"):
+            sign = 1 if self.next().text == "+" else -1
+            terms.append((sign, self.term()))
+        self.leave()
+        return terms[0][1] if len(terms) == 1 and terms[0][0] == 1 else self.b.add(terms)
+
+    def term(self) -> Value:
+        factors = [("*", self.unary())]
+        while True:
+            t = self.peek()
+            if t.kind == "op" and t.text in ("*", "/"):
+                self.next()
+                factors.append((t.text, self.unary()))
+            elif t.kind == "cmd" and t.text in _MULOPS:
+                self.next()
+                factors.append((_MULOPS[t.text], self.unary()))
+            elif self.starts_factor(t):
+                if t.kind == "num":
+                    raise ExpressionError(f"a number after a factor needs an explicit \\cdot (before {t.text})")
+                factors.append(("*", self.power()))
+            else:
+                break
+        return factors[0][1] if len(factors) == 1 else self.b.mul(factors)
+
+    def starts_factor(self, t: _Tok) -> bool:
+        if t.kind in ("num", "letter", "begin"):
+            return True
+        if t.kind == "op":
+            return t.text in ("(", "[", "{", "\\{")
+        if t.kind == "cmd":
+            return t.text not in _MULOPS and t.text not in ("right", "end")
+        return False
+
+    def unary(self) -> Value:
+        if self.is_op("-") or self.is_op("+"):
+            sign = self.next().text
+            self.enter()
+            v = self.unary()
+            self.leave()
+            return self.b.neg(v) if sign == "-" else v
+        return self.power()
+
+    def power(self) -> Value:
+        t = self.peek()
+        if t.kind == "letter" or (t.kind == "cmd" and t.text in _GREEK):
+            return self.identifier()
+        base = self.atom()
+        if self.is_op("^"):
+            self.next()
+            base = self.b.power(base, self.script())
+            if self.is_op("^"):
+                raise ExpressionError("double superscript: write x^{a b} or (x^a)^b")
+        if self.is_op("_"):
+            raise ExpressionError("a subscript is allowed only on a symbol name (e.g. y_{11}, \\sigma_s)")
+        return base
+
+    def identifier(self) -> Value:
+        """A symbol with optional subscript and superscript in either order: \\sigma_s^2, y_{11}."""
+        t = self.next()
+        base = _GREEK_NAME.get(t.text, t.text) if t.kind == "cmd" else t.text
+        sub = sup = None
+        while self.is_op("_") or self.is_op("^"):
+            which = self.next().text
+            if which == "_":
+                if sub is not None:
+                    raise ExpressionError("double subscript")
+                sub = self.subscript()
+            else:
+                if sup is not None:
+                    raise ExpressionError("double superscript: write x^{a b} or (x^a)^b")
+                sup = self.script()
+        if sub is None and t.kind == "letter" and base == "e":
+            value = sp.E
+        else:
+            name = base if sub is None else f"{base}_{sub}"
+            if name not in self.b.names:
+                if t.kind == "letter" and sub is None and sup is None:
+                    self._spelled_word(t)
+                shown = ("\\" + name) if t.kind == "cmd" else name
+                raise ExpressionError(f"unknown symbol {shown!r}; known names: {self.b.known()}")
+            value = self.b.symbol(name)
+        return value if sup is None else self.b.power(value, sup)
+
+    def _spelled_word(self, first: _Tok) -> None:
+        """Plain names typed as LaTeX (sigma, log): say to write \\sigma, \\log instead."""
+        word, j = first.text, self.i
+        while self.toks[j].kind == "letter":
+            word += self.toks[j].text
+            j += 1
+        if word in _GREEK or word in _FUNCTIONS or word in ("pi", "sqrt", "frac"):
+            raise ExpressionError(f"in LaTeX every letter is a separate symbol: write \\{word}, not {word}")
+
+    def subscript(self) -> str:
+        t = self.next()
+        if t.kind == "op" and t.text == "{":
+            parts = []
+            while not self.is_op("}"):
+                u = self.next()
+                if u.kind in ("num", "letter"):
+                    parts.append(u.text)
+                elif u.kind == "op" and u.text == ",":
+                    parts.append("_")
+                else:
+                    raise ExpressionError(f"a subscript may hold only letters, digits and commas, not {u.show()}")
+            self.next()
+            if not parts:
+                raise ExpressionError("empty subscript")
+            return "".join(parts)
+        if t.kind == "letter":
+            return t.text
+        if t.kind == "num":
+            if len(t.text) > 1:
+                raise ExpressionError(f"ambiguous subscript _{t.text}: LaTeX sets only the first character "
+                                      f"low; write _{{{t.text}}}")
+            return t.text
+        raise ExpressionError(f"a subscript must be a letter, a digit or {{...}}, not {t.show()}")
+
+    def script(self) -> Value:
+        """A superscript: {expr}, one digit, or one symbol."""
+        t = self.peek()
+        if self.is_op("{"):
+            return self.group()
+        if t.kind == "num":
+            self.next()
+            if len(t.text) > 1:
+                raise ExpressionError(f"ambiguous superscript ^{t.text}: LaTeX raises only the first "
+                                      f"character; write ^{{{t.text}}}")
+            return self.b.number(t.text)
+        if t.kind == "letter" or (t.kind == "cmd" and t.text in _GREEK):
+            self.next()
+            base = _GREEK_NAME.get(t.text, t.text)
+            if t.kind == "letter" and base == "e":
+                return sp.E
+            return self.b.symbol(base)
+        if self.is_cmd("pi"):
+            self.next()
+            return sp.pi
+        raise ExpressionError(f"a superscript must be {{...}}, one digit or one symbol, not {t.show()}"
+                              + (" (write ^{-1})" if self.is_op("-", t) else ""))
+
+    def group(self) -> Value:
+        """{ expr } (the braces are required)."""
+        self.expect_op("{")
+        v = self.expr()
+        self.expect_op("}")
+        return v
+
+    def argument(self) -> Value:
+        """The argument of \\frac or \\sqrt: {expr}, or one digit / symbol as LaTeX allows (\\frac12)."""
+        t = self.peek()
+        if self.is_op("{"):
+            return self.group()
+        if t.kind == "num":
+            self.next()
+            if len(t.text) > 1:  # \frac12: the first digit, the rest stays for the next argument
+                if not t.text.isdigit():
+                    raise ExpressionError(f"write braces around {t.text}: \\frac{{..}}{{..}}")
+                self.i -= 1
+                self.toks[self.i] = _Tok("num", t.text[1:], t.pos + 1)
+                return self.b.number(t.text[0])
+            return self.b.number(t.text)
+        if t.kind == "letter" or (t.kind == "cmd" and t.text in _GREEK):
+            tok = self.next()
+            base = _GREEK_NAME.get(tok.text, tok.text)
+            return sp.E if (tok.kind == "letter" and base == "e") else self.b.symbol(base)
+        if self.is_cmd("pi"):
+            self.next()
+            return sp.pi
+        raise ExpressionError(f"expected {{...}} but found {t.show()}")
+
+    def atom(self) -> Value:
+        t = self.next()
+        if t.kind == "num":
+            return self.b.number(t.text)
+        if t.kind == "op":
+            if t.text in ("(", "[", "\\{"):
+                v = self.expr()
+                self.expect_op(_CLOSER[t.text])
+                return v
+            if t.text == "{":
+                v = self.expr()
+                self.expect_op("}")
+                return v
+            if t.text == "|":
+                v = self.expr()
+                self.expect_op("|")
+                return self.b.function("abs", v)
+            raise ExpressionError(f"unexpected {t.show()} in LaTeX input")
+        if t.kind == "begin":
+            return self.matrix(t.text)
+        if t.kind == "cmd":
+            name = t.text
+            if name == "pi":
+                return sp.pi
+            if name in _FRACS:
+                num = self.argument()
+                den = self.argument()
+                return self.b.mul([("*", num), ("/", den)])
+            if name == "sqrt":
+                index = None
+                if self.is_op("["):
+                    self.next()
+                    index = self.expr()
+                    self.expect_op("]")
+                arg = self.argument()
+                return self.b.function("sqrt", arg) if index is None else self.b.root(arg, index)
+            if name in _FUNCTIONS:
+                return self.function(_FUNCTIONS[name])
+            if name == "left":
+                return self.left()
+            if name == "mathrm":
+                self.expect_op("{")
+                inner = self.next()
+                self.expect_op("}")
+                if inner.kind == "letter" and inner.text == "e":
+                    return sp.E
+                raise ExpressionError("only \\mathrm{e} is understood")
+            if name in _MULOPS or name in ("right",):
+                raise ExpressionError(f"unexpected \\{name}")
+            raise ExpressionError(f"unknown LaTeX command \\{name}")
+        if t.kind == "end":
+            raise ExpressionError(f"unexpected \\end{{{t.text}}}")
+        if t.kind == "rowsep":
+            raise ExpressionError("'\\\\' is allowed only inside a matrix environment")
+        raise ExpressionError(f"unexpected {t.show()} in LaTeX input")
+
+    def left(self) -> Value:
+        d = self.next()
+        if not (d.kind == "op" and d.text in ("(", "[", "\\{", "|", "\\|")):
+            raise ExpressionError(f"\\left must be followed by ( [ \\{{ or |, not {d.show()}")
+        v = self.expr()
+        r = self.next()
+        if not (r.kind == "cmd" and r.text == "right"):
+            raise ExpressionError(f"expected \\right{_CLOSER[d.text]} but found {r.show()}")
+        c = self.next()
+        if not (c.kind == "op" and c.text == _CLOSER[d.text]):
+            raise ExpressionError(f"\\left{d.text} must be closed by \\right{_CLOSER[d.text]}")
+        return self.b.function("abs", v) if d.text in ("|", "\\|") else v
+
+    def function(self, name: str) -> Value:
+        if self.is_op("_"):
+            raise ExpressionError(f"\\{name} with a base is not supported; divide by \\log b instead")
+        if self.is_op("^"):
+            raise ExpressionError(f"write (\\{name} x)^2 rather than \\{name}^2 x")
+        t = self.peek()
+        self.enter()
+        if (t.kind == "op" and t.text in ("(", "[", "{", "\\{")) or self.is_cmd("left"):
+            arg = self.atom()
+        else:  # \log 2\pi\sigma^2: the implicit product that follows, up to the next operator or function
+            if not self.starts_factor(t) or t.kind == "begin":
+                raise ExpressionError(f"\\{name} needs an argument")
+            factors = [("*", self.power())]
+            while self.starts_factor(self.peek()) and not self.is_cmd(_FUNCTIONS.keys()) \
+                    and self.peek().kind != "num":
+                factors.append(("*", self.power()))
+            arg = factors[0][1] if len(factors) == 1 else self.b.mul(factors)
+        self.leave()
+        return self.b.function(name, arg)
+
+    def matrix(self, env: str) -> sp.Matrix:
+        if env not in _MATRIX_ENVS:
+            raise ExpressionError(f"the environment {env!r} is not allowed; use pmatrix, bmatrix or matrix")
+        self.enter()
+        rows: list[list[Value]] = [[]]
+        cells = 0
+        while True:
+            t = self.peek()
+            if t.kind == "end":
+                self.next()
+                if t.text != env:
+                    raise ExpressionError(f"\\begin{{{env}}} is closed by \\end{{{t.text}}}")
+                break
+            if t.kind == "eof":
+                raise ExpressionError(f"\\begin{{{env}}} is not closed by \\end{{{env}}}")
+            rows[-1].append(self.expr())
+            cells += 1
+            if cells > MAX_MATRIX_DIM * MAX_MATRIX_DIM:
+                raise ExpressionError(f"the matrix is too large (at most {MAX_MATRIX_DIM}x{MAX_MATRIX_DIM})")
+            t = self.peek()
+            if t.kind == "op" and t.text == "&":
+                self.next()
+                if self.peek().kind in ("rowsep", "end"):
+                    raise ExpressionError("empty matrix entry")
+            elif t.kind == "rowsep":
+                self.next()
+                if self.peek().kind != "end":
+                    rows.append([])
+            elif t.kind == "eof":
+                raise ExpressionError(f"\\begin{{{env}}} is not closed by \\end{{{env}}}")
+            elif t.kind != "end":
+                raise ExpressionError(f"unexpected {t.show()} in the matrix")
+        self.leave()
+        return self.b.matrix(rows)

@@ -1,0 +1,519 @@
+"""Verification: is a hand-derived expression the package's derived quantity, and if not, where is it wrong?
+
+``verify(model, quantity, expression)`` reads the expression with the whitelist parser of
+:mod:`lmm_symbolic.expression` (never ``eval``/``sympify``), then decides:
+
+* **equal** only with an exact proof: the difference (user - derived), with logarithms of products split
+  into sums (``expand_log`` under the symbols' positivity assumptions, no ``force``), is brought over a
+  common denominator and cancelled to 0 -- a decision procedure for rational functions, the logs, ``pi``
+  and roots acting as independent indeterminates -- or ``sympy.simplify`` returns 0. For ``inverse``
+  the proof may also be Sigma * M - I = 0.
+* **not equal** with a counterexample: the two sides are first evaluated at a few random points (exact
+  rationals; sigma and sigma_s positive, the other symbols any sign). For rational quantities the values
+  are exact rationals and differ exactly; with logarithms they are compared at 50 significant digits and
+  must differ by more than 1e-25 relative. The counterexample reports the symbols' values and both sides.
+* **not proven** (``equal=False``, ``counterexample=None``, hint "could not prove equality ..."): the two
+  agree at every random point tried but sympy could not simplify the difference to 0 (or the expression is
+  too large to try). The package never says "equal" on numerical evidence alone, and never says "wrong"
+  without a point where the two differ; this third answer is what is left, and the hint says so.
+
+Hints are given where they are cheap: a constant difference (e.g. a wrong ``log(2*pi)`` term), a sign, a
+constant factor, a missing, doubled or sign-flipped term, a term that should be another one, and for
+matrices the number of wrong entries (or Sigma given for its inverse).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from math import comb
+
+import sympy as sp
+from sympy.matrices import MatrixBase
+
+from .derivation import INVERSE_N, Derivation, derive
+from .errors import ExpressionError, ModelError
+from .expression import degree_bound, parse_expression
+from .specification import Design
+
+#: quantity name -> Derivation attribute
+QUANTITIES = {
+    "det": "det",
+    "logdet": "logdet",
+    "inverse": "inverse",
+    "quadratic_form": "quadratic_form",
+    "loglik": "loglik",
+    "reml_loglik": "reml_loglik",
+    "sigma": "sigma_matrix",
+    "kinship": "kinship",
+}
+TITLES = {
+    "det": "|Sigma| (Eq. 11)",
+    "logdet": "log|Sigma|",
+    "inverse": "Sigma^-1",
+    "quadratic_form": "the quadratic form (Y - X beta)^T Sigma^-1 (Y - X beta) (Eq. 12)",
+    "loglik": "the log-likelihood (Eq. 10)",
+    "reml_loglik": "the restricted (REML) log-likelihood",
+    "sigma": "Sigma (Eq. 8)",
+    "kinship": "K K^T (Eq. 7)",
+}
+_ALIASES = {"sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship"}
+
+#: random points tried before the exact proof
+TRIES = 6
+#: numbers compared at this many significant digits when they are not exact rationals
+DIGITS = 50
+RELATIVE_TOLERANCE = sp.Float("1e-25", DIGITS)
+#: the symbolic proof is not tried when the expanded difference would have more terms than this
+MAX_TERMS = 20_000
+#: the difference is shown cancelled, and the hints are looked for, only below this many estimated terms
+HINT_TERMS = 1000
+#: sympy.simplify and factor (slow) are tried only below this many estimated terms and this degree
+SIMPLIFY_TERMS = 400
+SIMPLIFY_DEGREE = 30
+#: exponentials whose arguments' coefficients would make sympy's polynomials this large are masked
+MAX_EXP_DEGREE = 50
+_SEED = 20240517
+_POSITIVE = [sp.Rational(k, 4) for k in range(1, 41)]                      # 1/4 .. 10
+_REAL = [sp.Rational(k, 4) for k in range(-40, 41) if k != 0]             # -10 .. 10 without 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer of :func:`verify`.
+
+    ``equal`` is True only with an exact proof. ``difference`` is the simplified user - derived ("0" when
+    equal; a Matrix of entry-wise differences for matrices). ``counterexample`` maps symbol names to the
+    values where the two differ, plus ``expected`` (derived) and ``given`` (user) -- and ``entry``
+    [row, column] (1-based) for matrices; None when equal or not proven. ``hint`` says what may be wrong.
+    ``status`` is "equal", "different" or "unproven" (not part of ``to_dict``).
+    """
+
+    equal: bool
+    difference: str
+    counterexample: dict | None
+    hint: str | None
+    quantity: str = field(default="", compare=False)
+    status: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict:
+        return {"equal": self.equal, "difference": self.difference, "counterexample": self.counterexample,
+                "hint": self.hint}
+
+    def __str__(self) -> str:
+        what = TITLES.get(self.quantity, self.quantity or "the derived quantity")
+        if self.equal:
+            return f"equal: the expression is {what} (proved symbolically)"
+        if self.status == "unproven":
+            lines = [f"not proven: the expression may be {what}, but equality could not be proved",
+                     f"  given - derived = {_short(self.difference)}"]
+        else:
+            lines = [f"not equal: the expression is not {what}", f"  given - derived = {_short(self.difference)}"]
+        ce = self.counterexample
+        if ce:
+            values = ", ".join(f"{k} = {v}" for k, v in ce.items() if k not in ("expected", "given", "entry"))
+            where = f" (row {ce['entry'][0]}, column {ce['entry'][1]})" if "entry" in ce else ""
+            lines.append(f"  counterexample: {values or 'any values'}{where}: derived {ce['expected']}, "
+                         f"given {ce['given']}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 2000) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ------------------------------------------------------------------------------------- entry point
+def verify(model, quantity: str, expression: str, syntax: str | None = None) -> Verdict:
+    """Whether ``expression`` equals the derived ``quantity`` of ``model`` (a Derivation or a Design).
+
+    ``quantity``: det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma (Sigma), kinship (K K^T).
+    ``syntax``: "plain", "latex" or None (LaTeX when the text has a backslash or a brace).
+    Raises ExpressionError when the expression cannot be read (or is a scalar where a matrix is due, or
+    the other way round) and ModelError when the quantity is not written out for this design.
+    """
+    if isinstance(model, Derivation):
+        der = model
+    elif isinstance(model, Design):
+        der = derive(model)
+    else:
+        raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
+    key = str(quantity).strip()
+    key = _ALIASES.get(key.lower(), key if key in QUANTITIES else key.lower())
+    if key not in QUANTITIES:
+        raise ExpressionError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}")
+    expected = getattr(der, QUANTITIES[key])
+    if expected is None:
+        raise ModelError(f"{key} is written out only for designs of at most {INVERSE_N} observations "
+                         f"(this one has {der.design.n})")
+    names = der.symbols.by_name()
+    given = parse_expression(expression, names, syntax)
+    order = _symbol_order(names)
+    if isinstance(expected, MatrixBase):
+        if not isinstance(given, MatrixBase):
+            r, c = expected.shape
+            raise ExpressionError(f"{key} is a {r}x{c} matrix: give a matrix, e.g. [[a, b], [c, d]] or "
+                                  r"\begin{pmatrix} a & b \\ c & d \end{pmatrix}")
+        return _compare_matrix(given, expected, key, der, order)
+    if isinstance(given, MatrixBase):
+        raise ExpressionError(f"{key} is a scalar, but the expression is a matrix")
+    return _compare_scalar(given, expected, key, order)
+
+
+def _symbol_order(names: dict) -> dict:
+    keys = [n for n in ("sigma", "sigma_s") if n in names] + [n for n in names if n not in ("sigma", "sigma_s")]
+    return {names[k]: i for i, k in enumerate(keys)}
+
+
+# ------------------------------------------------------------------------------- exact reasoning
+def _normal(e: sp.Expr) -> sp.Expr:
+    """Logs of products and powers split into sums of logs (their arguments factored first).
+
+    ``expand_log`` runs without ``force``: a log is split only where sympy can tell the factors are
+    positive, so no identity that fails for some values is used.
+    """
+    if not e.has(sp.log):
+        return e
+    e = e.replace(lambda x: isinstance(x, sp.log), lambda x: sp.log(_factored(x.args[0])))
+    return sp.expand_log(e, force=False)
+
+
+def _factored(arg: sp.Expr) -> sp.Expr:
+    """A log's argument factored, when that is cheap (small, low degree, no large exponentials)."""
+    if _small(arg) and _exp_degree(_exponentials(arg)) <= MAX_EXP_DEGREE:
+        return sp.factor(sp.together(arg))
+    return arg
+
+
+def _terms_estimate(e: sp.Basic, memo: dict | None = None, cap: int = 10**9) -> int:
+    """An upper estimate of the number of terms of e fully expanded (capped), to skip hopeless proofs."""
+    memo = {} if memo is None else memo
+    if e in memo:
+        return memo[e]
+    if not e.args:
+        t = 1
+    elif e.is_Add:
+        t = sum(_terms_estimate(a, memo, cap) for a in e.args)
+    elif e.is_Mul:
+        t = 1
+        for a in e.args:
+            t = min(cap, t * _terms_estimate(a, memo, cap))
+    elif e.is_Pow and e.exp.is_Integer:
+        b, n = _terms_estimate(e.base, memo, cap), abs(int(e.exp))
+        t = 1 if b == 1 else (cap if n > 10_000 else min(cap, comb(b + n - 1, n)))
+    else:
+        t = max(_terms_estimate(a, memo, cap) for a in e.args)
+    t = min(t, cap)
+    memo[e] = t
+    return t
+
+
+def _exponentials(e: sp.Expr) -> list[sp.Expr]:
+    """The outermost exp(...), powers with a symbolic exponent and roots (x**(p/q)) in e."""
+    out = []
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, sp.exp) or (x.is_Pow and (x.exp.free_symbols or (x.exp.is_Rational and x.exp.q > 1))):
+            out.append(x)
+        else:
+            stack.extend(x.args)
+    return out
+
+
+def _exp_degree(nodes: list[sp.Expr]) -> int:
+    """How large a power of one generator sympy's polynomials may make of these nodes: exp(1000 x) is
+    exp(x)**1000 to them, and x**(999/1000) is (x**(1/1000))**999. The product of the largest numerator
+    and the largest denominator in their exponents."""
+    num = den = 1
+    for x in nodes:
+        arg = x.args[0] if isinstance(x, sp.exp) else x.exp
+        for r in ([arg] if arg.is_Rational else arg.atoms(sp.Rational)):
+            num, den = max(num, abs(int(r.p))), max(den, int(r.q))
+    return num * den
+
+
+def _masked(e: sp.Expr) -> tuple[sp.Expr, dict]:
+    """e with its exponentials replaced by fresh symbols when their exponents are large (see _exp_degree).
+
+    Sound for proving zero: an identity in independent indeterminates holds for any values of them, so
+    masking can only fail to prove an equality, never prove a false one.
+    """
+    nodes = _exponentials(e)
+    if not nodes or _exp_degree(nodes) <= MAX_EXP_DEGREE:
+        return e, {}
+    mapping = {x: sp.Dummy(f"E{k}") for k, x in enumerate(dict.fromkeys(nodes))}
+    return e.xreplace(mapping), {v: k for k, v in mapping.items()}
+
+
+def _small(e: sp.Expr, terms: int = SIMPLIFY_TERMS) -> bool:
+    """True when e is small enough for simplify and factor."""
+    return _terms_estimate(e) <= terms and degree_bound(e) <= SIMPLIFY_DEGREE
+
+
+def _is_zero(d: sp.Expr) -> bool | None:
+    """True when d is proved to be 0; False when not proved; None when d is too large to try."""
+    d = _normal(d)
+    if d == 0:
+        return True
+    d, _ = _masked(d)
+    if _terms_estimate(d) > MAX_TERMS:
+        return None
+    if sp.cancel(sp.together(d)) == 0:
+        return True
+    return bool(_small(d) and sp.simplify(d) == 0)
+
+
+def _quick_zero(d: sp.Expr) -> bool:
+    """A cheap exact zero test for the hints (no simplify)."""
+    d = _normal(d)
+    if d == 0:
+        return True
+    d, _ = _masked(d)
+    if _terms_estimate(d) > HINT_TERMS:
+        return False
+    return sp.cancel(sp.together(d)) == 0
+
+
+def _simplified(d: sp.Expr) -> sp.Expr:
+    """The difference in its shortest readable form: cancelled over a common denominator, or factored."""
+    d = _normal(d)
+    m, back = _masked(d)
+    if _terms_estimate(m) > HINT_TERMS:
+        return d
+    c = sp.cancel(sp.together(m))
+    candidates = [c]
+    if _small(c):
+        candidates.append(sp.factor(c))
+    return min(candidates, key=lambda x: len(sp.sstr(x))).xreplace(back)
+
+
+# -------------------------------------------------------------------------------- numeric search
+def _points(symbols: list[sp.Symbol], count: int):
+    """Random exact points: distinct values for the symbols, positive ones positive."""
+    rng = random.Random(_SEED)
+    for _ in range(count):
+        pos = [s for s in symbols if s.is_positive]
+        real = [s for s in symbols if not s.is_positive]
+        point = {}
+        for group, pool in ((pos, _POSITIVE), (real, _REAL)):
+            if len(group) <= len(pool):
+                values = rng.sample(pool, len(group))
+            else:
+                values = [rng.choice(pool) for _ in group]
+            point.update(zip(group, values))
+        yield point
+
+
+def _at(e: sp.Expr, point: dict) -> sp.Expr | None:
+    v = e.xreplace(point)
+    if v.free_symbols or v.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        return None
+    return v
+
+
+def _differ(g: sp.Expr, e: sp.Expr) -> bool | None:
+    """True when two numbers differ (exactly, or beyond 1e-25 relative at 50 digits); None if unknown."""
+    if g.is_Rational and e.is_Rational:
+        return g != e
+    try:
+        diff = abs((g - e).evalf(DIGITS))
+        scale = max(sp.Float(1), abs(g.evalf(30)), abs(e.evalf(30)))
+        if not (diff.is_Number and scale.is_Number):
+            return None
+        return bool(diff > RELATIVE_TOLERANCE * scale)
+    except (TypeError, ValueError, ArithmeticError):  # pragma: no cover - defensive
+        return None
+
+
+def _value(v: sp.Expr):
+    """A number for the JSON: a float when it is a finite real, else its decimal text."""
+    try:
+        if v.is_real:
+            f = float(v.evalf(20))
+            if math.isfinite(f):
+                return f
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return sp.sstr(v.evalf(15))
+
+
+def _counterexample(point: dict, e: sp.Expr, g: sp.Expr, order: dict, entry=None) -> dict:
+    out = {s.name: _value(v) for s, v in sorted(point.items(), key=lambda kv: order.get(kv[0], 10**6))}
+    exp_v, giv_v = _value(e), _value(g)
+    if exp_v == giv_v:  # the difference is below float resolution: show the exact numbers
+        exp_v = sp.sstr(e if e.is_Rational else e.evalf(30))
+        giv_v = sp.sstr(g if g.is_Rational else g.evalf(30))
+    out["expected"] = exp_v
+    out["given"] = giv_v
+    if entry is not None:
+        out["entry"] = [entry[0] + 1, entry[1] + 1]
+    return out
+
+
+def _free(*exprs) -> list[sp.Symbol]:
+    syms = set()
+    for x in exprs:
+        syms |= x.free_symbols
+    return sorted(syms, key=lambda s: s.name)
+
+
+# ------------------------------------------------------------------------------------ comparisons
+def _unproven(difference: str, agree: int, too_large: bool, quantity: str) -> Verdict:
+    why = "the expression is too large to simplify" if too_large else \
+        "sympy could not simplify the difference to 0"
+    hint = (f"could not prove equality: the two agree at {agree} random point{'s' if agree != 1 else ''}, "
+            f"but {why}; try writing the expression in another form") if agree else \
+        f"could not prove equality: {why}, and the expression could not be evaluated at random points"
+    return Verdict(False, difference, None, hint, quantity=quantity, status="unproven")
+
+
+def _compare_scalar(given: sp.Expr, expected: sp.Expr, quantity: str, order: dict) -> Verdict:
+    symbols = _free(given, expected)
+    agree = 0
+    for point in _points(symbols, TRIES):
+        g, e = _at(given, point), _at(expected, point)
+        if g is None or e is None:
+            continue
+        differs = _differ(g, e)
+        if differs is None:
+            continue
+        if differs:
+            diff = _simplified(given - expected)
+            return Verdict(False, sp.sstr(diff), _counterexample(point, e, g, order),
+                           _scalar_hint(given, expected, diff), quantity=quantity, status="different")
+        agree += 1
+    proof = _is_zero(given - expected)
+    if proof:
+        return Verdict(True, "0", None, None, quantity=quantity, status="equal")
+    return _unproven(sp.sstr(_normal(given - expected)), agree, proof is None, quantity)
+
+
+def _term_list(e: sp.Expr) -> list[sp.Expr]:
+    return list(sp.Add.make_args(e))
+
+
+def _scalar_hint(given: sp.Expr, expected: sp.Expr, diff: sp.Expr) -> str | None:
+    if given == 0:
+        return "the expression is 0"
+    if not diff.free_symbols:
+        extra = " (check the constant term, e.g. -n/2 log(2*pi))" if diff.has(sp.pi) or diff.has(sp.log) else ""
+        return f"the two differ by the constant {sp.sstr(diff)} (given - derived): a missing or wrong " \
+               f"additive constant{extra}"
+    if _quick_zero(given + expected):
+        return "wrong sign: the expression is minus the derived one"
+    G, E = _normal(given), _normal(expected)
+    if E != 0 and _terms_estimate(G) + _terms_estimate(E) <= HINT_TERMS:
+        ratio, _ = _masked(G / E)
+        ratio = sp.cancel(sp.together(ratio))
+        if not ratio.free_symbols and ratio != 1:
+            return f"off by a constant factor: the expression is {sp.sstr(ratio)} times the derived one"
+    if _terms_estimate(G) + _terms_estimate(E) <= 200 and G.is_polynomial() and E.is_polynomial():
+        hint = _term_hint(sp.expand(G), sp.expand(E), diff)
+        if hint is not None:
+            return hint
+    return _term_hint(G, E, diff)
+
+
+def _term_hint(G: sp.Expr, E: sp.Expr, diff: sp.Expr) -> str | None:
+    """Missing, doubled, sign-flipped or replaced terms, from the terms of the two sums."""
+    te, tg = _term_list(E), _term_list(G)
+    if len(te) > 1 and len(te) <= 30:
+        for t in te:
+            if _quick_zero(diff + t):
+                return f"a term of the derived expression is missing: {sp.sstr(t)}"
+            if _quick_zero(diff - t):
+                return f"a term is counted twice: {sp.sstr(t)}"
+            if _quick_zero(diff + 2 * t):
+                return f"a term has the wrong sign: {sp.sstr(t)}"
+    missing = [t for t in te if t not in tg]
+    extra = [t for t in tg if t not in te]
+    if not missing and not extra or len(missing) > 6 or len(extra) > 6 or len(missing) == len(te):
+        return None
+    for m in list(missing):  # the same term written differently is not a difference
+        for x in extra:
+            if _quick_zero(m - x):
+                missing.remove(m)
+                extra.remove(x)
+                break
+    if len(missing) > 3 or len(extra) > 3 or not (missing or extra) or len(missing) == len(te):
+        return None
+    def show(ts):
+        return ", ".join(sp.sstr(t) for t in ts)
+
+    if len(missing) == 1 and len(extra) == 1:
+        return f"the term {show(extra)} should be {show(missing)}"
+    parts = []
+    if extra:
+        parts.append(f"not in the derived expression: {show(extra)}")
+    if missing:
+        parts.append(f"missing: {show(missing)}")
+    return "terms " + "; ".join(parts)
+
+
+def _compare_matrix(given: MatrixBase, expected: MatrixBase, quantity: str, der: Derivation,
+                    order: dict) -> Verdict:
+    if given.shape != expected.shape:
+        (r, c), (R, C) = given.shape, expected.shape
+        return Verdict(False, f"shape {r}x{c}; the derived matrix is {R}x{C}", None,
+                       f"{quantity} is {R}x{C}: one row and one column per observation",
+                       quantity=quantity, status="different")
+    symbols = _free(*given, *expected)
+    rows, cols = expected.shape
+    agree = 0
+    for point in _points(symbols, TRIES):
+        usable = True
+        for i in range(rows):
+            for j in range(cols):
+                g, e = _at(given[i, j], point), _at(expected[i, j], point)
+                differs = None if g is None or e is None else _differ(g, e)
+                if differs is None:
+                    usable = False
+                    continue
+                if differs:
+                    D = (given - expected).applyfunc(_simplified)
+                    return Verdict(False, _matrix_str(D), _counterexample(point, e, g, order, (i, j)),
+                                   _matrix_hint(given, expected, D, quantity, der), quantity=quantity,
+                                   status="different")
+        agree += usable
+    proofs = [_is_zero(g - e) for g, e in zip(given, expected)]
+    if all(proofs):
+        return Verdict(True, "0", None, None, quantity=quantity, status="equal")
+    if quantity == "inverse":
+        product = der.sigma_matrix * given - sp.eye(rows)
+        if all(_is_zero(x) for x in product):
+            return Verdict(True, "0", None, None, quantity=quantity, status="equal")
+    D = (given - expected).applyfunc(_normal)
+    return _unproven(_matrix_str(D), agree, any(p is None for p in proofs), quantity)
+
+
+def _matrix_str(M: MatrixBase) -> str:
+    """One line that the plain syntax reads back: Matrix([[a, b], [c, d]])."""
+    return f"Matrix({sp.sstr(M.tolist())})"
+
+
+def _matrix_hint(given, expected, D, quantity: str, der: Derivation) -> str | None:
+    if quantity == "inverse" and der.sigma_matrix is not None and \
+            all(_quick_zero(g - s) for g, s in zip(given, der.sigma_matrix)):
+        return "this is Sigma itself, not its inverse"
+    if quantity == "sigma" and der.inverse is not None and \
+            all(_quick_zero(g - s) for g, s in zip(given, der.inverse)):
+        return "this is Sigma^-1, not Sigma"
+    wrong = [(k // D.shape[1], k % D.shape[1]) for k, x in enumerate(D) if x != 0]
+    first = next(((g, e) for g, e in zip(given, expected) if e != 0), None)
+    if first is not None:
+        ratio, _ = _masked(_normal(first[0]) / _normal(first[1]))
+        ratio = sp.cancel(sp.together(ratio))
+        if not ratio.free_symbols and ratio not in (0, 1) and all(_quick_zero(g - ratio * e) for g, e in zip(given, expected)):
+            if ratio == -1:
+                return "wrong sign: the matrix is minus the derived one"
+            return f"off by a constant factor: the matrix is {sp.sstr(ratio)} times the derived one"
+    if wrong and all(_quick_zero(g - e) for g, e in zip(given, expected.T)):
+        return "the matrix is the transpose of the derived one"
+    if not wrong:
+        return None
+    i, j = wrong[0]
+    text = f"{len(wrong)} of {D.shape[0] * D.shape[1]} entries differ, the first at row {i + 1}, column {j + 1}"
+    inner = _scalar_hint(given[i, j], expected[i, j], D[i, j])
+    return f"{text}; there {inner}" if inner else text
