@@ -22,6 +22,7 @@ import sympy as sp
 
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import ModelError, NumericalError
+from .specification import Design
 from .statistics import GroupStatistics
 
 theta = sp.Symbol("theta", nonnegative=True)
@@ -208,3 +209,174 @@ class LogLikelihood:
 
     def hessian(self, sig: float, sig_s: float, beta) -> np.ndarray:
         return self._evaluate(sig, sig_s, beta)[2]
+
+
+# -------------------------------------------------------------- several terms, slopes, crossed factors
+@dataclass(frozen=True)
+class TermLayout:
+    """Where one random term's parameters sit: its relative Cholesky factor T (q x q, lower triangular for
+    a correlated term) fills Lambda = diag(I_G kron T) in the term's block of columns."""
+
+    q: int
+    n_levels: int
+    offset: int            # first column of the term in Z
+    theta_index: tuple[tuple[int, int], ...]   # (row, col) of T for each theta, lme4's column-major order
+
+    @property
+    def width(self) -> int:
+        return self.q * self.n_levels
+
+
+def term_layouts(design: Design) -> tuple[TermLayout, ...]:
+    layouts, offset = [], 0
+    for term in design.terms:
+        q = term.q
+        index = tuple((r, c) for c in range(q) for r in range(c, q))
+        layouts.append(TermLayout(q=q, n_levels=term.n_levels, offset=offset, theta_index=index))
+        offset += q * term.n_levels
+    return tuple(layouts)
+
+
+def random_effects_matrix(design: Design):
+    """Z (n x sum_k q_k G_k, sparse): row i holds term k's columns at level codes_k[i]."""
+    import scipy.sparse
+
+    rows, cols, vals = [], [], []
+    n = design.n
+    for term, lay in zip(design.terms, term_layouts(design)):
+        codes = np.asarray(term.codes)
+        for c in range(term.q):
+            rows.append(np.arange(n))
+            cols.append(lay.offset + codes * term.q + c)
+            vals.append(term.Z[:, c])
+    width = sum(lay.width for lay in term_layouts(design))
+    return scipy.sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(n, width))
+
+
+class GeneralDeviance:
+    """lme4's profiled deviance for any set of random terms (slopes, nested and crossed factors).
+
+    With Lambda(theta) the relative covariance factor (D_k = sigma^2 T_k T_k^T), M = Lambda^T Z^T Z Lambda + I
+    and V = I + Z Lambda Lambda^T Z^T, the determinant lemma gives |V| = |M| and Woodbury gives
+    X^T V^-1 X = X^T X - X^T Z Lambda M^-1 Lambda^T Z^T X:
+      ML:   d = log|M| + n (1 + log(2 pi RSS / n))
+      REML: d = log|M| + log|X^T V^-1 X| + (n - p)(1 + log(2 pi RSS / (n - p)))
+    RSS = (y - X beta)^T V^-1 (y - X beta) at the GLS beta. The derivative in theta follows from
+    d log|M| = tr(M^-1 dM), dRSS = -r^T dV r (envelope), d log|A| = tr(A^-1 dA), dA = -P^T dV P, P = V^-1 X,
+    with dLambda/dtheta_k the constant pattern of theta_k.
+    """
+
+    def __init__(self, design: Design, reml: bool):
+        self.design = design
+        self.reml = reml
+        self.layouts = term_layouts(design)
+        y, X = design.y, design.X
+        self.shift = float(np.mean(y)) if design.has_intercept else 0.0
+        self.scale = float(np.std(y - self.shift)) or 1.0
+        self.y = (y - self.shift) / self.scale
+        self.X = X
+        Z = random_effects_matrix(design)
+        self.ZtZ = (Z.T @ Z).toarray()
+        self.ZtX = np.asarray(Z.T @ X)
+        self.Zty = np.asarray(Z.T @ self.y)
+        self.XtX, self.Xty, self.yty = X.T @ X, X.T @ self.y, float(self.y @ self.y)
+        self.n, self.p = design.n, design.p
+        self.n_eff = self.n - (self.p if reml else 0)
+        self.n_theta = sum(len(lay.theta_index) for lay in self.layouts)
+        self._patterns = self._theta_patterns()
+
+    @property
+    def lower_bounds(self) -> list[float | None]:
+        """0 for the diagonal of each T (standard deviations), unbounded off the diagonal (lme4)."""
+        return [0.0 if r == c else None for lay in self.layouts for r, c in lay.theta_index]
+
+    def initial(self) -> np.ndarray:
+        return np.array([1.0 if r == c else 0.0 for lay in self.layouts for r, c in lay.theta_index])
+
+    def _theta_patterns(self) -> list[np.ndarray]:
+        """dLambda / dtheta_k: the 0/1 pattern each theta occupies (Lambda is linear in theta)."""
+        width = self.ZtZ.shape[0]
+        out = []
+        for lay in self.layouts:
+            for r, c in lay.theta_index:
+                E = np.zeros((width, width))
+                base = lay.offset + np.arange(lay.n_levels) * lay.q
+                E[base + r, base + c] = 1.0
+                out.append(E)
+        return out
+
+    def factor(self, theta) -> np.ndarray:
+        """Lambda(theta)."""
+        return sum(t * E for t, E in zip(np.asarray(theta, dtype=float), self._patterns))
+
+    def terms(self, theta) -> tuple[np.ndarray, ...]:
+        """T_k (q_k x q_k) for each term."""
+        out, k = [], 0
+        for lay in self.layouts:
+            T = np.zeros((lay.q, lay.q))
+            for r, c in lay.theta_index:
+                T[r, c] = theta[k]
+                k += 1
+            out.append(T)
+        return tuple(out)
+
+    def state(self, theta) -> dict:
+        L = self.factor(theta)
+        LtZtZL = L.T @ self.ZtZ @ L
+        M = LtZtZL + np.eye(len(L))
+        chol = np.linalg.cholesky(M)
+        LZX, LZy = L.T @ self.ZtX, L.T @ self.Zty
+        Cu = np.linalg.solve(M, LZX)
+        cu = np.linalg.solve(M, LZy)
+        A = self.XtX - LZX.T @ Cu
+        c = self.Xty - LZX.T @ cu
+        beta = np.linalg.solve(A, c) if self.p else np.zeros(0)
+        u = cu - Cu @ beta
+        # RSS = y^T V^-1 y - c^T beta with y^T V^-1 y = y^T y - (L^T Z^T y)^T M^-1 (L^T Z^T y)
+        rss = self.yty - float(LZy @ cu) - float(c @ beta)
+        logdetM = 2.0 * float(np.log(np.diag(chol)).sum())
+        logdetA = float(np.linalg.slogdet(A)[1]) if self.p else 0.0
+        return dict(theta=np.asarray(theta, float), L=L, M=M, A=A, beta=beta, u=u, rss=rss, logdetM=logdetM,
+                    logdetA=logdetA, Cu=Cu, cu=cu)
+
+    def value(self, st: dict) -> float:
+        dev = st["logdetM"] + self.n_eff * (1 + np.log(2 * np.pi * st["rss"] / self.n_eff))
+        return float(dev + (st["logdetA"] if self.reml else 0.0))
+
+    def __call__(self, theta) -> float:
+        return self.value(self.state(theta))
+
+    def gradient(self, st: dict) -> np.ndarray:
+        L, M, beta = st["L"], st["M"], st["beta"]
+        Minv = np.linalg.inv(M)
+        # Z^T r and Z^T P with r = V^-1 (y - X beta), P = V^-1 X, through Woodbury:
+        # V^-1 = I - Z L M^-1 L^T Z^T
+        Zt_res = self.Zty - self.ZtX @ beta
+        Zt_r = Zt_res - self.ZtZ @ L @ (Minv @ (L.T @ Zt_res))
+        Zt_P = self.ZtX - self.ZtZ @ L @ (Minv @ (L.T @ self.ZtX))
+        Ainv = np.linalg.inv(st["A"]) if self.p else None
+        grad = np.empty(self.n_theta)
+        for k, E in enumerate(self._patterns):
+            dLLt = E @ L.T + L @ E.T                      # d(Lambda Lambda^T)
+            dM = E.T @ self.ZtZ @ L + L.T @ self.ZtZ @ E
+            g = float(np.sum(Minv * dM))                   # tr(M^-1 dM), M symmetric
+            drss = -float(Zt_r @ dLLt @ Zt_r)
+            g += self.n_eff * drss / st["rss"]
+            if self.reml and self.p:
+                dA = -Zt_P.T @ dLLt @ Zt_P
+                g += float(np.sum(Ainv * dA))
+            grad[k] = g
+        return grad
+
+    def value_and_gradient(self, theta) -> tuple[float, np.ndarray]:
+        st = self.state(theta)
+        return self.value(st), self.gradient(st)
+
+    def varpar_deviance(self, theta, sig: float) -> float:
+        """lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value (scaled response units)."""
+        st = self.state(theta)
+        dev = st["logdetM"] + st["rss"] / sig**2 + self.n * np.log(2 * np.pi * sig**2)
+        if self.reml:
+            dev += st["logdetA"] - self.p * np.log(2 * np.pi * sig**2)
+        return float(dev)

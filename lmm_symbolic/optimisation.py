@@ -13,7 +13,7 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import ProfiledDeviance
+from .compilation import GeneralDeviance, ProfiledDeviance
 from .statistics import GroupStatistics
 from .derivation import Derivation, derive, exact_number, m, sigma, sigma_s
 from .errors import NumericalError
@@ -184,3 +184,54 @@ def exact_optimum(design: Design, reml: bool, derivation: Derivation | None = No
     if not roots:
         raise NumericalError("the score equations have no positive solution")
     return ExactOptimum(sigma2=roots[0], sigma_s2=sp.Integer(0), beta=tuple(beta))
+
+
+@dataclass(frozen=True)
+class GeneralOptimum:
+    """The optimum of a model with several random terms or slopes, in the response's units."""
+
+    theta: np.ndarray
+    sigma: float
+    beta: np.ndarray
+    b: np.ndarray              # conditional modes Lambda u, all terms stacked as in Z's columns
+    deviance: float
+    summary: OptSummary
+    objective: GeneralDeviance = field(repr=False)
+
+
+def optimise_general(objective: GeneralDeviance) -> GeneralOptimum:
+    """Minimise lme4's profiled deviance over theta (L-BFGS-B, analytic gradient, lme4's bounds)."""
+    path: list[np.ndarray] = []
+
+    def fun(x):
+        path.append(np.array(x))
+        return objective.value_and_gradient(x)
+
+    theta0 = objective.initial()
+    bounds = [(lo, None) for lo in objective.lower_bounds]
+    res = scipy.optimize.minimize(fun, x0=theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                  options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 2000})
+    theta = np.array(res.x)
+    st = objective.state(theta)
+    grad = objective.gradient(st)
+    lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])
+    at_bound = theta <= lower + 1e-12
+    free = np.where(at_bound, np.minimum(grad, 0.0), grad)   # a bound may hold a positive derivative
+    scale = max(1.0, abs(objective.value(st)))
+    converged = bool(np.max(np.abs(free), initial=0.0) < 1e-4 * scale)
+    message = str(res.message) if converged else (
+        f"the optimiser stopped with projected gradient {np.max(np.abs(free)):.3g}: {res.message}")
+    summary = OptSummary(method="REML" if objective.reml else "ML", optimizer="L-BFGS-B (scipy)",
+                         initial=float(theta0[0]), theta=float(theta[0]), fmin=objective.value(st),
+                         gradient=float(np.max(np.abs(free), initial=0.0)), evaluations=len(path),
+                         converged=converged, at_boundary=bool(at_bound.any()), message=message,
+                         path=tuple(float(p[0]) for p in path))
+    k = objective.scale
+    sig_w = np.sqrt(st["rss"] / objective.n_eff)
+    beta = st["beta"] * k
+    if objective.design.has_intercept:
+        names = objective.design.fixed_names
+        beta[[i for i, nm in enumerate(names) if nm in ("(Intercept)", "Intercept")][0]] += objective.shift
+    dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
+    return GeneralOptimum(theta=theta, sigma=float(sig_w * k), beta=beta, b=st["L"] @ st["u"] * k,
+                          deviance=float(dev), summary=summary, objective=objective)

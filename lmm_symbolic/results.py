@@ -19,10 +19,11 @@ import pandas as pd
 import scipy.stats
 import sympy as sp
 
-from .compilation import LogLikelihood
+from .compilation import GeneralDeviance, LogLikelihood
 from .statistics import GroupStatistics
 from .errors import LMMWarning, ModelError
-from .optimisation import SINGULAR_TOL, ExactOptimum, Optimum, exact_optimum, optimise
+from .optimisation import (SINGULAR_TOL, ExactOptimum, GeneralOptimum, Optimum, exact_optimum, optimise,
+                           optimise_general)
 from .specification import Design
 
 SINGULAR_ADVICE = ("boundary (singular) fit: the estimated random-effect variance is zero, so the groups "
@@ -32,7 +33,13 @@ SINGULAR_ADVICE = ("boundary (singular) fit: the estimated random-effect varianc
 
 @dataclass(frozen=True)
 class FitResult:
-    """A fitted random-intercept model; nothing in it changes after it is made."""
+    """A fitted linear mixed model; nothing in it changes after it is made.
+
+    ``sigma_s`` is the SD of the first random term's first column (the tutorial's sigma_s for (1|g));
+    ``variance_components`` lists every term's variances and SDs (lme4's VarCorr) and ``correlations``
+    the correlations within correlated terms. ``random_effects`` holds the conditional modes (BLUPs):
+    one DataFrame indexed by level when the model has one grouping factor, else a dict of them by factor.
+    """
 
     design: Design = field(repr=False)
     method: str
@@ -53,7 +60,9 @@ class FitResult:
     converged: bool
     singular: bool
     exact: ExactOptimum | None
-    random_effects: pd.DataFrame = field(repr=False)
+    random_effects: pd.DataFrame | dict = field(repr=False)
+    variance_components: pd.DataFrame = field(repr=False)
+    correlations: pd.DataFrame = field(repr=False)
     fitted: np.ndarray = field(repr=False)
     opt: object = field(repr=False)
     messages: tuple[str, ...] = ()
@@ -73,10 +82,9 @@ class FitResult:
         return self.design.y - self.fitted
 
     @property
-    def variance_components(self) -> pd.DataFrame:
-        """Variance and SD of the random intercept and of the residual (lme4's VarCorr)."""
-        return pd.DataFrame({"group": [self.group, "Residual"], "term": ["(Intercept)", ""],
-                             "variance": [self.sigma_s**2, self.sigma**2], "sd": [self.sigma_s, self.sigma]})
+    def groups(self) -> dict[str, int]:
+        """Each grouping factor and its number of levels."""
+        return {t.group: t.n_levels for t in self.design.terms}
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
         """Wald intervals beta +- z_(1-alpha/2) se (lme4's confint(method = "Wald"))."""
@@ -103,8 +111,10 @@ class FitResult:
         lines += ["", "Random effects:", f" {'Groups':<10}{'Name':<13}{'Variance':>12}{'Std.Dev.':>12}"]
         for _, r in vc.iterrows():
             lines.append(f" {r['group']:<10}{r['term']:<13}{r['variance']:12.4f}{r['sd']:12.4f}")
-        term = self.design.terms[0]
-        lines.append(f"Number of obs: {self.n_obs}, groups:  {self.group}, {term.n_levels}")
+        for _, r in self.correlations.iterrows():
+            lines.append(f" Corr({r['term1']}, {r['term2']}) in {r['group']}: {r['corr']:.3f}")
+        groups = "; ".join(f"{g}, {k}" for g, k in self.groups.items())
+        lines.append(f"Number of obs: {self.n_obs}, groups:  {groups}")
         lines += ["", "Fixed effects:", self._fixed_table().to_string(float_format=lambda v: f"{v:.6g}")]
         if self.exact is not None:
             lines += ["", "Exact estimates (score equations solved with sympy):",
@@ -124,7 +134,8 @@ class FitResult:
         fx = self._fixed_table().to_html(float_format=lambda v: f"{v:.6g}")
         head = (f"<b>Linear mixed model fit by {self.method}</b><br><code>{html.escape(self.design.formula)}"
                 f"</code><br>logLik {self.loglik:.4f}, AIC {self.aic:.2f}, BIC {self.bic:.2f}, "
-                f"n = {self.n_obs}, {html.escape(self.group)}: {self.design.terms[0].n_levels} groups")
+                f"n = {self.n_obs}, groups: "
+                + html.escape(", ".join(f"{g} {k}" for g, k in self.groups.items())))
         extra = ""
         if self.exact is not None:
             extra += (f"<p>Exact: \\(\\sigma^2 = {sp.latex(self.exact.sigma2)}\\), "
@@ -137,7 +148,6 @@ class FitResult:
 
     def to_dict(self) -> dict:
         """The JSON of ``lmm-symbolic fit --json``."""
-        term = self.design.terms[0]
         fixed = [{"name": name, "estimate": float(self.params[name]), "std_error": float(self.bse[name]),
                   "t_value": float(self.tvalues[name]), "df": float(self.df[name]),
                   "p_value": float(self.pvalues[name]),
@@ -148,7 +158,9 @@ class FitResult:
                    "sd": float(r["sd"])} for _, r in self.variance_components.iterrows()]
         return {
             "formula": self.design.formula, "method": self.method, "n_obs": self.n_obs,
-            "groups": {term.group: term.n_levels}, "fixed_effects": fixed, "random_effects": random,
+            "groups": self.groups, "fixed_effects": fixed, "random_effects": random,
+            "correlations": [{"group": r["group"], "term1": r["term1"], "term2": r["term2"],
+                              "corr": float(r["corr"])} for _, r in self.correlations.iterrows()],
             "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "deviance": self.deviance,
             "converged": self.converged, "singular": self.singular,
             "exact": None if self.exact is None else {"sigma2": str(self.exact.sigma2),
@@ -163,9 +175,16 @@ class FitResult:
 # ------------------------------------------------------------------------------------ inference
 def _between_within_df(design: Design) -> np.ndarray:
     """nlme's rule: a column constant within every group gets G - 1 - p_between, every other column
-    (and the intercept) n - G - p_within."""
-    codes = np.asarray(design.terms[0].codes)
-    G = design.terms[0].n_levels
+    (and the intercept) n - G - p_within, with G the innermost grouping factor's levels. Crossed factors
+    have no such rule (lme cannot fit them): NaN, use the Satterthwaite df."""
+    inner = max(design.terms, key=lambda t: t.n_levels)
+    codes = np.asarray(inner.codes)
+    G = inner.n_levels
+    for t in design.terms:   # every factor must be constant within the innermost one's groups
+        outer_of_inner = np.full(G, -1)
+        outer_of_inner[codes] = t.codes
+        if np.any(outer_of_inner[codes] != t.codes):
+            return np.full(design.p, np.nan)
     X = design.X
     sums = np.zeros((G, design.p))
     np.add.at(sums, codes, X)
@@ -209,60 +228,136 @@ def _satterthwaite(opt: Optimum) -> tuple[np.ndarray, np.ndarray]:
     return df, vcov_w * stats.scale**2
 
 
-def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: ExactOptimum | None,
-                messages: tuple[str, ...] = ()) -> FitResult:
-    """Everything a user reads off a fit, computed once from the optimum."""
+def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, df_s: np.ndarray, sigma: float,
+              sigma_s: float, deviance: float, singular: bool, summary, exact: ExactOptimum | None,
+              variance_components: pd.DataFrame, correlations: pd.DataFrame, ranef, fitted: np.ndarray,
+              messages: tuple[str, ...]) -> FitResult:
+    """The inference every fit shares: t, both kinds of df and p, logLik, AIC, BIC, messages."""
     names = list(design.fixed_names)
-    reml = opt.summary.method == "REML"
-    df_s, vcov = _satterthwaite(opt)
+    reml = method == "REML"
     bse = np.sqrt(np.diag(vcov))
-    t = opt.beta / bse
+    t = beta / bse
     df_bw = _between_within_df(design)
     # nlme's t: for ML fits lme scales the fixed-effect covariance by n / (n - p)
     t_nlme = t if reml else t * np.sqrt((design.n - design.p) / design.n)
     p_bw = 2 * scipy.stats.t.sf(np.abs(t_nlme), df_bw)
     p_s = 2 * scipy.stats.t.sf(np.abs(t), df_s)
-    n, p = design.n, design.p
     # log-likelihood in the response's units: the deviance is -2 log L (REML: the REML criterion)
-    loglik = -opt.deviance / 2
-    k = p + 2
-    aic, bic = -2 * loglik + 2 * k, -2 * loglik + k * np.log(n)
+    loglik = -deviance / 2
+    k = n_parameters(design)
+    aic, bic = -2 * loglik + 2 * k, -2 * loglik + k * np.log(design.n)
+    msgs = list(messages)
+    if singular:
+        msgs.append(SINGULAR_ADVICE)
+        warnings.warn(SINGULAR_ADVICE, LMMWarning, stacklevel=4)
+    if not summary.converged:
+        msgs.append(f"not converged: {summary.message}")
+        warnings.warn(f"the fit did not converge: {summary.message}", LMMWarning, stacklevel=4)
+    series = lambda v: pd.Series(np.asarray(v, dtype=float), index=names)  # noqa: E731
+    return FitResult(
+        design=design, method=method, params=series(beta), bse=series(bse), tvalues=series(t),
+        df=series(df_bw), pvalues=series(p_bw), df_satterthwaite=series(df_s), pvalues_satterthwaite=series(p_s),
+        vcov=pd.DataFrame(vcov, index=names, columns=names), sigma=float(sigma), sigma_s=float(sigma_s),
+        loglik=float(loglik), aic=float(aic), bic=float(bic), deviance=float(deviance),
+        converged=summary.converged, singular=bool(singular), exact=exact, random_effects=ranef,
+        variance_components=variance_components, correlations=correlations, fitted=fitted, opt=summary,
+        messages=tuple(msgs))
+
+
+def n_parameters(design: Design) -> int:
+    """Fixed effects, the q(q+1)/2 covariance parameters of each random term, and sigma (lme4's df)."""
+    return design.p + sum(t.q * (t.q + 1) // 2 for t in design.terms) + 1
+
+
+_NO_CORRELATIONS = pd.DataFrame({"group": [], "term1": [], "term2": [], "corr": []})
+
+
+def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: ExactOptimum | None,
+                messages: tuple[str, ...] = ()) -> FitResult:
+    """Everything a user reads off a random-intercept fit, computed once from the optimum."""
+    df_s, vcov = _satterthwaite(opt)
     st = opt.objective.state(opt.theta)
     term = design.terms[0]
     u = st.w * st.e * stats.scale
     cond_sd = opt.sigma * np.sqrt(st.w)
     ranef = pd.DataFrame({"(Intercept)": u, "cond_sd": cond_sd}, index=pd.Index(term.levels, name=term.group))
-    fitted = design.X @ opt.beta + u[np.asarray(term.codes)]
-    singular = opt.theta < SINGULAR_TOL
-    msgs = list(messages)
-    if singular:
-        msgs.append(SINGULAR_ADVICE)
-        warnings.warn(SINGULAR_ADVICE, LMMWarning, stacklevel=3)
-    if not opt.summary.converged:
-        msgs.append(f"not converged: {opt.summary.message}")
-        warnings.warn(f"the fit did not converge: {opt.summary.message}", LMMWarning, stacklevel=3)
-    series = lambda v: pd.Series(np.asarray(v, dtype=float), index=names)  # noqa: E731
-    return FitResult(
-        design=design, method="REML" if reml else "ML", params=series(opt.beta), bse=series(bse),
-        tvalues=series(t), df=series(df_bw), pvalues=series(p_bw), df_satterthwaite=series(df_s),
-        pvalues_satterthwaite=series(p_s), vcov=pd.DataFrame(vcov, index=names, columns=names),
-        sigma=opt.sigma, sigma_s=opt.sigma_s, loglik=float(loglik), aic=float(aic), bic=float(bic),
-        deviance=float(opt.deviance), converged=opt.summary.converged, singular=bool(singular), exact=exact,
-        random_effects=ranef, fitted=fitted, opt=opt.summary, messages=tuple(msgs))
+    vc = pd.DataFrame({"group": [term.group, "Residual"], "term": ["(Intercept)", ""],
+                       "variance": [opt.sigma_s**2, opt.sigma**2], "sd": [opt.sigma_s, opt.sigma]})
+    return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
+                     opt.theta < SINGULAR_TOL, opt.summary, exact, vc, _NO_CORRELATIONS, ranef,
+                     design.X @ opt.beta + u[np.asarray(term.codes)], messages)
+
+
+def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str, ...] = ()) -> FitResult:
+    """The result of a model with slopes or several random terms (lme4's general formulation)."""
+    ob = opt.objective
+    sig_w = opt.sigma / ob.scale
+    df_s, vcov_w = _satterthwaite_numeric(ob, opt.theta, sig_w)
+    rows, corr_rows, seen = [], [], {}
+    for term, T in zip(design.terms, ob.terms(opt.theta)):
+        D = opt.sigma**2 * T @ T.T
+        sd = np.sqrt(np.diag(D))
+        label = term.group if term.group not in seen else f"{term.group}.{seen[term.group]}"
+        seen[term.group] = seen.get(term.group, 0) + 1
+        rows += [{"group": label, "term": name, "variance": D[c, c], "sd": sd[c]} for c, name in enumerate(term.names)]
+        corr_rows += [{"group": label, "term1": term.names[a], "term2": term.names[b],
+                       "corr": D[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else 0.0}
+                      for a in range(term.q) for b in range(a + 1, term.q)]
+    rows.append({"group": "Residual", "term": "", "variance": opt.sigma**2, "sd": opt.sigma})
+    ranef: dict[str, pd.DataFrame] = {}
+    fitted = design.X @ opt.beta
+    for term, lay in zip(design.terms, ob.layouts):
+        b = opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q)
+        fitted = fitted + np.einsum("ij,ij->i", term.Z, b[np.asarray(term.codes)])
+        frame = pd.DataFrame(b, columns=list(term.names), index=pd.Index(term.levels, name=term.group))
+        ranef[term.group] = ranef[term.group].join(frame, rsuffix=".1") if term.group in ranef else frame
+    if len(ranef) == 1:
+        ranef = next(iter(ranef.values()))
+    diag = [T[c, c] for T in ob.terms(opt.theta) for c in range(T.shape[0])]
+    singular = min(diag) < SINGULAR_TOL
+    return _assemble(design, opt.summary.method, opt.beta, vcov_w * ob.scale**2, df_s, opt.sigma,
+                     rows[0]["sd"], opt.deviance, singular, opt.summary, None, pd.DataFrame(rows),
+                     pd.DataFrame(corr_rows) if corr_rows else _NO_CORRELATIONS, ranef, fitted, messages)
+
+
+def _satterthwaite_numeric(ob: GeneralDeviance, theta: np.ndarray, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
+    """lmerTest's Satterthwaite df with its numerical Hessian of the (theta, sigma) deviance and
+    numerical Jacobian of V_beta = sigma^2 (X^T V^-1 X)^-1 (central differences, as numDeriv)."""
+    x0 = np.append(theta, sig_w)
+    f = lambda x: ob.varpar_deviance(x[:-1], x[-1])  # noqa: E731
+    vb = lambda x: x[-1] ** 2 * np.linalg.inv(ob.state(x[:-1])["A"])  # noqa: E731
+    k = len(x0)
+    h = 1e-4 * np.maximum(np.abs(x0), 1e-2)
+    H = np.empty((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            ei, ej = np.eye(k)[i] * h[i], np.eye(k)[j] * h[j]
+            H[i, j] = H[j, i] = (f(x0 + ei + ej) - f(x0 + ei - ej) - f(x0 - ei + ej) + f(x0 - ei - ej)) / (
+                4 * h[i] * h[j])
+    cov_varpar = 2.0 * np.linalg.pinv(H)
+    jac = [(vb(x0 + np.eye(k)[i] * h[i]) - vb(x0 - np.eye(k)[i] * h[i])) / (2 * h[i]) for i in range(k)]
+    vcov = vb(x0)
+    df = np.empty(ob.p)
+    for c in range(ob.p):
+        g = np.array([J[c, c] for J in jac])
+        denom = float(g @ cov_varpar @ g)
+        df[c] = 2.0 * vcov[c, c] ** 2 / denom if denom > 0 else np.inf
+    return df, vcov
 
 
 def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitResult:
-    """Fit a design by ML or REML (lme4's default, REML)."""
+    """Fit a design by ML or REML (lme4's default, REML); the closed-form route for (1|g), lme4's
+    general formulation for slopes and several random terms."""
     method = method.upper()
     if method not in ("ML", "REML"):
         raise ModelError(f"method must be 'ML' or 'REML', not {method!r}")
-    if not design.is_random_intercept:
-        raise ModelError("fit handles one random intercept (1|g) so far")
-    stats = GroupStatistics.of(design)
     if np.ptp(design.y) == 0:
         raise ModelError("the response is constant: there is no variance to split between groups and "
                          "residual")
     reml = method == "REML"
+    if not design.is_random_intercept:
+        return make_general_result(design, optimise_general(GeneralDeviance(design, reml)), design.messages)
+    stats = GroupStatistics.of(design)
     opt = optimise(stats, reml)
     ex = exact_optimum(design, reml) if exact else None
     return make_result(design, stats, opt, ex, design.messages)
@@ -276,7 +371,7 @@ def likelihood_ratio_test(restricted: FitResult, full: FitResult) -> dict:
                              "method='ML' (lme4's anova refits for you)")
     if restricted.design.n != full.design.n:
         raise ModelError("the two fits use different observations")
-    k0, k1 = restricted.design.p + 2, full.design.p + 2
+    k0, k1 = n_parameters(restricted.design), n_parameters(full.design)
     if k1 <= k0:
         raise ModelError("the second model must have more parameters than the first")
     chisq = max(0.0, 2 * (full.loglik - restricted.loglik))
