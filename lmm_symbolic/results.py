@@ -310,7 +310,7 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
         b = opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q)
         fitted = fitted + np.einsum("ij,ij->i", term.Z, b[np.asarray(term.codes)])
         frame = pd.DataFrame(b, columns=list(term.names), index=pd.Index(term.levels, name=term.group))
-        ranef[term.group] = ranef[term.group].join(frame, rsuffix=".1") if term.group in ranef else frame
+        ranef[term.group] = pd.concat([ranef[term.group], frame], axis=1) if term.group in ranef else frame
     if len(ranef) == 1:
         ranef = next(iter(ranef.values()))
     diag = [T[c, c] for T in ob.terms(opt.theta) for c in range(T.shape[0])]

@@ -1,0 +1,94 @@
+"""Random slopes, nested and crossed random effects against the lme4 / lmerTest / nlme reference."""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmm_symbolic as lmm
+
+REFERENCE = json.loads((Path(__file__).parent / "reference" / "lme4_reference.json").read_text())["cases"]
+CASES = {"sleepstudy_slope": "sleepstudy", "sleepstudy_slope_uncorrelated": "sleepstudy", "pastes": "Pastes",
+         "penicillin": "Penicillin"}
+IDS = [f"{c}_{m}" for c in CASES for m in ("ml", "reml")]
+
+
+@pytest.fixture(scope="module", params=IDS)
+def fitted(request):
+    case = REFERENCE[request.param]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lmm.LMMWarning)
+        fit = lmm.fit(case["formula"], lmm.datasets.load(CASES[request.param.rsplit("_", 1)[0]]),
+                      method=case["method"])
+    return case, fit
+
+
+def _tolerance(case, fit):
+    """1e-5 relative, unless lme4 stopped short of the optimum (our log-likelihood is then higher)."""
+    better = fit.loglik - case["lme4"]["loglik"]
+    return 1e-4 if better > 1e-9 else 1e-5
+
+
+def test_loglik_never_below_lme4(fitted):
+    case, fit = fitted
+    ref = case["lme4"]["loglik"]
+    assert fit.loglik >= ref - 1e-8 * abs(ref)
+    assert fit.loglik == pytest.approx(ref, rel=1e-8)
+    assert fit.aic == pytest.approx(case["lme4"]["aic"], rel=1e-8)
+    assert fit.bic == pytest.approx(case["lme4"]["bic"], rel=1e-8)
+    assert fit.converged
+
+
+def test_estimates_ses_sds_and_correlations(fitted):
+    case, fit = fitted
+    ref, rtol = case["lme4"], _tolerance(*fitted)
+    np.testing.assert_allclose(fit.params.values, [f["estimate"] for f in ref["fixed_effects"]], rtol=1e-10)
+    np.testing.assert_allclose(fit.bse.values, [f["std_error"] for f in ref["fixed_effects"]], rtol=rtol)
+    vc = fit.variance_components
+    assert list(vc["group"]) == [r["group"] for r in ref["random_effects"]]
+    assert list(vc["term"]) == [r["term"] or "" for r in ref["random_effects"]]
+    np.testing.assert_allclose(vc["sd"].values, [r["sd"] for r in ref["random_effects"]], rtol=rtol)
+    np.testing.assert_allclose(fit.correlations["corr"].values, [c["corr"] for c in ref["correlations"]],
+                               rtol=10 * rtol)
+    np.testing.assert_allclose(fit.fitted, ref["fitted"], rtol=rtol)
+
+
+def test_conditional_modes(fitted):
+    case, fit = fitted
+    ranef = case["lme4"]["ranef"]
+    frames = fit.random_effects if isinstance(fit.random_effects, dict) else {fit.group: fit.random_effects}
+    assert set(frames) == set(ranef)
+    for group, frame in frames.items():
+        assert list(frame.index) == [str(v) for v in ranef[group]["levels"]]
+        for term in frame.columns:
+            scale = np.max(np.abs(ranef[group][term]))
+            np.testing.assert_allclose(frame[term].values, ranef[group][term], atol=1e-3 * scale)
+
+
+def test_satterthwaite_and_between_within_df(fitted):
+    case, fit = fitted
+    np.testing.assert_allclose(fit.df_satterthwaite.values,
+                               [f["df"] for f in case["lmerTest"]["fixed_effects"]], rtol=2e-4)
+    if case["nlme"] is None:   # crossed factors: lme has no between/within rule
+        assert np.isnan(fit.df.values).all()
+    else:
+        np.testing.assert_array_equal(fit.df.values, [f["df"] for f in case["nlme"]["fixed_effects"]])
+
+
+def test_summary_and_json_for_general_models(fitted):
+    case, fit = fitted
+    text = fit.summary()
+    for r in case["lme4"]["random_effects"]:
+        assert r["group"] in text
+    d = fit.to_dict()
+    json.dumps(d)
+    assert d["groups"] == {t.group: t.n_levels for t in fit.design.terms}
+    assert len(d["random_effects"]) == len(case["lme4"]["random_effects"])
+
+
+def test_more_random_effects_than_observations_is_refused():
+    data = lmm.datasets.load("sleepstudy")
+    small = data[data["Days"] < 1]            # one observation per subject, two random effects each
+    with pytest.raises(lmm.ModelError):
+        lmm.fit("Reaction ~ 1 + (Days|Subject)", small)
