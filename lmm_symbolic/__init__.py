@@ -22,9 +22,13 @@ def derive(formula: str, data) -> Derivation:
     return derive_design(specify(formula, data))
 
 
-def fit(formula: str, data, method: str = "REML", exact: bool = True) -> FitResult:
-    """Fit ``formula`` (lme4 syntax, e.g. ``Resp ~ Treat + (1|Ind)``) by REML (default) or ML."""
-    return fit_design(specify(formula, data), method=method, exact=exact)
+def fit(formula: str, data, method: str = "REML", exact: bool = True, kinship=None) -> FitResult:
+    """Fit ``formula`` (lme4 syntax, e.g. ``Resp ~ Treat + (1|Ind)``) by REML (default) or ML.
+
+    With ``kinship`` (an n x n relationship matrix over the rows) the formula names the fixed part only
+    (``y ~ x``) and Sigma = sigma_s^2 K + sigma^2 I.
+    """
+    return fit_design(specify(formula, data, kinship=kinship), method=method, exact=exact)
 
 
 __all__ = ["DataError", "Derivation", "Design", "Equation", "ExpressionError", "FitResult", "FormulaError",

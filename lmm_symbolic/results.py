@@ -20,7 +20,7 @@ import scipy.stats
 import sympy as sp
 
 from .compilation import GeneralDeviance, LogLikelihood
-from .statistics import GroupStatistics
+from .statistics import GroupStatistics, SpectralStatistics
 from .errors import LMMWarning, ModelError
 from .optimisation import (SINGULAR_TOL, ExactOptimum, GeneralOptimum, Optimum, exact_optimum, optimise,
                            optimise_general)
@@ -70,7 +70,7 @@ class FitResult:
     # ------------------------------------------------------------------------------ accessors
     @property
     def group(self) -> str:
-        return self.design.terms[0].group
+        return self.design.terms[0].group if self.design.terms else "kinship"
 
     @property
     def n_obs(self) -> int:
@@ -114,16 +114,13 @@ class FitResult:
         for _, r in self.correlations.iterrows():
             lines.append(f" Corr({r['term1']}, {r['term2']}) in {r['group']}: {r['corr']:.3f}")
         groups = "; ".join(f"{g}, {k}" for g, k in self.groups.items())
-        lines.append(f"Number of obs: {self.n_obs}, groups:  {groups}")
+        lines.append(f"Number of obs: {self.n_obs}" + (f", groups:  {groups}" if groups else ""))
         lines += ["", "Fixed effects:", self._fixed_table().to_string(float_format=lambda v: f"{v:.6g}")]
         if self.exact is not None:
             lines += ["", "Exact estimates (score equations solved with sympy):",
                       f"  sigma^2 = {self.exact.sigma2},  sigma_s^2 = {self.exact.sigma_s2}"]
-        if self.singular:
-            lines += ["", SINGULAR_ADVICE]
-        if not self.converged:
-            lines += ["", f"WARNING: not converged: {self.opt.message}"]
-        lines += [f"note: {m}" for m in self.messages]
+        if self.messages:
+            lines += [""] + [f"note: {m}" for m in self.messages]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -177,6 +174,8 @@ def _between_within_df(design: Design) -> np.ndarray:
     """nlme's rule: a column constant within every group gets G - 1 - p_between, every other column
     (and the intercept) n - G - p_within, with G the innermost grouping factor's levels. Crossed factors
     have no such rule (lme cannot fit them): NaN, use the Satterthwaite df."""
+    if not design.terms:
+        return np.full(design.p, np.nan)
     inner = max(design.terms, key=lambda t: t.n_levels)
     codes = np.asarray(inner.codes)
     G = inner.n_levels
@@ -266,7 +265,8 @@ def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, d
 
 def n_parameters(design: Design) -> int:
     """Fixed effects, the q(q+1)/2 covariance parameters of each random term, and sigma (lme4's df)."""
-    return design.p + sum(t.q * (t.q + 1) // 2 for t in design.terms) + 1
+    kinship = 1 if design.kinship is not None else 0
+    return design.p + sum(t.q * (t.q + 1) // 2 for t in design.terms) + kinship + 1
 
 
 _NO_CORRELATIONS = pd.DataFrame({"group": [], "term1": [], "term2": [], "corr": []})
@@ -286,6 +286,21 @@ def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: Exa
     return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
                      opt.theta < SINGULAR_TOL, opt.summary, exact, vc, _NO_CORRELATIONS, ranef,
                      design.X @ opt.beta + u[np.asarray(term.codes)], messages)
+
+
+def make_kinship_result(design: Design, stats: SpectralStatistics, opt: Optimum,
+                        messages: tuple[str, ...] = ()) -> FitResult:
+    """The result of Sigma = sigma_s^2 K + sigma^2 I; the conditional modes are the n genetic values
+    u = sigma_s^2 K Sigma^-1 (y - X beta), i.e. U diag(sigma_s^2 lambda / (sigma^2 + sigma_s^2 lambda)) U^T r."""
+    df_s, vcov = _satterthwaite(opt)
+    st = opt.objective.state(opt.theta)
+    u = stats.eigenvectors @ (np.sqrt(stats.m) * st.w * st.e) * stats.scale
+    ranef = pd.DataFrame({"kinship": u}, index=pd.RangeIndex(design.n, name="observation"))
+    vc = pd.DataFrame({"group": ["kinship", "Residual"], "term": ["K", ""],
+                       "variance": [opt.sigma_s**2, opt.sigma**2], "sd": [opt.sigma_s, opt.sigma]})
+    return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
+                     opt.theta < SINGULAR_TOL, opt.summary, None, vc, _NO_CORRELATIONS, ranef,
+                     design.X @ opt.beta + u, messages)
 
 
 def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str, ...] = ()) -> FitResult:
@@ -355,6 +370,9 @@ def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitR
         raise ModelError("the response is constant: there is no variance to split between groups and "
                          "residual")
     reml = method == "REML"
+    if design.kinship is not None:
+        stats = SpectralStatistics.of(design)
+        return make_kinship_result(design, stats, optimise(stats, reml), design.messages)
     if not design.is_random_intercept:
         return make_general_result(design, optimise_general(GeneralDeviance(design, reml)), design.messages)
     stats = GroupStatistics.of(design)

@@ -83,6 +83,7 @@ class Design:
     messages: tuple[str, ...] = ()
     dropped_columns: tuple[str, ...] = ()
     n_dropped_rows: int = 0
+    kinship: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -208,7 +209,7 @@ class ParsedFormula:
     random: tuple[tuple[str, str], ...]  # (expr, group) with group possibly "a:b"
 
 
-def parse_formula(formula: str, columns: set[str]) -> ParsedFormula:
+def parse_formula(formula: str, columns: set[str], require_random: bool = True) -> ParsedFormula:
     """Split ``y ~ fixed + (expr|group) + ...``; ``a/b`` groups expand to ``b:a`` and ``a`` as in lme4."""
     if not isinstance(formula, str) or not formula.strip():
         raise FormulaError("the formula is empty; write one like 'Resp ~ Treat + (1|Ind)'")
@@ -235,7 +236,7 @@ def parse_formula(formula: str, columns: set[str]) -> ParsedFormula:
         groups = _expand_group(group, formula)
         exprs = [expr] if correlated else _uncorrelated(expr)
         random_terms.extend((e, g) for g in groups for e in exprs)
-    if not random_terms:
+    if not random_terms and require_random:
         raise FormulaError(f"the formula {formula!r} has no random-effect term such as (1|group); this is "
                            "then an ordinary linear model: fit it with ordinary least squares "
                            "(e.g. statsmodels.formula.api.ols)")
@@ -328,22 +329,29 @@ def _drop_aliased(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str
     return X[:, keep], [names[k] for k in keep], dropped
 
 
-def specify(formula: str, data: DataLike) -> Design:
+def specify(formula: str, data: DataLike, kinship=None) -> Design:
     """Data + formula -> Design (Eq. 3-4): response y, fixed-effects X, random terms Z_k with groupings.
 
     Rows with NA in any used column are dropped (and counted); aliased fixed-effect columns are dropped
-    with a message, as lme4 does. Bad input raises DataError, FormulaError or ModelError.
+    with a message, as lme4 does. With ``kinship`` (an n x n positive semi-definite relationship matrix K
+    over the data's rows) the formula has no random term and Sigma = sigma_s^2 K + sigma^2 I. Bad input
+    raises DataError, FormulaError or ModelError.
     """
     frame = read_data(data)
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise DataError("the data are empty: no rows to fit")
     columns = {str(c) for c in frame.columns}
-    parsed = parse_formula(formula, columns)
+    parsed = parse_formula(formula, columns, require_random=kinship is None)
+    if kinship is not None and parsed.random:
+        raise FormulaError("give either random-effect terms or a kinship matrix, not both")
     used = _used_columns(parsed, columns)
     messages: list[str] = []
     sub = frame[[c for c in frame.columns if str(c) in used]]
     na = sub.isna().any(axis=1).to_numpy()
     n_dropped = int(na.sum())
+    if n_dropped and kinship is not None:
+        raise DataError(f"{n_dropped} row(s) have missing values; with a kinship matrix remove them from "
+                        "the data and from K together")
     if n_dropped:
         sub = sub.loc[~na]
         messages.append(f"{n_dropped} row(s) with missing values dropped")
@@ -369,13 +377,36 @@ def specify(formula: str, data: DataLike) -> Design:
                         f"column(s): {', '.join(dropped)}")
     terms = tuple(_random_term(expr, group, sub) for expr, group in parsed.random)
     _check_identifiable(terms, len(y))
+    K = None if kinship is None else _check_kinship(kinship, len(y))
     for msg in messages:
         warnings.warn(msg, LMMWarning, stacklevel=2)
     for arr in (y, X):
         arr.setflags(write=False)
     return Design(formula=formula, response=parsed.response, y=y, X=X, fixed_names=tuple(names),
                   terms=terms, frame=sub, messages=tuple(messages), dropped_columns=tuple(dropped),
-                  n_dropped_rows=n_dropped)
+                  n_dropped_rows=n_dropped, kinship=K)
+
+
+def _check_kinship(kinship, n: int) -> np.ndarray:
+    """K must be an n x n symmetric positive semi-definite matrix of finite numbers."""
+    try:
+        K = np.array(kinship, dtype=float)
+    except (TypeError, ValueError):
+        raise DataError("the kinship matrix must hold numbers") from None
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise DataError(f"the kinship matrix must be square, not of shape {K.shape}")
+    if K.shape[0] != n:
+        raise DataError(f"the kinship matrix is {K.shape[0]} x {K.shape[0]} but the data have {n} rows; "
+                        "K needs one row and column per observation, in the data's order")
+    if not np.all(np.isfinite(K)):
+        raise DataError("the kinship matrix holds missing or infinite values")
+    if not np.allclose(K, K.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(K).max())):
+        raise DataError("the kinship matrix is not symmetric")
+    smallest = np.linalg.eigvalsh(K).min()
+    if smallest < -1e-8 * max(1.0, np.abs(K).max()):
+        raise DataError(f"the kinship matrix is not positive semi-definite (smallest eigenvalue {smallest:.3g})")
+    K.setflags(write=False)
+    return K
 
 
 def _used_columns(parsed: ParsedFormula, columns: set[str]) -> set[str]:

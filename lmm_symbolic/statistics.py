@@ -85,3 +85,37 @@ def _shift(y: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
     return c, c * delta
 
 
+
+
+@dataclass(frozen=True)
+class SpectralStatistics(GroupStatistics):
+    """Sigma = sigma_s^2 K + sigma^2 I rotated by K = U diag(lambda) U^T (the FaST-LMM idea).
+
+    After y* = U^T y, X* = U^T X the rotated observations are independent; observation i is a group of
+    one whose Z is sqrt(lambda_i), so Z^T Z = lambda_i stands where m stands for a random intercept and the
+    same per-group closed forms give |Sigma| = prod_i (sigma^2 + lambda_i sigma_s^2) and the quadratic form
+    sum_i (U^T r)_i^2 / (sigma^2 + lambda_i sigma_s^2). ``n_obs`` is the number of observations.
+    """
+
+    n_obs: int = 0
+    eigenvectors: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.n_obs
+
+    @classmethod
+    def of(cls, design: Design) -> "SpectralStatistics":
+        if design.kinship is None:
+            raise ModelError("spectral statistics need a kinship matrix")
+        lam, U = np.linalg.eigh(design.kinship)
+        lam = np.clip(lam, 0.0, None)
+        X = np.asarray(design.X, dtype=float)
+        shift, beta_shift = _shift(design.y, X)
+        scale = float(np.std(design.y - shift)) or 1.0
+        y_rot = U.T @ ((design.y - shift) / scale)
+        X_rot = U.T @ X
+        root = np.sqrt(lam)
+        return cls(m=lam, Xt1=X_rot * root[:, None], Xty=X_rot * y_rot[:, None],
+                   XtX=np.einsum("ik,il->ikl", X_rot, X_rot), yty=y_rot**2, one_y=root * y_rot, shift=shift,
+                   scale=scale, beta_shift=beta_shift, n_obs=design.n, eigenvectors=U)
