@@ -101,10 +101,14 @@ def random_intercept_block() -> BlockIdentities:
 
 # ------------------------------------------------------------------------------------- helpers
 def exact_number(x: float) -> sp.Number:
-    """The rational number a data value's decimal text states (integers stay integers)."""
+    """The rational number a data value's decimal text states (integers stay integers).
+
+    Values are read to 14 significant digits, so a sum of decimals carries no floating-point dust
+    (7206.4000000000006 is 7206.4); data with more significant digits than that are rounded.
+    """
     if float(x).is_integer():
         return sp.Integer(int(x))
-    return sp.Rational(Fraction(repr(float(x))))
+    return sp.Rational(Fraction(f"{float(x):.14g}"))
 
 
 def _matrix_latex(M: sp.Matrix, total_rows: int, total_cols: int, names: dict) -> str:
@@ -226,6 +230,11 @@ class Derivation:
         return sp.Matrix(X.shape[0], X.shape[1], [exact_number(v) for v in X.ravel()])
 
     # ------------------------------------------------------------------ closed forms (Eq. 11, 12)
+    @property
+    def _few_blocks(self) -> bool:
+        """Few distinct blocks: factoring |X^T Sigma^-1 X| then shows more than it costs."""
+        return len(self.size_counts) <= 3
+
     @functools.cached_property
     def size_counts(self) -> dict[int, int]:
         """How many groups have each size m."""
@@ -337,7 +346,7 @@ class Derivation:
         """The restricted log-likelihood: loglik - 1/2 log|X^T Sigma^-1 X| + p/2 log(2 pi), beta = beta_hat."""
         p = self.design.p
         info = self.gls_information
-        if p <= 4 and len(self.size_counts) <= 3:
+        if p <= 4 and self._few_blocks:
             logdet_info = sp.expand_log(sp.log(sp.factor(info.det(method="berkowitz"))), force=True)
         else:  # many distinct group sizes: factoring the determinant costs more than it shows
             logdet_info = sp.log(sp.Determinant(info))
@@ -394,15 +403,6 @@ class Derivation:
         if self.design.has_intercept or not np.all(np.isin(X, (0.0, 1.0))) or not np.all(X.sum(1) == 1):
             return False
         return bool(np.all(X.argmax(1) == self.groups.position))
-
-    def _shown(self, M: sp.Matrix, cols: bool = False) -> tuple[sp.Matrix, str]:
-        rows = M.shape[0] if M.shape[0] <= 12 else SHOWN_ROWS
-        ncols = M.shape[1] if (not cols or M.shape[1] <= 12) else SHOWN_ROWS
-        part = M[:rows, :ncols]
-        return part, _matrix_latex(part, M.shape[0], M.shape[1], self._names)
-
-    def _column(self, syms) -> sp.Matrix:
-        return sp.Matrix(list(syms[: SHOWN_ROWS if len(syms) > 12 else len(syms)]))
 
     def _eq3(self) -> Equation:
         d, s = self.design, self.symbols
@@ -561,6 +561,381 @@ def _quadratic_poly(A: np.ndarray, b: np.ndarray, c: float, beta: sp.Matrix) -> 
     return sp.expand(exact_number(c) - 2 * (b.T * beta)[0, 0] + (beta.T * A * beta)[0, 0])
 
 
+# ----------------------------------------------------------------- slopes and several random terms
+def _ident(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_") or "x"
+
+
+@dataclass(frozen=True)
+class _Component:
+    """A block of Sigma: the observations and random-effect columns that Z links (a group for one
+    grouping factor, a batch for nested factors, everything for crossed ones)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+class GeneralDerivation(Derivation):
+    """Eq. 1-12 for slopes, nested and crossed terms: Sigma = Z D Z^T + sigma^2 I with D block-diagonal.
+
+    Sigma splits into independent blocks, one per connected component of Z's columns; on each block the
+    determinant lemma and Woodbury's identity (:func:`block_identities`, with q x q D and S = Z_c^T Z_c)
+    give |Sigma_c| and r^T Sigma_c^-1 r. Blocks with the same S and D are pooled; a block of more than
+    ``MAX_BLOCK`` random effects (crossed factors) keeps its determinant unexpanded.
+    """
+
+    MAX_BLOCK = 4
+
+    def __init__(self, design: Design):
+        if not design.terms:
+            raise ModelError("the design has no random-effect terms")
+        self.design = design
+        self.symbolic_y = design.n <= INVERSE_N
+        self.groups = GroupStructure.of(design)
+        self.symbols = _symbols(design, self.groups, design.n if self.symbolic_y else SHOWN_ROWS)
+        self._names = dict(self.symbols.latex_names)
+        self.variance_symbols, self.D_terms = self._variance_parameters()
+
+    def _variance_parameters(self):
+        """SD symbols sigma_<group>_<column> and correlations rho_<group>_<a>_<b>; D_k per term."""
+        single = len(self.design.terms) == 1 and self.design.terms[0].q == 1
+        params, Ds = [], []
+        for term in self.design.terms:
+            sds = []
+            for name in term.names:
+                sym = sigma_s if single else sp.Symbol(f"sigma_{_ident(term.group)}_{_ident(name)}", positive=True)
+                if not single:
+                    self._names[sym] = rf"\sigma_{{\mathrm{{{term.group}}},\mathrm{{{name}}}}}"
+                sds.append(sym)
+            R = sp.eye(term.q)
+            rhos = []
+            for a in range(term.q):
+                for b in range(a + 1, term.q):
+                    rho = sp.Symbol(f"rho_{_ident(term.group)}_{_ident(term.names[a])}_{_ident(term.names[b])}",
+                                    real=True)
+                    self._names[rho] = rf"\rho_{{\mathrm{{{term.group}}}}}"
+                    R[a, b] = R[b, a] = rho
+                    rhos.append(rho)
+            params += sds + rhos
+            Ds.append(sp.diag(*sds) * R * sp.diag(*sds))
+        return tuple(dict.fromkeys(params)), Ds
+
+    # ------------------------------------------------------------------------------ structure
+    @functools.cached_property
+    def Z(self):
+        from .compilation import random_effects_matrix
+        return random_effects_matrix(self.design)
+
+    @functools.cached_property
+    def D_columns(self) -> list[tuple[int, int]]:
+        """(term, column within the term) of each column of Z."""
+        out = []
+        for k, term in enumerate(self.design.terms):
+            out += [(k, c) for _ in range(term.n_levels) for c in range(term.q)]
+        return out
+
+    @functools.cached_property
+    def components(self) -> list[_Component]:
+        import scipy.sparse.csgraph
+        ZtZ = (self.Z.T @ self.Z).tocsr()
+        count, labels = scipy.sparse.csgraph.connected_components(ZtZ != 0, directed=False)
+        Zc = self.Z.tocsr()
+        row_of = np.asarray(Zc.argmax(axis=1)).ravel()  # every row has a non-zero in its component
+        out = []
+        for c in range(count):
+            cols = np.flatnonzero(labels == c)
+            rows = np.flatnonzero(labels[row_of] == c)
+            out.append(_Component(rows=rows, cols=cols))
+        return out
+
+    def _D_block(self, cols: np.ndarray) -> sp.Matrix:
+        """The symbolic covariance of a set of random-effect columns (zero across levels and terms)."""
+        Dc = self.D_columns
+        offsets = np.cumsum([0] + [t.q * t.n_levels for t in self.design.terms])
+
+        def entry(a, b):
+            (ka, ca), (kb, cb) = Dc[cols[a]], Dc[cols[b]]
+            same_level = ka == kb and (cols[a] - offsets[ka]) // self.design.terms[ka].q == \
+                (cols[b] - offsets[kb]) // self.design.terms[kb].q
+            return self.D_terms[ka][ca, cb] if same_level else 0
+        return sp.Matrix(len(cols), len(cols), entry)
+
+    @functools.cached_property
+    def classes(self) -> list[tuple[BlockIdentities | None, int, list[_Component], sp.Matrix, sp.Matrix]]:
+        """Components pooled by (size, Z_c^T Z_c, D_c): their identities, size m, members, S and D."""
+        Zd = self.Z.tocsc()
+        pooled: dict = {}
+        for comp in self.components:
+            Zc = Zd[comp.rows][:, comp.cols].toarray()
+            S = Zc.T @ Zc
+            D = self._D_block(comp.cols)
+            key = (len(comp.rows), S.tobytes(), S.shape, sp.srepr(D))
+            pooled.setdefault(key, (S, D, []))[2].append(comp)
+        out = []
+        for (size, *_), (S, D, members) in pooled.items():
+            Se = _exact_matrix(S)
+            ident = None
+            if D.shape[0] <= self.MAX_BLOCK:
+                Zr = sp.Matrix(sp.symbols(f"z_0:{D.shape[0]}", real=True))
+                ident = block_identities(D, Se, Zr, self.variance_symbols)
+            out.append((ident, size, members, Se, D))
+        return out
+
+    # ---------------------------------------------------------------------------- closed forms
+    def _block_det(self, ident, size, S, D) -> sp.Expr:
+        if ident is not None:
+            return sp.factor(ident.det.subs(m, size))
+        return sigma ** (2 * size) * sp.Determinant(sp.eye(D.shape[0]) + D * S / sigma**2)
+
+    @functools.cached_property
+    def det(self) -> sp.Expr:
+        """Eq. 11: prod over blocks of sigma^(2 m_c) |I + D_c S_c / sigma^2| (determinant lemma)."""
+        return sp.Mul(*[self._block_det(i, size, S, D) ** len(mem) for i, size, mem, S, D in self.classes])
+
+    @functools.cached_property
+    def logdet(self) -> sp.Expr:
+        terms = []
+        for ident, size, members, S, D in self.classes:
+            if ident is not None:
+                inner = sp.factor(sp.together(ident.det.subs(m, size) / sigma ** (2 * size)))
+                terms.append(len(members) * (2 * size * sp.log(sigma) + sp.log(inner)))
+            else:
+                terms.append(len(members) * sp.log(self._block_det(ident, size, S, D)))
+        return sp.expand_log(sp.Add(*terms), force=True)
+
+    @functools.cached_property
+    def quadratic_form(self) -> sp.Expr:
+        """Eq. 12: (r^T r - sum_c (Z_c^T r)^T W_c (Z_c^T r)) / sigma^2, W_c = D_c (sigma^2 I + S_c D_c)^-1."""
+        d = self.design
+        beta = sp.Matrix(self.symbols.beta)
+        Zd = self.Z.tocsc()
+        if self.symbolic_y:
+            r = sp.Matrix(self.residuals)
+            total = sum(ri**2 for ri in r)
+            pooled = []
+            for ident, size, members, S, D in self.classes:
+                W = self._weight_matrix(ident, S, D)
+                for comp in members:
+                    Zc = _exact_matrix(Zd[comp.rows][:, comp.cols].toarray())
+                    zr = Zc.T * sp.Matrix([r[i] for i in comp.rows])
+                    pooled.append((zr.T * W * zr)[0, 0])
+            return (total - sp.Add(*pooled)) / sigma**2
+        if any(ident is None for ident, *_ in self.classes):
+            return self._woodbury_form()
+        X, y = d.X, d.y
+        total = _quadratic_poly(X.T @ X, X.T @ y, float(y @ y), beta)
+        pooled = []
+        for ident, size, members, S, D in self.classes:
+            W = self._weight_matrix(ident, S, D)
+            q = S.shape[0]
+            C = np.stack([(Zd[c.rows][:, c.cols].T @ X[c.rows]) for c in members])        # (k, q, p)
+            zy = np.stack([(Zd[c.rows][:, c.cols].T @ y[c.rows]) for c in members])       # (k, q)
+            acc = 0
+            for a in range(q):
+                for b in range(q):
+                    A = (np.einsum("kp,kr->pr", C[:, a], C[:, b]) + np.einsum("kp,kr->pr", C[:, b], C[:, a])) / 2
+                    bb = (np.einsum("k,kp->p", zy[:, a], C[:, b]) + np.einsum("k,kp->p", zy[:, b], C[:, a])) / 2
+                    acc += W[a, b] * _quadratic_poly(A, bb, float(zy[:, a] @ zy[:, b]), beta)
+            pooled.append(acc)
+        return (total - sp.Add(*pooled)) / sigma**2
+
+    def _woodbury_form(self) -> sp.Expr:
+        """Eq. 12 for a block too large to write out (crossed factors): Woodbury in matrix symbols."""
+        n, q = n_obs, sp.Symbol("q", positive=True, integer=True)
+        r, Z, D = sp.MatrixSymbol("r", n, 1), sp.MatrixSymbol("Z", n, q), sp.MatrixSymbol("D", q, q)
+        inner = sp.Inverse(sigma**2 * sp.Identity(q) + Z.T * Z * D)
+        # a 1 x 1 matrix; its trace is the number
+        return sp.Trace(r.T * r - r.T * Z * D * inner * Z.T * r) / sigma**2
+
+    @property
+    def _few_blocks(self) -> bool:
+        return len(self.classes) <= 3 and all(D.shape[0] == 1 for *_, D in self.classes)
+
+    @staticmethod
+    def _weight_matrix(ident, S, D) -> sp.Matrix:
+        if ident is not None:
+            return ident.W
+        return D * sp.Inverse(sigma**2 * sp.eye(D.shape[0]) + S * D)
+
+    @functools.cached_property
+    def residuals(self) -> list[sp.Expr]:
+        xb = self.X_exact * sp.Matrix(self.symbols.beta)
+        return [y - v for y, v in zip(self.symbols.y, xb)]
+
+    @functools.cached_property
+    def sigma_matrix(self) -> sp.Matrix | None:
+        """Eq. 8: Sigma = Z D Z^T + sigma^2 I written out (None for large designs)."""
+        if self.design.n > INVERSE_N:
+            return None
+        Z = _exact_matrix(self.Z.toarray())
+        D = self._D_block(np.arange(Z.shape[1]))
+        return Z * D * Z.T + sigma**2 * sp.eye(self.design.n)
+
+    @functools.cached_property
+    def inverse(self) -> sp.Matrix | None:
+        """Sigma^-1 assembled from the blocks' Woodbury forms (None for large designs)."""
+        if self.design.n > INVERSE_N or any(i is None for i, *_ in self.classes):
+            return None
+        n = self.design.n
+        out = sp.eye(n) / sigma**2
+        Zd = self.Z.tocsc()
+        for ident, size, members, S, D in self.classes:
+            for comp in members:
+                Zc = _exact_matrix(Zd[comp.rows][:, comp.cols].toarray())
+                block = Zc * ident.W * Zc.T / sigma**2
+                for a, i in enumerate(comp.rows):
+                    for b, j in enumerate(comp.rows):
+                        out[i, j] -= block[a, b]
+        return out.applyfunc(sp.factor)
+
+    @functools.cached_property
+    def kinship(self) -> sp.Matrix | None:
+        """Z Z^T, which observations share a random effect (None for large designs)."""
+        if self.design.n > INVERSE_N:
+            return None
+        Z = self.Z.toarray()
+        return _exact_matrix((Z != 0).astype(int) @ (Z != 0).astype(int).T)
+
+    @functools.cached_property
+    def gls_information(self) -> sp.Matrix:
+        """X^T Sigma^-1 X = (X^T X - sum_c (Z_c^T X)^T W_c (Z_c^T X)) / sigma^2."""
+        if any(ident is None for ident, *_ in self.classes):   # crossed: the matrix form
+            n, q = n_obs, sp.Symbol("q", positive=True, integer=True)
+            X, Z = sp.MatrixSymbol("X", n, self.design.p), sp.MatrixSymbol("Z", n, q)
+            D = sp.MatrixSymbol("D", q, q)
+            inner = sp.Inverse(sigma**2 * sp.Identity(q) + Z.T * Z * D)
+            return (X.T * X - X.T * Z * D * inner * Z.T * X) / sigma**2
+        X = self.design.X
+        Zd = self.Z.tocsc()
+        out = _exact_matrix(X.T @ X)
+        for ident, size, members, S, D in self.classes:
+            W = self._weight_matrix(ident, S, D)
+            for comp in members:
+                C = _exact_matrix(np.atleast_2d(Zd[comp.rows][:, comp.cols].T @ X[comp.rows]))
+                out = out - C.T * W * C
+        return out / sigma**2
+
+    # ------------------------------------------------------------------------------ equations
+    def _u(self, k: int, c: int, j: int) -> sp.Symbol:
+        """Random effect of term k, column c, level j: u, v, w, ... by term; _c for slopes."""
+        letter = "uvwabcdefgh"[k]
+        q = self.design.terms[k].q
+        name = f"{letter}_{c}_{j + 1}" if q > 1 else f"{letter}_{j + 1}"
+        return sp.Symbol(name, real=True)
+
+    def _row_rhs(self, i: int) -> sp.Expr:
+        s, d = self.symbols, self.design
+        fixed = sp.Add(*[exact_number(v) * b for v, b in zip(d.X[i], s.beta)])
+        random = [exact_number(t.Z[i, c]) * self._u(k, c, int(t.codes[i]))
+                  for k, t in enumerate(d.terms) for c in range(t.q)]
+        return sp.Add(fixed, *random, s.epsilon[i], evaluate=False)
+
+    def _eq2(self) -> Equation:
+        i = sp.Symbol("i", integer=True)
+        y, e = sp.IndexedBase("y"), sp.IndexedBase("epsilon")
+        d = self.design
+        fixed = sp.Add(*[b if name in ("(Intercept)", "Intercept") else b * self._covariate(name, k)[i]
+                         for k, (b, name) in enumerate(zip(self.symbols.beta, d.fixed_names))])
+        random = []
+        for k, t in enumerate(d.terms):
+            j = sp.Symbol(f"j_{k + 1}", integer=True)
+            for c, name in enumerate(t.names):
+                base = sp.IndexedBase("uvwabcdefgh"[k])
+                u = base[c, j] if t.q > 1 else base[j]
+                random.append(u if name == "(Intercept)" else u * self._covariate(name, c)[i])
+        expr = sp.Eq(y[i], sp.Add(fixed, *random, e[i], evaluate=False), evaluate=False)
+        groups = ", ".join(f"j_{k + 1} = {t.group}[i]" for k, t in enumerate(d.terms))
+        latex = sp.latex(expr, order="none").replace(r"{\epsilon}", r"{\varepsilon}")
+        return Equation(2, "index form: observation i, its level j_k of each grouping factor", expr, latex,
+                        note=groups)
+
+    def _eq3(self) -> Equation:
+        d, s = self.design, self.symbols
+        n = d.n
+        Zd = self.Z.toarray()
+        width = Zd.shape[1]
+        rows = n if n <= 12 else SHOWN_ROWS
+        cols = width if width <= 12 else SHOWN_ROWS
+        Xs = sp.Matrix(rows, d.p, lambda i, k: exact_number(d.X[i, k]))
+        Zs = sp.Matrix(rows, cols, lambda i, j: exact_number(Zd[i, j]))
+        labels = []
+        for k, t in enumerate(d.terms):
+            labels += [self._u(k, c, j) for j in range(t.n_levels) for c in range(t.q)]
+        U = sp.Matrix(labels[:cols])
+        Y, E, B = (sp.Matrix(list(v[:rows])) for v in (s.y, s.epsilon, s.beta))
+        expr = sp.Eq(Y, sp.MatAdd(sp.MatMul(Xs, B), sp.MatMul(Zs, U), E, evaluate=False), evaluate=False)
+        lat = lambda M, r, c: _matrix_latex(M, r, c, self._names)  # noqa: E731
+        latex = (lat(Y, n, 1) + " = " + lat(Xs, n, d.p) + lat(B, d.p, 1) + " + " + lat(Zs, n, width)
+                 + lat(U, width, 1) + " + " + lat(E, n, 1))
+        return Equation(3, "the explicit matrix form with the data's X and Z", expr, latex,
+                        note="" if rows == n and cols == width else f"first {rows} rows, {cols} columns of Z")
+
+    def _eq4(self) -> Equation:
+        Y, X, b, K, u, e = self._matrix_symbols()
+        Z = sp.MatrixSymbol("Z", K.shape[0], K.shape[1])
+        expr = sp.Eq(Y, sp.MatAdd(X * b, Z * u, e, evaluate=False), evaluate=False)
+        return Equation(4, "the model in matrix notation", expr,
+                        sp.latex(expr, symbol_names={e: r"\varepsilon"}, order="none"))
+
+    def _matrix_symbols(self):
+        d = self.design
+        n, p, q = d.n, d.p, self.Z.shape[1]
+        return (sp.MatrixSymbol("Y", n, 1), sp.MatrixSymbol("X", n, p), sp.MatrixSymbol("beta", p, 1),
+                sp.MatrixSymbol("Z", n, q), sp.MatrixSymbol("u", q, 1), sp.MatrixSymbol("epsilon", n, 1))
+
+    def _eq5(self) -> Equation:
+        Y, X, b, Z, u, e = self._matrix_symbols()
+        n, q = Y.shape[0], u.shape[0]
+        expectation = sp.MatAdd(X * b, Z * sp.ZeroMatrix(q, 1), sp.ZeroMatrix(n, 1)).doit()
+        expr = sp.Eq(sp.Symbol("E[Y]"), expectation, evaluate=False)
+        return Equation(5, "the expectation, from E[u] = 0 and E[epsilon] = 0", expr,
+                        r"E[Y] = X\beta + Z\,E[u] + E[\varepsilon] = " + sp.latex(expectation))
+
+    def _eq6(self) -> Equation:
+        Y, X, b, Z, u, e = self._matrix_symbols()
+        n, q = Y.shape[0], u.shape[0]
+        Dsym = sp.MatrixSymbol("D", q, q)
+        variance = sp.MatAdd(Z * Dsym * Z.T, sigma**2 * sp.Identity(n)).doit()
+        expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
+        Ds = ", ".join(rf"D_{{\mathrm{{{t.group}}}}} = " + self._latex(D) for t, D in zip(self.design.terms,
+                                                                                          self.D_terms))
+        latex = (r"\operatorname{var}(Y) = Z \operatorname{var}(u) Z^{T} + \operatorname{var}(\varepsilon) = "
+                 + sp.latex(variance) + r" = \Sigma,\quad D = \operatorname{diag}(I \otimes D_k),\ " + Ds)
+        return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
+
+    def _dense(self, matrix_of) -> tuple[sp.Matrix, str]:
+        n = self.design.n
+        rows = n if n <= 12 else SHOWN_ROWS
+        Z = _exact_matrix(self.Z[:rows].toarray())
+        M = matrix_of(Z)
+        return M, _matrix_latex(M, n, n, self._names)
+
+    def _eq7(self) -> Equation:
+        D = self._D_block(np.arange(self.Z.shape[1]))
+        M, latex = self._dense(lambda Z: Z * D * Z.T)
+        return Equation(7, "the random effects' share Z D Z^T", sp.Eq(sp.Symbol("ZDZ^T"), M, evaluate=False),
+                        r"Z D Z^{T} = " + latex)
+
+    def _eq8(self) -> Equation:
+        D = self._D_block(np.arange(self.Z.shape[1]))
+        M, latex = self._dense(lambda Z: Z * D * Z.T + sigma**2 * sp.eye(Z.shape[0]))
+        return Equation(8, "Sigma written out", sp.Eq(sp.Symbol("Sigma"), M, evaluate=False), r"\Sigma = " + latex)
+
+    def _eq12(self) -> Equation:
+        eq = super()._eq12()
+        note = "" if self.symbolic_y else "the data's values substituted; identical blocks pooled"
+        return Equation(eq.number, eq.title, eq.expr, eq.latex, note=note)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["symbols"]["variance"] = [v.name for v in self.variance_symbols]
+        return out
+
+
 def derive(design: Design) -> Derivation:
-    """The derivation of Eq. 1-12 for a design (see :class:`Derivation`)."""
-    return Derivation(design)
+    """The derivation of Eq. 1-12 for a design: :class:`Derivation` for the tutorial's (1|g),
+    :class:`GeneralDerivation` for slopes and several random terms."""
+    if design.kinship is not None:
+        raise ModelError("derive does not write out kinship models; their closed form is the spectral one "
+                         "(see lmm_symbolic.statistics.SpectralStatistics)")
+    return Derivation(design) if design.is_random_intercept else GeneralDerivation(design)

@@ -162,3 +162,58 @@ def test_latex_document_is_standalone(toy, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:]
     assert (tmp_path / "eq.pdf").exists()
+
+
+@pytest.mark.parametrize("formula, dataset", [
+    ("Reaction ~ Days + (Days|Subject)", "sleepstudy"),
+    ("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", "sleepstudy"),
+    ("strength ~ 1 + (1|batch/cask)", "Pastes"),
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin"),
+])
+def test_general_models_derive_and_render(formula, dataset):
+    d = lmm.derive(formula, lmm.datasets.load(dataset))
+    assert [e.number for e in d.equations] == list(range(1, 13))
+    assert all(e.latex for e in d.equations)
+    out = d.to_dict()
+    assert out["symbols"]["variance"]
+    assert out["det"] and out["quadratic_form"] and out["loglik"]
+
+
+def test_nested_determinant_factorises_by_batch():
+    d = lmm.derive("strength ~ 1 + (1|batch/cask)", lmm.datasets.load("Pastes"))
+    sc, sb = (sp.Symbol(n, positive=True) for n in ("sigma_cask_batch_Intercept", "sigma_batch_Intercept"))
+    assert d.det == sigma**60 * (sigma**2 + 2 * sc**2) ** 20 * (sigma**2 + 6 * sb**2 + 2 * sc**2) ** 10
+
+
+def _slope_frame():
+    return pd.DataFrame({"y": [1, 4, 2, 3, 7, 5, 6, 2, 4], "x": [0, 1, 2, 0, 1, 2, 0, 1, 2],
+                         "g": [1, 1, 1, 2, 2, 2, 3, 3, 3]})
+
+
+@pytest.mark.parametrize("formula, frame", [
+    ("y ~ x + (x|g)", _slope_frame()),
+    ("y ~ x + (1|g) + (0 + x|g)", _slope_frame()),
+    ("y ~ 1 + (1|a) + (1|b)", pd.DataFrame({"y": [1, 4, 2, 3, 7, 5], "a": [1, 1, 2, 2, 3, 3],
+                                            "b": [1, 2, 1, 2, 1, 2]})),
+])
+def test_general_closed_forms_equal_dense_sympy(formula, frame):
+    """The lemma/Woodbury blocks against dense Matrix.det()/inv() on small slope and crossed designs."""
+    d = lmm.derive(formula, frame)
+    S = d.sigma_matrix
+    assert sp.simplify(S.det() - d.det) == 0
+    r = sp.Matrix(d.residuals)
+    assert sp.simplify((r.T * S.inv() * r)[0, 0] - d.quadratic_form) == 0
+    if d.inverse is not None:
+        assert sp.simplify(S.inv() - d.inverse) == sp.zeros(*S.shape)
+
+
+def test_general_loglik_matches_the_fit():
+    """Eq. 10 of the slope model, at the REML/ML estimates, equals the fit's log-likelihood."""
+    data = lmm.datasets.load("sleepstudy")
+    d = lmm.derive("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", data)
+    fit = lmm.fit("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", data, method="ML")
+    sd = dict(zip(fit.variance_components["term"], fit.variance_components["sd"]))
+    at = {sigma: fit.sigma, sp.Symbol("sigma_Subject_Intercept", positive=True): sd["(Intercept)"],
+          sp.Symbol("sigma_Subject_Days", positive=True): sd["Days"],
+          **dict(zip(d.symbols.beta, fit.params.values))}
+    assert float(d.loglik.subs(at)) == pytest.approx(fit.loglik, rel=1e-9)
