@@ -94,3 +94,18 @@ def test_kinship_with_random_terms_is_refused(sleep):
     data, K = sleep
     with pytest.raises(lmm.FormulaError, match="either"):
         lmm.fit("Reaction ~ Days + (1|Subject)", data, kinship=K)
+
+
+def test_cli_fit_with_kinship_csv(tmp_path, capsys):
+    import json
+
+    from lmm_symbolic.cli import main
+    data = lmm.datasets.load("toy")
+    codes = data["Ind"].cat.codes.to_numpy()
+    Z = (codes[:, None] == np.arange(2)).astype(int)
+    path = tmp_path / "K.csv"
+    np.savetxt(path, Z @ Z.T, delimiter=",", fmt="%d")
+    assert main(["fit", "toy", "Resp ~ Treat", "--kinship", str(path), "--ml", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["random_effects"][0]["sd"] == pytest.approx(np.sqrt(133) / 2, rel=1e-9)
+    assert main(["fit", "toy", "Resp ~ Treat", "--kinship", str(tmp_path / "missing.csv")]) == 2
