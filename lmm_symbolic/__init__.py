@@ -11,7 +11,9 @@ from .derivation import derive as derive_design
 from .errors import DataError, ExpressionError, FormulaError, LMMError, LMMWarning, ModelError, NumericalError
 from .paired import paired_t_test, within_centred
 from .results import FitResult, fit_design, likelihood_ratio_test
+from .progress import stage
 from .specification import Design, specify
+from .statistics import is_dask_dataframe, specify_dask
 from .verification import Verdict, verify
 
 __version__ = "0.1.0"
@@ -27,8 +29,16 @@ def fit(formula: str, data, method: str = "REML", exact: bool = True, kinship=No
 
     With ``kinship`` (an n x n relationship matrix over the rows) the formula names the fixed part only
     (``y ~ x``) and Sigma = sigma_s^2 K + sigma^2 I.
+
+    ``data`` may be a Dask DataFrame (for ``y ~ x + (1|g)``): the per-group statistics are computed with
+    Dask, partition by partition, on the active scheduler or distributed Client, and fitted as usual.
+    Progress is logged under the ``lmm_symbolic`` logger at INFO (``lmm_symbolic.progress.enable()``).
     """
-    return fit_design(specify(formula, data, kinship=kinship), method=method, exact=exact)
+    if kinship is None and is_dask_dataframe(data):
+        return fit_design(specify_dask(formula, data), method=method, exact=False)
+    with stage("specifying the design"):
+        design = specify(formula, data, kinship=kinship)
+    return fit_design(design, method=method, exact=exact)
 
 
 __all__ = ["DataError", "Derivation", "Design", "Equation", "ExpressionError", "FitResult", "FormulaError",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--reml", dest="method", action="store_const", const="REML")
     how.add_argument("--ml", dest="method", action="store_const", const="ML")
     f.add_argument("--json", action="store_true", help="print the result as JSON")
+    f.add_argument("--kinship", metavar="CSV", help="an n x n relationship matrix K (CSV, no header, rows in "
+                   "the data's order); the formula then has no random term: Sigma = sigma_s^2 K + sigma^2 I")
     f.set_defaults(method="REML")
     v = sub.add_parser("verify", help="check a hand-derived expression")
     v.add_argument("data")
@@ -59,16 +62,33 @@ def main(argv: list[str] | None = None) -> int:
             code = _COMMANDS[args.command](args)
         except LMMError as exc:
             _flush(caught)
-            print(f"lmm-symbolic: error: {exc}", file=sys.stderr)
+            print(f"lmm-symbolic: error: {_one_line(exc)}", file=sys.stderr)
             return 2
+        except OSError as exc:  # e.g. --latex FILE in a folder that does not exist
+            _flush(caught)
+            print(f"lmm-symbolic: error: {exc.strerror or exc}: {exc.filename or ''}; check the path",
+                  file=sys.stderr)
+            return 2
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if os.environ.get("LMM_SYMBOLIC_TRACEBACK"):
+                raise
+            _flush(caught)
+            print(f"lmm-symbolic: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in "
+                  "lmm_symbolic; set LMM_SYMBOLIC_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+            return 3
         _flush(caught)
     return code
+
+
+def _one_line(text) -> str:
+    """A message on one line: stderr gets exactly one line per error or warning."""
+    return " ".join(str(text).split())
 
 
 def _flush(caught) -> None:
     for w in caught:
         if issubclass(w.category, LMMWarning):
-            print(f"lmm-symbolic: warning: {w.message}", file=sys.stderr)
+            print(f"lmm-symbolic: warning: {_one_line(w.message)}", file=sys.stderr)
     caught.clear()
 
 
@@ -94,9 +114,23 @@ def _pretty(e) -> str:
 
 def _fit(args) -> int:
     from . import fit
-    result = fit(args.formula, _data(args.data), method=args.method)
+    kinship = None
+    if args.kinship:
+        kinship = _matrix_csv(args.kinship)
+    result = fit(args.formula, _data(args.data), method=args.method, kinship=kinship)
     print(result.to_json() if args.json else result.summary())
     return 0
+
+
+def _matrix_csv(path: str):
+    """A numeric matrix from a CSV file without a header."""
+    import numpy as np
+
+    from .errors import DataError
+    try:
+        return np.loadtxt(path, delimiter=",", ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the kinship matrix {path!r}: {str(exc).splitlines()[0]}") from None
 
 
 def _verify(args) -> int:

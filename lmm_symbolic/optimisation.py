@@ -71,6 +71,8 @@ def optimise(stats: GroupStatistics, reml: bool, theta0: float = 1.0) -> Optimum
     res = scipy.optimize.minimize(fun, x0=[theta0], jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
                                   options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500})
     th = float(res.x[0])
+    if th <= 0.0:
+        th, res = _off_the_boundary(objective, fun, res)
     th = _polish(objective, th)
     st = objective.state(th)
     grad = objective.derivative(st)
@@ -84,6 +86,22 @@ def optimise(stats: GroupStatistics, reml: bool, theta0: float = 1.0) -> Optimum
                          evaluations=len(path), converged=bool(converged), at_boundary=at_boundary,
                          message=message, path=tuple(path))
     return _in_units(objective, st, summary)
+
+
+def _off_the_boundary(objective: ProfiledDeviance, fun, res):
+    """theta = 0 is a stationary point of every profiled criterion (it depends on theta^2), so L-BFGS-B can
+    stop there although the criterion falls moving inward (0 a maximum along theta). Scan theta on a
+    log-grid; if some theta beats 0, restart from the best one."""
+    f0 = objective(0.0)
+    grid = np.geomspace(1e-6, 1e3, 46)
+    values = np.array([objective(t) for t in grid])
+    k = int(np.argmin(values))
+    if not values[k] < f0 - 1e-12 * max(1.0, abs(f0)):
+        return 0.0, res
+    res = scipy.optimize.minimize(fun, x0=[grid[k]], jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
+                                  options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500})
+    th = float(res.x[0])
+    return (th, res) if objective(th) <= values[k] else (float(grid[k]), res)
 
 
 def _polish(objective: ProfiledDeviance, th: float, steps: int = 20) -> float:
@@ -119,19 +137,24 @@ def _in_units(objective: ProfiledDeviance, st, summary: OptSummary) -> Optimum:
 
 # ------------------------------------------------------------------------------ exact estimates
 def is_balanced(design: Design) -> bool:
-    """Equal group sizes, and each X column constant within groups or with one within-group pattern."""
+    """Equal group sizes, and col(X) invariant under Sigma: the group means of every X column lie in col(X).
+
+    That is what makes GLS equal OLS for every sigma, sigma_s. It holds for columns constant within groups
+    and for columns with one within-group pattern (in any row order) when the intercept is in col(X); a
+    within-group column without an intercept (``y ~ 0 + x + (1|g)``) breaks it.
+    """
     if not design.is_random_intercept:
         return False
     codes = np.asarray(design.terms[0].codes)
     sizes = np.bincount(codes)
     if len(set(sizes.tolist())) != 1:
         return False
-    order = np.argsort(codes, kind="stable")
-    G, size = len(sizes), int(sizes[0])
-    blocks = design.X[order].reshape(G, size, design.p)
-    constant = np.all(blocks == blocks[:, :1, :], axis=1).all(axis=0)
-    same_pattern = np.all(blocks == blocks[:1], axis=0).all(axis=0)
-    return bool(np.all(constant | same_pattern))
+    X = np.asarray(design.X, dtype=float)
+    sums = np.zeros((len(sizes), design.p))
+    np.add.at(sums, codes, X)
+    means = sums[codes] / float(sizes[0])
+    coef, *_ = np.linalg.lstsq(X, means, rcond=None)
+    return bool(np.allclose(X @ coef, means, rtol=0.0, atol=1e-9 * max(1.0, float(np.abs(X).max()))))
 
 
 @dataclass(frozen=True)
@@ -175,7 +198,7 @@ def exact_optimum(design: Design, reml: bool, derivation: Derivation | None = No
     ll = sp.expand_log(ll.subs({sigma: sp.sqrt(v), sigma_s: sp.sqrt(vs)}), force=True)
     scores = [sp.numer(sp.together(sp.diff(ll, x))) for x in (v, vs)]
     interior = [s for s in sp.solve(scores, [v, vs], dict=True)
-                if s.get(v, 0).is_positive and s.get(vs, 0).is_positive]
+                if sp.S(s.get(v, 0)).is_positive and sp.S(s.get(vs, 0)).is_positive]
     if interior:
         sol = interior[0]
         return ExactOptimum(sigma2=sp.nsimplify(sol[v]), sigma_s2=sp.nsimplify(sol[vs]), beta=tuple(beta))

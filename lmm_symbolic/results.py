@@ -20,10 +20,13 @@ import scipy.stats
 import sympy as sp
 
 from .compilation import GeneralDeviance, LogLikelihood
-from .statistics import GroupStatistics, SpectralStatistics
+from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
+                         fitted_values, spans_constant)
 from .errors import LMMWarning, ModelError
 from .optimisation import (SINGULAR_TOL, ExactOptimum, GeneralOptimum, Optimum, exact_optimum, optimise,
                            optimise_general)
+from .derivation import EXACT_N
+from .progress import stage
 from .specification import Design
 
 SINGULAR_ADVICE = ("boundary (singular) fit: the estimated random-effect variance is zero, so the groups "
@@ -177,35 +180,27 @@ def _between_within_df(design: Design) -> np.ndarray:
     if not design.terms:
         return np.full(design.p, np.nan)
     inner = max(design.terms, key=lambda t: t.n_levels)
-    codes = np.asarray(inner.codes)
     G = inner.n_levels
     for t in design.terms:   # every factor must be constant within the innermost one's groups
+        if t is inner:
+            continue
+        codes = np.asarray(inner.codes)
         outer_of_inner = np.full(G, -1)
         outer_of_inner[codes] = t.codes
         if np.any(outer_of_inner[codes] != t.codes):
             return np.full(design.p, np.nan)
-    X = design.X
-    sums = np.zeros((G, design.p))
-    np.add.at(sums, codes, X)
-    means = sums / np.bincount(codes, minlength=G)[:, None]
-    constant = np.all(np.isclose(X, means[codes]), axis=0)
+    constant = constant_within_groups(design, inner)   # one bincount pass; Dask designs bring it
     intercept = np.array([name in ("(Intercept)", "Intercept") for name in design.fixed_names])
     between = constant & ~intercept
     within_count = int((~constant).sum())
     between_count = int(between.sum())
-    if not intercept.any() and _spans_constant(X):
+    if not intercept.any() and spans_constant(design):
         # an implicit intercept (cell-means coding): one of its columns is the intercept
         if within_count:
             within_count -= 1
         else:
             between_count -= 1
     return np.where(between, G - 1 - between_count, design.n - G - within_count).astype(float)
-
-
-def _spans_constant(X: np.ndarray) -> bool:
-    ones = np.ones(X.shape[0])
-    coef, *_ = np.linalg.lstsq(X, ones, rcond=None)
-    return bool(np.linalg.norm(X @ coef - ones) <= 1e-8 * np.sqrt(X.shape[0]))
 
 
 def _satterthwaite(opt: Optimum) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +280,7 @@ def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: Exa
                        "variance": [opt.sigma_s**2, opt.sigma**2], "sd": [opt.sigma_s, opt.sigma]})
     return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
                      opt.theta < SINGULAR_TOL, opt.summary, exact, vc, _NO_CORRELATIONS, ranef,
-                     design.X @ opt.beta + u[np.asarray(term.codes)], messages)
+                     fitted_values(design, opt.beta, u, term), messages)
 
 
 def make_kinship_result(design: Design, stats: SpectralStatistics, opt: Optimum,
@@ -366,7 +361,7 @@ def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitR
     method = method.upper()
     if method not in ("ML", "REML"):
         raise ModelError(f"method must be 'ML' or 'REML', not {method!r}")
-    if np.ptp(design.y) == 0:
+    if constant_response(design):
         raise ModelError("the response is constant: there is no variance to split between groups and "
                          "residual")
     reml = method == "REML"
@@ -376,9 +371,30 @@ def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitR
     if not design.is_random_intercept:
         return make_general_result(design, optimise_general(GeneralDeviance(design, reml)), design.messages)
     stats = GroupStatistics.of(design)
-    opt = optimise(stats, reml)
-    ex = exact_optimum(design, reml) if exact else None
+    _check_group_variance_estimable(design, stats)
+    with stage("optimising the profiled %s criterion over theta = sigma_s / sigma", method):
+        opt = optimise(stats, reml)
+    ex = exact_optimum(design, reml) if exact and design.n <= EXACT_N else None   # exact X: n <= EXACT_N
     return make_result(design, stats, opt, ex, design.messages)
+
+
+def _check_group_variance_estimable(design: Design, stats: GroupStatistics) -> None:
+    """The groups' indicator columns K must not lie in col(X): if the fixed effects already give every
+    group its own mean, no error contrast sees sigma_s (the REML criterion is flat in it, ML puts it at 0)
+    and nlme's between-group df is 0. K in col(X) <=> diag(m) - (X^T K)^T (X^T X)^-1 X^T K = 0."""
+    if stats.G > stats.p:
+        return
+    XtX = stats.XtX.sum(0)
+    try:
+        schur = np.diag(stats.m) - stats.Xt1 @ np.linalg.solve(XtX, stats.Xt1.T)
+    except np.linalg.LinAlgError:
+        return
+    if np.max(np.abs(schur)) <= 1e-8 * float(stats.m.max()):
+        term = design.terms[0]
+        raise ModelError(f"the variance of the random intercept of {term.group!r} cannot be estimated: the "
+                         f"fixed effects ({', '.join(design.fixed_names)}) already fit a separate mean to each "
+                         f"of its {term.n_levels} groups; drop the fixed effects that are constant within "
+                         "groups, or use more groups")
 
 
 def likelihood_ratio_test(restricted: FitResult, full: FitResult) -> dict:

@@ -115,14 +115,24 @@ def read_data(data: DataLike) -> pd.DataFrame:
         raise DataError(f"data file not found: {path!r}; give the path of a CSV file")
     if os.path.isdir(path):
         raise DataError(f"{path!r} is a directory; give the path of a CSV file")
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise DataError(f"cannot open the data file {path!r}: {exc.strerror or exc}; check that it exists "
+                        "and that you may read it") from None
     if b"\x00" in head:
-        raise DataError(f"{path!r} is not a text CSV file (it holds binary data)")
+        raise DataError(f"{path!r} is not a text CSV file (it holds binary data); export the data as CSV")
     try:
         frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path!r} as CSV: {str(exc).splitlines()[0]}") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"the data file {path!r} is empty; it needs a header line and rows of data") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read {path!r} as CSV: it is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start}); save it as UTF-8 CSV") from None
+    except (pd.errors.ParserError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path!r} as CSV: {str(exc).splitlines()[0]}; check the file is "
+                        "comma-separated with one header line") from None
     return frame
 
 
@@ -137,6 +147,7 @@ def _check_tokens(text: str, columns: set[str]) -> None:
         raise FormulaError(f"formula longer than {MAX_FORMULA_LENGTH} characters")
     if any(ch in text for ch in "{}[]`;\\@"):
         raise FormulaError(f"formula {text!r} contains a character formulas do not use")
+    _check_parentheses(text)
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(text.replace("~", " ~ ")).readline))
     except (tokenize.TokenError, SyntaxError, IndentationError) as exc:
@@ -156,6 +167,59 @@ def _check_tokens(text: str, columns: set[str]) -> None:
             continue
         else:
             raise FormulaError(f"formula {text!r}: {tok.string!r} is not allowed in a formula")
+    _check_constants(text, [t for t in tokens if t.type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING,
+                                                             tokenize.OP)], columns)
+
+
+def _check_parentheses(text: str) -> None:
+    """Every '(' closed, no ')' without its '(' -- said plainly, before the tokenizer's own wording."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise FormulaError(f"unbalanced parentheses in formula {text!r}: the ')' at character {i + 1} "
+                               "closes nothing; remove it or add the missing '('")
+    if depth:
+        raise FormulaError(f"unbalanced parentheses in formula {text!r}: {depth} '(' never closed; "
+                           "add the missing ')'")
+
+
+def _check_constants(text: str, toks: list, columns: set[str]) -> None:
+    """No arithmetic on literals alone, which Python would evaluate at any cost (``I(9**9**9)`` never ends,
+    ``I('a'*10**9)`` fills the memory): a string may only be a function argument, and a power needs a
+    column on one side."""
+    s = [t.string for t in toks]
+
+    def group_end(k: int, step: int) -> int:
+        depth = 0
+        while 0 <= k < len(s):
+            depth += (s[k] == "(") - (s[k] == ")")
+            if depth == 0:
+                return k
+            k += step
+        return k
+
+    def constant(lo: int, hi: int) -> bool:
+        return not any(toks[k].type == tokenize.NAME and s[k] in columns for k in range(lo, hi + 1))
+
+    for k, t in enumerate(toks):
+        if t.type == tokenize.STRING and not (k > 0 and s[k - 1] in ("(", ",", "=")
+                                              and k + 1 < len(s) and s[k + 1] in (")", ",")):
+            raise FormulaError(f"formula {text!r}: the string {t.string} may only be a function argument")
+        if s[k] != "**" or k == 0 or k + 1 >= len(s):
+            continue
+        lo = group_end(k - 1, -1) if s[k - 1] == ")" else k - 1
+        if lo > 0 and s[lo] == "(" and toks[lo - 1].type == tokenize.NAME and s[lo - 1] not in columns:
+            lo -= 1  # a function call
+        r = k + 1
+        while r < len(s) and s[r] in ("+", "-"):
+            r += 1
+        if r < len(s) and toks[r].type == tokenize.NAME and r + 1 < len(s) and s[r + 1] == "(":
+            r += 1  # a function call
+        hi = group_end(r, 1) if r < len(s) and s[r] == "(" else r
+        if constant(lo, k - 1) and constant(k + 1, min(hi, len(s) - 1)):
+            raise FormulaError(f"formula {text!r}: a power of constants ({' '.join(s[lo:hi + 1])}) is not "
+                               "evaluated; write its value, or raise a column to a power")
 
 
 def _split_top(text: str, sep: str) -> list[str]:
@@ -220,7 +284,11 @@ def parse_formula(formula: str, columns: set[str], require_random: bool = True) 
                            "e.g. 'Resp ~ Treat + (1|Ind)'")
     response, rhs = sides[0].strip(), sides[1]
     if response not in columns:
-        raise DataError(f"the response {response!r} must be a column of the data")
+        raise DataError(f"the response {response!r} must be a column of the data; add it (or its "
+                        "transformation) to the data as a column first")
+    if re.search(rf"(?<![\w.]){re.escape(response)}(?![\w.])", rhs):
+        raise FormulaError(f"the response {response!r} also appears on the right-hand side of {formula!r}; "
+                           "a variable cannot predict itself: remove it from the terms")
     fixed_terms, random_terms = [], []
     for term in _split_top(rhs, "+"):
         if not term.strip():
@@ -265,18 +333,43 @@ def _uncorrelated(expr: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- design
-def _grouping(frame: pd.DataFrame, group: str) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Level codes and labels of a grouping factor (an interaction for ``a:b``); levels sorted as R does."""
+def _group_values(frame: pd.DataFrame, group: str) -> pd.Series:
+    """The grouping factor's value in each row (the ``a:b`` text for an interaction)."""
     cols = group.split(":")
     if len(cols) == 1:
-        values = frame[cols[0]]
-    else:
-        values = frame[cols[0]].astype(str)
-        for c in cols[1:]:
-            values = values + ":" + frame[c].astype(str)
+        return frame[cols[0]]
+    values = frame[cols[0]].astype(str)
+    for c in cols[1:]:
+        values = values + ":" + frame[c].astype(str)
+    return values
+
+
+def _grouping(frame: pd.DataFrame, group: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Level codes and labels of a grouping factor (an interaction for ``a:b``); levels sorted as R does."""
+    values = _group_values(frame, group)
     if isinstance(values.dtype, pd.CategoricalDtype):
         cat = values.cat.remove_unused_categories()
         return cat.cat.codes.to_numpy().astype(np.int64), tuple(str(c) for c in cat.cat.categories)
+    codes, levels = _sorted_codes(values)
+    return codes, tuple(str(v) for v in levels)
+
+
+def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, list]:
+    """Codes of ``values`` into their sorted distinct values, in one vectorised pass (no loop over rows):
+    a counting sort for integer labels of modest range, else pandas.factorize(sort=True); labels of mixed
+    types are sorted by their text."""
+    arr = values.to_numpy()
+    if isinstance(values.dtype, np.dtype) and values.dtype.kind in "iu" and len(arr):
+        lo = int(arr.min())
+        span = int(arr.max()) - lo + 1
+        if span <= 2 * len(arr) + 1024:
+            offset = (arr - lo).astype(np.intp, copy=False)
+            present = np.bincount(offset, minlength=span) > 0
+            rank = np.cumsum(present) - 1
+            return rank[offset].astype(np.int64, copy=False), (np.flatnonzero(present) + lo).tolist()
+    if arr.dtype != object or pd.api.types.infer_dtype(arr, skipna=False) in ("string", "bytes"):
+        codes, uniques = pd.factorize(values, sort=True)
+        return np.asarray(codes, dtype=np.int64), list(uniques)
     uniques = pd.unique(values)
     try:
         levels = sorted(uniques)
@@ -284,7 +377,7 @@ def _grouping(frame: pd.DataFrame, group: str) -> tuple[np.ndarray, tuple[str, .
         levels = sorted(uniques, key=str)
     index = {v: k for k, v in enumerate(levels)}
     codes = np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values))
-    return codes, tuple(str(v) for v in levels)
+    return codes, levels
 
 
 def _model_matrix(spec: str, frame: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -297,7 +390,40 @@ def _model_matrix(spec: str, frame: pd.DataFrame, what: str) -> pd.DataFrame:
         raise FormulaError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
     except (ValueError, TypeError) as exc:
         raise DataError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
+    except (LookupError, ArithmeticError, AttributeError) as exc:
+        raise FormulaError(f"cannot build the {what} from {spec!r}: {type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0]}; check the terms' arguments") from None
     return pd.DataFrame(mm)
+
+
+def _plain_model_matrix(spec: str, frame: pd.DataFrame) -> dict | None:
+    """The model matrix of a sum of plain numeric columns (``x1 + x2``, ``0 + x``, ``1``) without formulaic,
+    as {column name: values}, in formulaic's names and order; None for anything else (formulaic builds it).
+
+    For 10^6-10^7 rows this skips formulaic's copies; tests check it gives formulaic's matrix exactly.
+    """
+    terms = [t.strip() for t in spec.split("+")]
+    names = [t for t in terms if t not in ("0", "1")]
+    if ("0" in terms and "1" in terms) or len(set(names)) != len(names):
+        return None
+    columns: dict = {} if "0" in terms else {"Intercept": 1.0}
+    for name in names:
+        if not (re.fullmatch(r"[A-Za-z]\w*", name) and name in frame.columns) or name in FORMULA_FUNCTIONS:
+            return None
+        col = frame[name]
+        if not (isinstance(col.dtype, np.dtype) and col.dtype.kind in "iuf"):
+            return None
+        columns[name] = col.to_numpy()
+    return columns
+
+
+def _float_matrix(columns, n: int) -> np.ndarray:
+    """An n x k float matrix (column-major, filled one column at a time) from a DataFrame or a dict of
+    columns (a scalar stands for a constant column)."""
+    X = np.empty((len(columns.keys()), n), dtype=float).T
+    for k, (name, values) in enumerate(columns.items()):
+        X[:, k] = values.to_numpy() if isinstance(values, pd.Series) else values
+    return X
 
 
 def _numeric_response(frame: pd.DataFrame, response: str) -> np.ndarray:
@@ -317,12 +443,39 @@ def _is_number(v) -> bool:
         return False
 
 
+#: values whose squares and products stay well inside double precision (1e+-308)
+MAGNITUDE_LIMITS = (1e-150, 1e150)
+
+
+def _check_magnitudes(y: np.ndarray, X: np.ndarray, response: str, names: list[str]) -> None:
+    """Sums of squares of values beyond 1e150 overflow and of spreads below 1e-150 underflow: say so."""
+    lo, hi = MAGNITUDE_LIMITS
+    columns = [(f"the response {response!r}", y)]
+    columns += [(f"the column {name!r}", X[:, k]) for k, name in enumerate(names)]
+    for what, v in columns:
+        big = float(np.abs(v).max()) if v.size else 0.0
+        spread = float(v.max() - v.min()) if v.size else 0.0
+        if big > hi or 0.0 < spread < lo * max(1.0, big):
+            raise DataError(f"{what} holds values of size {big:.3g} varying by {spread:.3g}: beyond what "
+                            "sums of squares hold in double precision; rescale it (e.g. to other units)")
+
+
 def _drop_aliased(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
     """Keep earlier columns and drop each later column that is a linear combination of them (lme4)."""
     keep: list[int] = []
-    scale = max(1.0, float(np.abs(X).max())) if X.size else 1.0
+    # each column on its own scale (R's qr judges a column against its own norm): a predictor in small
+    # units (x * 1e-8) is not mistaken for an aliased one
+    scale = np.maximum(np.abs(X).max(axis=0), 1e-300) if X.size else np.ones(X.shape[1])
+    n, p = X.shape
+    if 0 < p <= n:
+        # full rank by the Gram matrix's eigenvalues (one pass over X): then every leading set of columns
+        # has its smallest singular value above the tolerance too, and the loop below would keep them all
+        tol = 1e-7 * n
+        lam = np.linalg.eigvalsh((X.T @ X) / np.outer(scale, scale))
+        if np.all(np.isfinite(lam)) and lam[0] > 4 * tol**2 + 1e-12 * lam[-1]:
+            return X, list(names), []
     for k in range(X.shape[1]):
-        trial = X[:, keep + [k]] / scale
+        trial = X[:, keep + [k]] / scale[keep + [k]]
         if np.linalg.matrix_rank(trial, tol=1e-7 * max(trial.shape)) == len(keep) + 1:
             keep.append(k)
     dropped = [names[k] for k in range(X.shape[1]) if k not in keep]
@@ -363,15 +516,22 @@ def specify(formula: str, data: DataLike, kinship=None) -> Design:
         if pd.api.types.is_numeric_dtype(sub[c]) and not pd.api.types.is_bool_dtype(sub[c]):
             if not np.all(np.isfinite(sub[c].to_numpy(dtype=float))):
                 raise DataError(f"column {c!r} holds an infinite value; remove or correct those rows")
-    fixed = _model_matrix(f"{parsed.fixed}", sub, "fixed-effects matrix X")
-    names = [("(Intercept)" if c == "Intercept" else str(c)) for c in fixed.columns]
+    fixed = _plain_model_matrix(parsed.fixed, sub)
+    if fixed is None:
+        fixed = _model_matrix(f"{parsed.fixed}", sub, "fixed-effects matrix X")
+    names = [("(Intercept)" if c == "Intercept" else str(c)) for c in fixed.keys()]
     try:
-        X = fixed.to_numpy(dtype=float)
+        X = _float_matrix(fixed, len(sub))
     except (TypeError, ValueError):
         raise DataError(f"the fixed part {parsed.fixed!r} gives non-numeric columns") from None
     if not np.all(np.isfinite(X)):
         raise DataError(f"the fixed part {parsed.fixed!r} gives non-finite values (log of 0 or less?)")
+    _check_magnitudes(y, X, parsed.response, names)
     X, names, dropped = _drop_aliased(X, names)
+    if X.shape[1] == 0:
+        raise ModelError(f"the formula {formula!r} has no fixed effects (the intercept is removed and no "
+                         "other term is left); keep the intercept, as in "
+                         f"'{parsed.response} ~ 1 + (1|group)'")
     if dropped:
         messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
                         f"column(s): {', '.join(dropped)}")
@@ -415,12 +575,14 @@ def _used_columns(parsed: ParsedFormula, columns: set[str]) -> set[str]:
 
 
 def _random_term(expr: str, group: str, frame: pd.DataFrame) -> RandomTerm:
-    Zf = _model_matrix(expr, frame, f"random-effects matrix of ({expr}|{group})")
-    if Zf.shape[1] == 0:
+    Zf = _plain_model_matrix(expr, frame)
+    if Zf is None:
+        Zf = _model_matrix(expr, frame, f"random-effects matrix of ({expr}|{group})")
+    if len(Zf.keys()) == 0:
         raise FormulaError(f"random-effect term ({expr}|{group}) has no columns")
-    names = tuple("(Intercept)" if c == "Intercept" else str(c) for c in Zf.columns)
+    names = tuple("(Intercept)" if c == "Intercept" else str(c) for c in Zf.keys())
     codes, levels = _grouping(frame, group)
-    Z = Zf.to_numpy(dtype=float)
+    Z = _float_matrix(Zf, len(frame))
     for arr in (Z, codes):
         arr.setflags(write=False)
     return RandomTerm(expr=expr, group=group, names=names, Z=Z, codes=codes, levels=levels)

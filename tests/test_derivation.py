@@ -5,7 +5,7 @@ import pytest
 import sympy as sp
 
 import lmm_symbolic as lmm
-from lmm_symbolic.derivation import derive, m, random_intercept_block, sigma, sigma_s
+from lmm_symbolic.derivation import m, random_intercept_block, sigma, sigma_s
 
 TOY = "Resp ~ Treat + (1|Ind)"
 

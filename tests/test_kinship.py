@@ -1,5 +1,4 @@
 """A user-given relationship matrix: Sigma = sigma_s^2 K + sigma^2 I through K's eigendecomposition."""
-import warnings
 
 import numpy as np
 import pytest
