@@ -478,6 +478,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    logging.getLogger("lmm_symbolic").setLevel(logging.WARNING)  # the package's per-fit lines: off here
+    log.setLevel(logging.INFO)
     sizes = args.sizes or ([10**4, 10**5, 10**6] + ([10**7] if args.full else []))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     with_r = not args.no_r and r_available()

@@ -113,6 +113,12 @@ def _pretty(e) -> str:
 
 
 def _fit(args) -> int:
+    from .progress import reporting
+    with reporting():   # a long fit says what it is doing, on stderr
+        return _fit_quietly(args)
+
+
+def _fit_quietly(args) -> int:
     from . import fit
     kinship = None
     if args.kinship:

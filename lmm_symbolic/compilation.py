@@ -45,6 +45,11 @@ def intercept_kernels():
     return exprs, sp.lambdify((theta, m), exprs, modules="numpy", cse=True)
 
 
+def weighted_gram(w: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """sum_g w_g c_g c_g^T for the rows c_g of C."""
+    return (C * w[:, None]).T @ C
+
+
 @dataclass(frozen=True)
 class ProfileState:
     """Everything the profiled criterion knows at one theta (scaled response units)."""
@@ -88,7 +93,7 @@ class ProfiledDeviance:
         s = self.stats
         w, dw, d2w, ld, dld, d2ld = (np.broadcast_to(np.asarray(v, dtype=float), s.m.shape)
                                      for v in self._kernel(float(th), s.m))
-        A = self._XtX - np.einsum("g,gk,gl->kl", w, s.Xt1, s.Xt1)
+        A = self._XtX - weighted_gram(w, s.Xt1)
         c = self._Xty - s.Xt1.T @ (w * s.one_y)
         try:
             L = np.linalg.cholesky(A) if s.p else np.zeros((0, 0))
@@ -118,7 +123,7 @@ class ProfiledDeviance:
         drss = -float(st.dw @ st.e ** 2)
         out = self.n_eff * drss / st.rss + st.dlogdet
         if self.reml and self.stats.p:
-            dA = -np.einsum("g,gk,gl->kl", st.dw, self.stats.Xt1, self.stats.Xt1)
+            dA = -weighted_gram(st.dw, self.stats.Xt1)
             out += float(np.trace(np.linalg.solve(st.A, dA)))
         return out
 
@@ -133,8 +138,8 @@ class ProfiledDeviance:
         """
         s = self.stats
         Xt1 = s.Xt1
-        dA = -np.einsum("g,gk,gl->kl", st.dw, Xt1, Xt1)
-        d2A = -np.einsum("g,gk,gl->kl", st.d2w, Xt1, Xt1)
+        dA = -weighted_gram(st.dw, Xt1)
+        d2A = -weighted_gram(st.d2w, Xt1)
         dc = -Xt1.T @ (st.dw * s.one_y)
         dbeta = np.linalg.solve(st.A, dc - dA @ st.beta) if s.p else np.zeros(0)
         de = -Xt1 @ dbeta

@@ -116,7 +116,7 @@ def _polish(objective: ProfiledDeviance, th: float, steps: int = 20) -> float:
             break
         step = g / g2
         new = max(th - step, 0.0)
-        if objective(new) > objective(th) + 1e-12:
+        if objective(new) > objective(th) + 1e-13 * max(1.0, abs(objective(th))):
             break
         if abs(new - th) <= 1e-14 * max(1.0, th):
             th = new

@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.stats
 import sympy as sp
 
-from .compilation import GeneralDeviance, LogLikelihood
+from .compilation import GeneralDeviance, LogLikelihood, weighted_gram
 from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
                          fitted_values, spans_constant)
 from .errors import LMMWarning, ModelError
@@ -212,7 +212,7 @@ def _satterthwaite(opt: Optimum) -> tuple[np.ndarray, np.ndarray]:
     vcov_w = sig_w**2 * Ainv
     H = objective.varpar_hessian(st, sig_w)
     cov_varpar = 2.0 * np.linalg.pinv(H)
-    dA = -np.einsum("g,gk,gl->kl", st.dw, stats.Xt1, stats.Xt1)
+    dA = -weighted_gram(st.dw, stats.Xt1)
     jac = [-sig_w**2 * Ainv @ dA @ Ainv, 2.0 * sig_w * Ainv]
     df = np.empty(stats.p)
     for k in range(stats.p):

@@ -273,7 +273,19 @@ def test_exact_estimates_are_not_attempted_on_large_balanced_data(monkeypatch, f
     assert lmm.fit("y ~ 1 + (1|g)", data).exact is None
 
 
-def test_progress_is_logged_at_info_and_silent_by_default(frame, caplog, capsys):
+@pytest.fixture
+def report_everything(monkeypatch):
+    from lmm_symbolic import progress
+    monkeypatch.setattr(progress, "REPORT_AFTER", 0.0)
+
+
+def test_quick_stages_stay_silent_even_when_enabled(frame, caplog):
+    with caplog.at_level(logging.INFO, logger="lmm_symbolic"):
+        _fit(frame, "ML")
+    assert caplog.text == ""
+
+
+def test_progress_is_logged_at_info_and_silent_by_default(frame, caplog, capsys, report_everything):
     _fit(frame, "ML")
     assert capsys.readouterr().err == ""
     with caplog.at_level(logging.INFO, logger="lmm_symbolic"):
@@ -284,7 +296,7 @@ def test_progress_is_logged_at_info_and_silent_by_default(frame, caplog, capsys)
     assert "optimising" in text
 
 
-def test_enable_writes_progress_lines_to_a_stream(frame):
+def test_enable_writes_progress_lines_to_a_stream(frame, report_everything):
     import io
 
     stream = io.StringIO()
