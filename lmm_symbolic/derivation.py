@@ -406,20 +406,27 @@ class Derivation:
 
     def _eq3(self) -> Equation:
         d, s = self.design, self.symbols
-        n, G = d.n, d.terms[0].n_levels
+        n = d.n
         rows = n if n <= 12 else SHOWN_ROWS
         Xs = sp.Matrix(rows, d.p, lambda i, k: exact_number(d.X[i, k]))
+        Ms, U, width, letter = self._random_part(rows)
+        Y, E, B = (sp.Matrix(list(v[:rows])) for v in (s.y, s.epsilon, s.beta))
+        expr = sp.Eq(Y, sp.MatAdd(sp.MatMul(Xs, B), sp.MatMul(Ms, U), E, evaluate=False), evaluate=False)
+        lat = lambda M, r, c: _matrix_latex(M, r, c, self._names)  # noqa: E731
+        latex = (lat(Y, n, 1) + " = " + lat(Xs, n, d.p) + lat(B, d.p, 1) + " + " + lat(Ms, n, width)
+                 + lat(U, width, 1) + " + " + lat(E, n, 1))
+        shown = rows == n and Ms.shape[1] == width
+        return Equation(3, f"the explicit matrix form with the data's X and {letter}", expr, latex,
+                        note="" if shown else f"first {rows} rows and {Ms.shape[1]} of {width} columns of "
+                                              f"{letter} shown")
+
+    def _random_part(self, rows: int) -> tuple[sp.Matrix, sp.Matrix, int, str]:
+        """The first rows of K (Eq. 3), the random effects they multiply, K's width and its letter."""
+        G = self.design.terms[0].n_levels
         gcols = G if G <= 12 else SHOWN_ROWS
         codes = self.groups.codes
-        Ks = sp.Matrix(rows, gcols, lambda i, j: int(codes[i] == j))
-        U = sp.Matrix([u_symbol(j) for j in range(gcols)])
-        Y, E, B = (sp.Matrix(list(v[:rows])) for v in (s.y, s.epsilon, s.beta))
-        expr = sp.Eq(Y, sp.MatAdd(sp.MatMul(Xs, B), sp.MatMul(Ks, U), E, evaluate=False), evaluate=False)
-        lat = lambda M, r, c: _matrix_latex(M, r, c, self._names)  # noqa: E731
-        latex = (lat(Y, n, 1) + " = " + lat(Xs, n, d.p) + lat(B, d.p, 1) + " + " + lat(Ks, n, G)
-                 + lat(U, G, 1) + " + " + lat(E, n, 1))
-        return Equation(3, "the explicit matrix form with the data's X and K", expr, latex,
-                        note="" if rows == n and gcols == G else f"first {rows} rows and {gcols} groups shown")
+        K = sp.Matrix(rows, gcols, lambda i, j: int(codes[i] == j))
+        return K, sp.Matrix([u_symbol(j) for j in range(gcols)]), G, "K"
 
     def _matrix_symbols(self):
         d = self.design
@@ -849,26 +856,14 @@ class GeneralDerivation(Derivation):
         return Equation(2, "index form: observation i, its level j_k of each grouping factor", expr, latex,
                         note=groups)
 
-    def _eq3(self) -> Equation:
-        d, s = self.design, self.symbols
-        n = d.n
-        Zd = self.Z.toarray()
+    def _random_part(self, rows: int) -> tuple[sp.Matrix, sp.Matrix, int, str]:
+        Zd = self.Z[:rows].toarray()
         width = Zd.shape[1]
-        rows = n if n <= 12 else SHOWN_ROWS
         cols = width if width <= 12 else SHOWN_ROWS
-        Xs = sp.Matrix(rows, d.p, lambda i, k: exact_number(d.X[i, k]))
-        Zs = sp.Matrix(rows, cols, lambda i, j: exact_number(Zd[i, j]))
-        labels = []
-        for k, t in enumerate(d.terms):
-            labels += [self._u(k, c, j) for j in range(t.n_levels) for c in range(t.q)]
-        U = sp.Matrix(labels[:cols])
-        Y, E, B = (sp.Matrix(list(v[:rows])) for v in (s.y, s.epsilon, s.beta))
-        expr = sp.Eq(Y, sp.MatAdd(sp.MatMul(Xs, B), sp.MatMul(Zs, U), E, evaluate=False), evaluate=False)
-        lat = lambda M, r, c: _matrix_latex(M, r, c, self._names)  # noqa: E731
-        latex = (lat(Y, n, 1) + " = " + lat(Xs, n, d.p) + lat(B, d.p, 1) + " + " + lat(Zs, n, width)
-                 + lat(U, width, 1) + " + " + lat(E, n, 1))
-        return Equation(3, "the explicit matrix form with the data's X and Z", expr, latex,
-                        note="" if rows == n and cols == width else f"first {rows} rows, {cols} columns of Z")
+        labels = [self._u(k, c, j) for k, t in enumerate(self.design.terms)
+                  for j in range(t.n_levels) for c in range(t.q)]
+        Z = sp.Matrix(rows, cols, lambda i, j: exact_number(Zd[i, j]))
+        return Z, sp.Matrix(labels[:cols]), width, "Z"
 
     def _eq4(self) -> Equation:
         Y, X, b, K, u, e = self._matrix_symbols()
