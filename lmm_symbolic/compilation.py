@@ -15,15 +15,18 @@ Two compiled objects come out of this stage:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
 import sympy as sp
 
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import ModelError, NumericalError
-from .specification import Design
-from .statistics import GroupStatistics
+from .specification import Design, random_effects_matrix
+from .statistics import BlockStatistics, GroupStatistics, response_shift, single_factor
 
 theta = sp.Symbol("theta", nonnegative=True)
 
@@ -217,15 +220,20 @@ class LogLikelihood:
 
 
 # -------------------------------------------------------------- several terms, slopes, crossed factors
+def theta_index(q: int) -> tuple[tuple[int, int], ...]:
+    """(row, col) of the lower triangle of a q x q relative factor T, in lme4's column-major order."""
+    return tuple((r, c) for c in range(q) for r in range(c, q))
+
+
 @dataclass(frozen=True)
 class TermLayout:
-    """Where one random term's parameters sit: its relative Cholesky factor T (q x q, lower triangular for
-    a correlated term) fills Lambda = diag(I_G kron T) in the term's block of columns."""
+    """Where one random term's parameters sit: its relative Cholesky factor T (q x q, lower triangular,
+    D = sigma^2 T T^T) fills Lambda = diag(I_G kron T) in the term's block of Z's columns."""
 
     q: int
     n_levels: int
     offset: int            # first column of the term in Z
-    theta_index: tuple[tuple[int, int], ...]   # (row, col) of T for each theta, lme4's column-major order
+    theta_index: tuple[tuple[int, int], ...]
 
     @property
     def width(self) -> int:
@@ -235,61 +243,47 @@ class TermLayout:
 def term_layouts(design: Design) -> tuple[TermLayout, ...]:
     layouts, offset = [], 0
     for term in design.terms:
-        q = term.q
-        index = tuple((r, c) for c in range(q) for r in range(c, q))
-        layouts.append(TermLayout(q=q, n_levels=term.n_levels, offset=offset, theta_index=index))
-        offset += q * term.n_levels
+        layouts.append(TermLayout(q=term.q, n_levels=term.n_levels, offset=offset, theta_index=theta_index(term.q)))
+        offset += term.q * term.n_levels
     return tuple(layouts)
 
 
-def random_effects_matrix(design: Design):
-    """Z (n x sum_k q_k G_k, sparse): row i holds term k's columns at level codes_k[i]."""
-    import scipy.sparse
+@dataclass(frozen=True)
+class DevianceState:
+    """The profiled criterion at one theta (scaled response units): A = X^T V^-1 X, the GLS beta,
+    RSS = (y - X beta)^T V^-1 (y - X beta), log|M| = log|V|, log|A| and the conditional modes
+    b = Lambda u in Z's column layout; ``work`` keeps what the gradient reuses."""
 
-    rows, cols, vals = [], [], []
-    n = design.n
-    for term, lay in zip(design.terms, term_layouts(design)):
-        codes = np.asarray(term.codes)
-        for c in range(term.q):
-            rows.append(np.arange(n))
-            cols.append(lay.offset + codes * term.q + c)
-            vals.append(term.Z[:, c])
-    width = sum(lay.width for lay in term_layouts(design))
-    return scipy.sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                                   shape=(n, width))
+    theta: np.ndarray
+    A: np.ndarray
+    beta: np.ndarray
+    rss: float
+    logdetM: float
+    logdetA: float
+    b: np.ndarray
+    work: dict = field(repr=False, compare=False)
 
 
-class GeneralDeviance:
-    """lme4's profiled deviance for any set of random terms (slopes, nested and crossed factors).
+class ThetaDeviance:
+    """lme4's profiled deviance in theta for any set of random terms, beta and sigma^2 profiled out.
 
     With Lambda(theta) the relative covariance factor (D_k = sigma^2 T_k T_k^T), M = Lambda^T Z^T Z Lambda + I
-    and V = I + Z Lambda Lambda^T Z^T, the determinant lemma gives |V| = |M| and Woodbury gives
-    X^T V^-1 X = X^T X - X^T Z Lambda M^-1 Lambda^T Z^T X:
+    and V = Sigma / sigma^2 = I + Z Lambda Lambda^T Z^T, the determinant lemma gives |V| = |M| and Woodbury
+    gives V^-1 = I - Z Lambda M^-1 Lambda^T Z^T (Eq. 11-12 generalised):
       ML:   d = log|M| + n (1 + log(2 pi RSS / n))
       REML: d = log|M| + log|X^T V^-1 X| + (n - p)(1 + log(2 pi RSS / (n - p)))
-    RSS = (y - X beta)^T V^-1 (y - X beta) at the GLS beta. The derivative in theta follows from
-    d log|M| = tr(M^-1 dM), dRSS = -r^T dV r (envelope), d log|A| = tr(A^-1 dA), dA = -P^T dV P, P = V^-1 X,
-    with dLambda/dtheta_k the constant pattern of theta_k.
+    Subclasses evaluate these for block-diagonal Sigma (:class:`BlockDeviance`) or any Z
+    (:class:`SparseDeviance`).
     """
 
-    def __init__(self, design: Design, reml: bool):
+    def __init__(self, design: Design, reml: bool, shift: float, scale: float, beta_shift: np.ndarray):
         self.design = design
         self.reml = reml
         self.layouts = term_layouts(design)
-        y, X = design.y, design.X
-        self.shift = float(np.mean(y)) if design.has_intercept else 0.0
-        self.scale = float(np.std(y - self.shift)) or 1.0
-        self.y = (y - self.shift) / self.scale
-        self.X = X
-        Z = random_effects_matrix(design)
-        self.ZtZ = (Z.T @ Z).toarray()
-        self.ZtX = np.asarray(Z.T @ X)
-        self.Zty = np.asarray(Z.T @ self.y)
-        self.XtX, self.Xty, self.yty = X.T @ X, X.T @ self.y, float(self.y @ self.y)
+        self.shift, self.scale, self.beta_shift = shift, scale, np.asarray(beta_shift, dtype=float)
         self.n, self.p = design.n, design.p
         self.n_eff = self.n - (self.p if reml else 0)
         self.n_theta = sum(len(lay.theta_index) for lay in self.layouts)
-        self._patterns = self._theta_patterns()
 
     @property
     def lower_bounds(self) -> list[float | None]:
@@ -298,22 +292,6 @@ class GeneralDeviance:
 
     def initial(self) -> np.ndarray:
         return np.array([1.0 if r == c else 0.0 for lay in self.layouts for r, c in lay.theta_index])
-
-    def _theta_patterns(self) -> list[np.ndarray]:
-        """dLambda / dtheta_k: the 0/1 pattern each theta occupies (Lambda is linear in theta)."""
-        width = self.ZtZ.shape[0]
-        out = []
-        for lay in self.layouts:
-            for r, c in lay.theta_index:
-                E = np.zeros((width, width))
-                base = lay.offset + np.arange(lay.n_levels) * lay.q
-                E[base + r, base + c] = 1.0
-                out.append(E)
-        return out
-
-    def factor(self, theta) -> np.ndarray:
-        """Lambda(theta)."""
-        return sum(t * E for t, E in zip(np.asarray(theta, dtype=float), self._patterns))
 
     def terms(self, theta) -> tuple[np.ndarray, ...]:
         """T_k (q_k x q_k) for each term."""
@@ -326,52 +304,39 @@ class GeneralDeviance:
             out.append(T)
         return tuple(out)
 
-    def state(self, theta) -> dict:
-        L = self.factor(theta)
-        LtZtZL = L.T @ self.ZtZ @ L
-        M = LtZtZL + np.eye(len(L))
-        chol = np.linalg.cholesky(M)
-        LZX, LZy = L.T @ self.ZtX, L.T @ self.Zty
-        Cu = np.linalg.solve(M, LZX)
-        cu = np.linalg.solve(M, LZy)
-        A = self.XtX - LZX.T @ Cu
-        c = self.Xty - LZX.T @ cu
-        beta = np.linalg.solve(A, c) if self.p else np.zeros(0)
-        u = cu - Cu @ beta
-        # RSS = y^T V^-1 y - c^T beta with y^T V^-1 y = y^T y - (L^T Z^T y)^T M^-1 (L^T Z^T y)
-        rss = self.yty - float(LZy @ cu) - float(c @ beta)
-        logdetM = 2.0 * float(np.log(np.diag(chol)).sum())
-        logdetA = float(np.linalg.slogdet(A)[1]) if self.p else 0.0
-        return dict(theta=np.asarray(theta, float), L=L, M=M, A=A, beta=beta, u=u, rss=rss, logdetM=logdetM,
-                    logdetA=logdetA, Cu=Cu, cu=cu)
+    def _profile(self, theta, A, c, yVy, logdetM) -> tuple[np.ndarray, float, float]:
+        """beta = A^-1 c, RSS = y^T V^-1 y - c^T beta and log|A| (Cholesky of A)."""
+        if not self.p:
+            return np.zeros(0), max(yVy, 0.0), 0.0
+        try:
+            R = np.linalg.cholesky(A)
+        except np.linalg.LinAlgError:
+            raise NumericalError(f"X^T V^-1 X is not positive definite at theta = {np.round(theta, 6)}") from None
+        beta = scipy.linalg.cho_solve((R, True), c)
+        return beta, max(yVy - float(c @ beta), 0.0), 2.0 * float(np.log(np.diag(R)).sum())
 
-    def value(self, st: dict) -> float:
-        dev = st["logdetM"] + self.n_eff * (1 + np.log(2 * np.pi * st["rss"] / self.n_eff))
-        return float(dev + (st["logdetA"] if self.reml else 0.0))
+    def value(self, st: DevianceState) -> float:
+        if st.rss <= 0:
+            raise NumericalError("the residual sum of squares is zero: the response is fitted exactly")
+        dev = st.logdetM + self.n_eff * (1 + np.log(2 * np.pi * st.rss / self.n_eff))
+        return float(dev + (st.logdetA if self.reml else 0.0))
 
     def __call__(self, theta) -> float:
         return self.value(self.state(theta))
 
-    def gradient(self, st: dict) -> np.ndarray:
-        L, M, beta = st["L"], st["M"], st["beta"]
-        Minv = np.linalg.inv(M)
-        # Z^T r and Z^T P with r = V^-1 (y - X beta), P = V^-1 X, through Woodbury:
-        # V^-1 = I - Z L M^-1 L^T Z^T
-        Zt_res = self.Zty - self.ZtX @ beta
-        Zt_r = Zt_res - self.ZtZ @ L @ (Minv @ (L.T @ Zt_res))
-        Zt_P = self.ZtX - self.ZtZ @ L @ (Minv @ (L.T @ self.ZtX))
-        Ainv = np.linalg.inv(st["A"]) if self.p else None
-        grad = np.empty(self.n_theta)
-        for k, E in enumerate(self._patterns):
-            dLLt = E @ L.T + L @ E.T                      # d(Lambda Lambda^T)
-            dM = E.T @ self.ZtZ @ L + L.T @ self.ZtZ @ E
-            g = float(np.sum(Minv * dM))                   # tr(M^-1 dM), M symmetric
-            drss = -float(Zt_r @ dLLt @ Zt_r)
-            g += self.n_eff * drss / st["rss"]
-            if self.reml and self.p:
-                dA = -Zt_P.T @ dLLt @ Zt_P
-                g += float(np.sum(Ainv * dA))
-            grad[k] = g
+    def state(self, theta) -> DevianceState:
+        raise NotImplementedError
+
+    def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """d log|M| / d theta_k (k,), dRSS / d theta_k at fixed beta (k,) and dA / d theta_k (k, p, p)."""
+        raise NotImplementedError
+
+    def gradient(self, st: DevianceState) -> np.ndarray:
+        """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
+        dlogdet, drss, dA = self.derivatives(st)
+        grad = dlogdet + self.n_eff * drss / st.rss
+        if self.reml and self.p:
+            grad = grad + np.einsum("pr,krp->k", np.linalg.inv(st.A), dA)
         return grad
 
     def value_and_gradient(self, theta) -> tuple[float, np.ndarray]:
@@ -379,9 +344,279 @@ class GeneralDeviance:
         return self.value(st), self.gradient(st)
 
     def varpar_deviance(self, theta, sig: float) -> float:
-        """lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value (scaled response units)."""
+        """lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value (scaled response units):
+        log|M| + RSS / sigma^2 + n log(2 pi sigma^2)  [+ log|A| - p log(2 pi sigma^2) for REML]."""
         st = self.state(theta)
-        dev = st["logdetM"] + st["rss"] / sig**2 + self.n * np.log(2 * np.pi * sig**2)
-        if self.reml:
-            dev += st["logdetA"] - self.p * np.log(2 * np.pi * sig**2)
-        return float(dev)
+        dev = st.logdetM + st.rss / sig**2 + self.n_eff * np.log(2 * np.pi * sig**2)
+        return float(dev + (st.logdetA if self.reml else 0.0))
+
+    def varpar_hessian(self, theta, sig: float) -> tuple[np.ndarray, DevianceState, np.ndarray]:
+        """The Hessian of :meth:`varpar_deviance` in (theta, sigma): the theta block by central differences
+        of its analytic gradient d log|M| + dRSS / sigma^2 (+ tr(A^-1 dA)), the sigma row in closed form
+        (-2 dRSS / sigma^3, 6 RSS / sigma^4 - 2 n_eff / sigma^2). Also the state and dA at theta."""
+        theta = np.asarray(theta, dtype=float)
+        k = self.n_theta
+
+        def grad(th):
+            st = self.state(th)
+            dlogdet, drss, dA = self.derivatives(st)
+            g = dlogdet + drss / sig**2
+            if self.reml and self.p:
+                g = g + np.einsum("pr,krp->k", np.linalg.inv(st.A), dA)
+            return g, st, drss, dA
+
+        _, st, drss, dA = grad(theta)
+        H = np.empty((k + 1, k + 1))
+        h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
+        for i in range(k):
+            step = np.eye(k)[i] * h[i]
+            H[:k, i] = (grad(theta + step)[0] - grad(theta - step)[0]) / (2 * h[i])
+        H[:k, :k] = (H[:k, :k] + H[:k, :k].T) / 2
+        H[:k, k] = H[k, :k] = -2.0 * drss / sig**3
+        H[k, k] = 6.0 * st.rss / sig**4 - 2.0 * self.n_eff / sig**2
+        return H, st, dA
+
+
+# ------------------------------------------------------------------- one grouping factor: q x q blocks
+#: one grouping factor with at most this many random effects per level uses the per-group closed forms
+BLOCK_Q = 3
+
+
+def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ...]]:
+    """Lambda_g = diag(T_1, ..., T_K) for terms of sizes ``qs`` on one factor, T_k lower triangular in
+    theta_0, theta_1, ... (lme4's order)."""
+    T = sp.zeros(sum(qs), sum(qs))
+    thetas, offset = [], 0
+    for q in qs:
+        for r, c in theta_index(q):
+            t = sp.Symbol(f"theta_{len(thetas)}", real=True)
+            T[offset + r, offset + c] = t
+            thetas.append(t)
+        offset += q
+    return T, tuple(thetas)
+
+
+def block_symbols(q: int) -> sp.Matrix:
+    """S = Z_g^T Z_g as a symmetric matrix of symbols S_a_b (a <= b)."""
+    return sp.Matrix(q, q, lambda a, b: sp.Symbol(f"S_{min(a, b)}_{max(a, b)}", real=True))
+
+
+@dataclass(frozen=True)
+class BlockForms:
+    """One group's closed forms in theta and S = Z_g^T Z_g (sigma = 1): the lemma's
+    log|I_m + Z_g T T^T Z_g^T| = log|M_g|, M_g = I_q + T^T S T, as the sum of the logs of M_g's LDL^T
+    pivots (each >= 1), and Woodbury's weight W_g = T M_g^-1 T^T (so V_g^-1 = I - Z_g W_g Z_g^T)."""
+
+    T: sp.Matrix
+    thetas: tuple[sp.Symbol, ...]
+    S: sp.Matrix
+    logdet: sp.Expr
+    W: sp.Matrix
+
+
+@functools.lru_cache(maxsize=None)
+def block_forms(qs: tuple[int, ...]) -> BlockForms:
+    T, thetas = relative_factor(qs)
+    S = block_symbols(T.shape[0])
+    M = (sp.eye(T.shape[0]) + T.T * S * T).applyfunc(sp.expand)
+    L, P = M.LDLdecomposition(hermitian=False)
+    Linv = L.inv()
+    W = T * Linv.T * sp.diag(*[1 / P[i, i] for i in range(P.shape[0])]) * Linv * T.T
+    return BlockForms(T=T, thetas=thetas, S=S, logdet=sp.Add(*[sp.log(P[i, i]) for i in range(P.shape[0])]), W=W)
+
+
+@functools.lru_cache(maxsize=None)
+def block_kernels(qs: tuple[int, ...]):
+    """Two functions of (theta, the entries S_a_b (a <= b) of every group at once), lambdified with cse:
+    [W_g entries, log|M_g|] and [dW_g/dtheta_k entries, dlog|M_g|/dtheta_k] (k-major)."""
+    f = block_forms(qs)
+    q = f.T.shape[0]
+    upper = [(a, b) for a in range(q) for b in range(a, q)]
+    W = [f.W[a, b] for a, b in upper]
+    args = (f.thetas, [f.S[a, b] for a, b in upper])
+    value = sp.lambdify(args, W + [f.logdet], modules="numpy", cse=True)
+    derivs = [sp.diff(w, t) for t in f.thetas for w in W] + [sp.diff(f.logdet, t) for t in f.thetas]
+    return value, sp.lambdify(args, derivs, modules="numpy", cse=True)
+
+
+def _per_group(values, G: int) -> list[np.ndarray]:
+    """Kernel outputs as (G,) arrays (an expression free of S comes back as a scalar)."""
+    return [v if isinstance(v, np.ndarray) and v.shape == (G,) else np.full(G, float(v)) for v in values]
+
+
+class BlockDeviance(ThetaDeviance):
+    """The profiled deviance when all terms share one grouping factor: Sigma is block-diagonal, and each
+    group enters through S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g (:class:`BlockStatistics`):
+      log|V| = sum_g log|M_g|,  X^T V^-1 X = X^T X - sum_g (Z_g^T X_g)^T W_g (Z_g^T X_g),
+      X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`);
+    the gradient uses their sympy derivatives. Each evaluation costs O(G (q^3 + q p^2))."""
+
+    def __init__(self, design: Design, reml: bool):
+        stats = BlockStatistics.of(design)
+        super().__init__(design, reml, stats.shift, stats.scale, stats.beta_shift)
+        self.stats = stats
+        self.qs = tuple(t.q for t in design.terms)
+        self._value, self._derivs = block_kernels(self.qs)
+        q = stats.q
+        self._upper = [(a, b) for a in range(q) for b in range(a, q)]
+        self._S = [stats.S[:, a, b] for a, b in self._upper]
+
+    def _symmetric(self, entries: list[np.ndarray]) -> np.ndarray:
+        """(G, q, q) from the upper-triangle entries."""
+        out = np.empty((self.stats.G, self.stats.q, self.stats.q))
+        for v, (a, b) in zip(entries, self._upper):
+            out[:, a, b] = out[:, b, a] = v
+        return out
+
+    def state(self, theta) -> DevianceState:
+        s = self.stats
+        theta = np.asarray(theta, dtype=float)
+        *W, logdet = _per_group(self._value(tuple(theta), self._S), s.G)
+        W = self._symmetric(W)
+        WX = np.einsum("gab,gbp->gap", W, s.ZtX)
+        Wy = np.einsum("gab,gb->ga", W, s.Zty)
+        A = s.XtX - np.einsum("gap,gar->pr", s.ZtX, WX)
+        c = s.Xty - np.einsum("gap,ga->p", s.ZtX, Wy)
+        yVy = s.yty - float(np.einsum("ga,ga->", s.Zty, Wy))
+        logdetM = float(logdet.sum())
+        beta, rss, logdetA = self._profile(theta, A, c, yVy, logdetM)
+        e = s.Zty - s.ZtX @ beta                                  # Z_g^T (y_g - X_g beta)
+        b = np.einsum("gab,gb->ga", W, e)                         # Lambda u = W_g Z_g^T r_g, per group
+        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=logdetM, logdetA=logdetA,
+                             b=self._layout(b), work=dict(e=e))
+
+    def _layout(self, b: np.ndarray) -> np.ndarray:
+        """Per-group (G, q) modes to Z's columns (term by term, level-major)."""
+        out, col = [], 0
+        for lay in self.layouts:
+            out.append(b[:, col:col + lay.q].ravel())
+            col += lay.q
+        return np.concatenate(out)
+
+    def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """d log|M| = sum_g dlog|M_g|, dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z_g^T X_g)^T dW_g (Z_g^T X_g),
+        from the sympy derivatives of the per-group forms."""
+        k, u = self.n_theta, len(self._upper)
+        out = _per_group(self._derivs(tuple(st.theta), self._S), self.stats.G)
+        dW = np.stack([self._symmetric(out[i * u:(i + 1) * u]) for i in range(k)])
+        e, ZtX = st.work["e"], self.stats.ZtX
+        dlogdet = np.array([v.sum() for v in out[k * u:]])
+        drss = -np.einsum("ga,kgab,gb->k", e, dW, e)
+        dA = -np.einsum("gap,kgab,gbr->kpr", ZtX, dW, ZtX)
+        return dlogdet, drss, dA
+
+
+# ------------------------------------------------------------------------- any Z: sparse M = L L^T
+#: columns of M^-1 solved for at once in the trace of the gradient
+TRACE_CHUNK = 256
+
+
+class SparseDeviance(ThetaDeviance):
+    """The profiled deviance for any random terms (nested, crossed), with Z^T Z sparse (scipy.sparse).
+
+    Lambda = sum_k theta_k E_k is linear in theta, so M = I + sum_kl theta_k theta_l P_kl with the constant
+    sparse P_kl = E_k^T Z^T Z E_l, all held on M's one sparsity pattern: an evaluation is a weighted sum of
+    their non-zeros and one sparse LU of M with a symmetric fill-reducing ordering and diagonal pivots (for
+    this symmetric positive-definite M, an L D L^T factorisation); log|M| is the sum of the logs of its
+    pivots. The derivatives: tr(M^-1 dM_k) = 2 sum_l theta_l tr(M^-1 P_kl), which needs M^-1 only on the
+    pattern (solved column block by column block); dRSS = -r^T Z dLL^T Z^T r and dA = -P^T Z dLL^T Z^T P with
+    dLL^T = sum_l theta_l (E_k E_l^T + E_l E_k^T) (r = V^-1 (y - X beta), P = V^-1 X).
+    """
+
+    def __init__(self, design: Design, reml: bool):
+        X = np.asarray(design.X, dtype=float)
+        shift, beta_shift = response_shift(design.y, X)
+        scale = float(np.std(design.y - shift)) or 1.0
+        super().__init__(design, reml, shift, scale, beta_shift)
+        y = (design.y - shift) / scale
+        Z = random_effects_matrix(design)
+        w = self.width = Z.shape[1]
+        ZtZ = (Z.T @ Z).tocsc()
+        self.ZtZ = ZtZ
+        ZtX, Zty = np.asarray(Z.T @ X), np.asarray(Z.T @ y)
+        self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
+        E = []
+        for lay in self.layouts:
+            base = lay.offset + np.arange(lay.n_levels) * lay.q
+            for r, c in lay.theta_index:
+                E.append(scipy.sparse.csc_matrix((np.ones(lay.n_levels), (base + r, base + c)), shape=(w, w)))
+        self._Et = [e.T.tocsr() for e in E]
+        self._E = [e.tocsr() for e in E]
+        self._ZtZE = [(ZtZ @ e).tocsr() for e in E]                    # Z^T Z E_k
+        self._EtZtX = np.stack([e @ ZtX for e in self._Et])          # (k, w, p)
+        self._EtZty = np.stack([e @ Zty for e in self._Et])          # (k, w)
+        self.ZtX, self.Zty = ZtX, Zty
+        # M's pattern: the union of every P_kl and the diagonal, columns sorted (CSC)
+        P = [[(self._Et[k] @ ZtZ @ E[l]).tocoo() for l in range(self.n_theta)] for k in range(self.n_theta)]
+        pattern = scipy.sparse.identity(w, format="csc")
+        for row in P:
+            for Pkl in row:
+                pattern = pattern + abs(Pkl).tocsc()
+        pattern = pattern.tocsc()
+        pattern.sort_indices()
+        self._indptr, self._indices = pattern.indptr.copy(), pattern.indices.copy()
+        cols = np.repeat(np.arange(w), np.diff(self._indptr))
+        keys = cols.astype(np.int64) * w + self._indices
+        self._cols = cols
+        self._P = np.zeros((self.n_theta, self.n_theta, len(keys)))
+        for k in range(self.n_theta):
+            for l in range(self.n_theta):
+                Pkl = P[k][l]
+                np.add.at(self._P[k, l], np.searchsorted(keys, Pkl.col.astype(np.int64) * w + Pkl.row), Pkl.data)
+        self._eye = (cols == self._indices).astype(float)
+
+    def state(self, theta) -> DevianceState:
+        theta = np.asarray(theta, dtype=float)
+        data = self._eye + np.einsum("k,l,kln->n", theta, theta, self._P)
+        M = scipy.sparse.csc_matrix((data, self._indices, self._indptr), shape=(self.width, self.width))
+        lu = scipy.sparse.linalg.splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                                      options={"SymmetricMode": True})
+        pivots = lu.U.diagonal()
+        if np.any(pivots <= 0):
+            raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}")
+        logdetM = float(np.log(pivots).sum())
+        LZX = np.einsum("k,kwp->wp", theta, self._EtZtX)             # Lambda^T Z^T X
+        LZy = theta @ self._EtZty                                      # Lambda^T Z^T y
+        sol = lu.solve(np.column_stack([LZX, LZy]))
+        Cu, cu = sol[:, :self.p], sol[:, self.p]
+        A = self.XtX - LZX.T @ Cu
+        c = self.Xty - LZX.T @ cu
+        yVy = self.yty - float(LZy @ cu)
+        beta, rss, logdetA = self._profile(theta, A, c, yVy, logdetM)
+        u = cu - Cu @ beta
+        b = sum(t * (e @ u) for t, e in zip(theta, self._E))          # Lambda u
+        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=logdetM, logdetA=logdetA,
+                             b=np.asarray(b, dtype=float), work=dict(lu=lu, u=u))
+
+    def _inverse_on_pattern(self, lu) -> np.ndarray:
+        """(M^-1)_ij at every (i, j) of M's pattern, solving for M^-1's columns a block at a time."""
+        out = np.empty(len(self._indices))
+        for start in range(0, self.width, TRACE_CHUNK):
+            stop = min(start + TRACE_CHUNK, self.width)
+            rhs = np.zeros((self.width, stop - start))
+            rhs[np.arange(start, stop), np.arange(stop - start)] = 1.0
+            cols = lu.solve(rhs)
+            lo, hi = self._indptr[start], self._indptr[stop]
+            out[lo:hi] = cols[self._indices[lo:hi], self._cols[lo:hi] - start]
+        return out
+
+    def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        theta, lu = st.theta, st.work["lu"]
+        trace = 2.0 * np.einsum("l,kln,n->k", theta, self._P, self._inverse_on_pattern(lu))
+        # Z^T V^-1 v = Z^T v - Z^T Z Lambda M^-1 Lambda^T Z^T v, for v = y - X beta and the columns of X
+        ZtZ_lambda = lambda x: sum(t * (G @ x) for t, G in zip(theta, self._ZtZE))  # noqa: E731
+        Zt_res = self.Zty - self.ZtX @ st.beta
+        Zt_r = Zt_res - ZtZ_lambda(lu.solve(sum(t * (e @ Zt_res) for t, e in zip(theta, self._Et))))
+        Zt_P = self.ZtX - ZtZ_lambda(lu.solve(np.einsum("k,kwp->wp", theta, self._EtZtX)))
+        v = np.stack([e @ Zt_r for e in self._Et])                     # E_k^T Z^T r
+        Q = np.stack([e @ Zt_P for e in self._Et])                     # E_k^T Z^T P
+        drss = -2.0 * np.einsum("l,kw,lw->k", theta, v, v)
+        QQ = np.einsum("l,kwp,lwr->kpr", theta, Q, Q)
+        return trace, drss, -(QQ + QQ.transpose(0, 2, 1))
+
+
+def profiled_deviance(design: Design, reml: bool) -> ThetaDeviance:
+    """The per-group closed forms when the random terms share one factor (q <= BLOCK_Q), else sparse."""
+    if single_factor(design) and sum(t.q for t in design.terms) <= BLOCK_Q:
+        return BlockDeviance(design, reml)
+    return SparseDeviance(design, reml)

@@ -20,7 +20,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import ModelError
-from .specification import Design
+from .specification import Design, random_effects_matrix
 
 sigma = sp.Symbol("sigma", positive=True)
 sigma_s = sp.Symbol("sigma_s", positive=True)
@@ -630,7 +630,6 @@ class GeneralDerivation(Derivation):
     # ------------------------------------------------------------------------------ structure
     @functools.cached_property
     def Z(self):
-        from .compilation import random_effects_matrix
         return random_effects_matrix(self.design)
 
     @functools.cached_property

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import GeneralDeviance, ProfiledDeviance
+from .compilation import ProfiledDeviance, ThetaDeviance
 from .statistics import GroupStatistics
 from .derivation import Derivation, derive, exact_number, m, sigma, sigma_s
 from .errors import NumericalError
@@ -219,11 +219,14 @@ class GeneralOptimum:
     b: np.ndarray              # conditional modes Lambda u, all terms stacked as in Z's columns
     deviance: float
     summary: OptSummary
-    objective: GeneralDeviance = field(repr=False)
+    objective: ThetaDeviance = field(repr=False)
 
 
-def optimise_general(objective: GeneralDeviance) -> GeneralOptimum:
-    """Minimise lme4's profiled deviance over theta (L-BFGS-B, analytic gradient, lme4's bounds)."""
+def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
+    """Minimise lme4's profiled deviance over theta (L-BFGS-B, analytic gradient, lme4's bounds).
+
+    A diagonal theta at its bound 0 is a stationary point (the deviance is even in each column of T), so
+    a stop there is tested by moving that theta inward, and the search restarts from any better point."""
     path: list[np.ndarray] = []
 
     def fun(x):
@@ -232,12 +235,21 @@ def optimise_general(objective: GeneralDeviance) -> GeneralOptimum:
 
     theta0 = objective.initial()
     bounds = [(lo, None) for lo in objective.lower_bounds]
-    res = scipy.optimize.minimize(fun, x0=theta0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                  options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 2000})
+    lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])
+
+    def search(start):
+        return scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B", bounds=bounds,
+                                       options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 2000})
+
+    res = search(theta0)
+    for _ in range(objective.n_theta):
+        inward = _inward_of_the_bound(objective, np.array(res.x), lower)
+        if inward is None:
+            break
+        res = search(inward)
     theta = np.array(res.x)
     st = objective.state(theta)
     grad = objective.gradient(st)
-    lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])
     at_bound = theta <= lower + 1e-12
     free = np.where(at_bound, np.minimum(grad, 0.0), grad)   # a bound may hold a positive derivative
     scale = max(1.0, abs(objective.value(st)))
@@ -250,11 +262,22 @@ def optimise_general(objective: GeneralDeviance) -> GeneralOptimum:
                          converged=converged, at_boundary=bool(at_bound.any()), message=message,
                          path=tuple(float(p[0]) for p in path))
     k = objective.scale
-    sig_w = np.sqrt(st["rss"] / objective.n_eff)
-    beta = st["beta"] * k
-    if objective.design.has_intercept:
-        names = objective.design.fixed_names
-        beta[[i for i, nm in enumerate(names) if nm in ("(Intercept)", "Intercept")][0]] += objective.shift
     dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
-    return GeneralOptimum(theta=theta, sigma=float(sig_w * k), beta=beta, b=st["L"] @ st["u"] * k,
-                          deviance=float(dev), summary=summary, objective=objective)
+    return GeneralOptimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
+                          beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
+                          summary=summary, objective=objective)
+
+
+def _inward_of_the_bound(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) -> np.ndarray | None:
+    """The best point found by moving one theta that sits at its bound inward along a log-grid, when it
+    beats theta; None when none does."""
+    f0 = objective(theta)
+    best, best_f = None, f0 - 1e-10 * max(1.0, abs(f0))
+    for i in np.flatnonzero(theta <= lower + 1e-12):
+        for t in np.geomspace(1e-4, 10.0, 16):
+            trial = theta.copy()
+            trial[i] = t
+            f = objective(trial)
+            if f < best_f:
+                best, best_f = trial, f
+    return best

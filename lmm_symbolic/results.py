@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.stats
 import sympy as sp
 
-from .compilation import GeneralDeviance, LogLikelihood, weighted_gram
+from .compilation import LogLikelihood, ThetaDeviance, profiled_deviance, weighted_gram
 from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
                          fitted_values, spans_constant)
 from .errors import LMMWarning, ModelError
@@ -302,7 +302,7 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
     """The result of a model with slopes or several random terms (lme4's general formulation)."""
     ob = opt.objective
     sig_w = opt.sigma / ob.scale
-    df_s, vcov_w = _satterthwaite_numeric(ob, opt.theta, sig_w)
+    df_s, vcov_w = _satterthwaite_general(ob, opt.theta, sig_w)
     rows, corr_rows, seen = [], [], {}
     for term, T in zip(design.terms, ob.terms(opt.theta)):
         D = opt.sigma**2 * T @ T.T
@@ -330,23 +330,15 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
                      pd.DataFrame(corr_rows) if corr_rows else _NO_CORRELATIONS, ranef, fitted, messages)
 
 
-def _satterthwaite_numeric(ob: GeneralDeviance, theta: np.ndarray, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
-    """lmerTest's Satterthwaite df with its numerical Hessian of the (theta, sigma) deviance and
-    numerical Jacobian of V_beta = sigma^2 (X^T V^-1 X)^-1 (central differences, as numDeriv)."""
-    x0 = np.append(theta, sig_w)
-    f = lambda x: ob.varpar_deviance(x[:-1], x[-1])  # noqa: E731
-    vb = lambda x: x[-1] ** 2 * np.linalg.inv(ob.state(x[:-1])["A"])  # noqa: E731
-    k = len(x0)
-    h = 1e-4 * np.maximum(np.abs(x0), 1e-2)
-    H = np.empty((k, k))
-    for i in range(k):
-        for j in range(i, k):
-            ei, ej = np.eye(k)[i] * h[i], np.eye(k)[j] * h[j]
-            H[i, j] = H[j, i] = (f(x0 + ei + ej) - f(x0 + ei - ej) - f(x0 - ei + ej) + f(x0 - ei - ej)) / (
-                4 * h[i] * h[j])
+def _satterthwaite_general(ob: ThetaDeviance, theta: np.ndarray, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
+    """lmerTest's Satterthwaite df: A = 2 H^-1 from the Hessian of the (theta, sigma) deviance, and the
+    gradient of V_beta = sigma^2 (X^T V^-1 X)^-1 in closed form: dV_beta/dtheta_k = -sigma^2 A^-1 dA_k A^-1,
+    dV_beta/dsigma = 2 sigma A^-1."""
+    H, st, dA = ob.varpar_hessian(theta, sig_w)
     cov_varpar = 2.0 * np.linalg.pinv(H)
-    jac = [(vb(x0 + np.eye(k)[i] * h[i]) - vb(x0 - np.eye(k)[i] * h[i])) / (2 * h[i]) for i in range(k)]
-    vcov = vb(x0)
+    Ainv = np.linalg.inv(st.A)
+    vcov = sig_w**2 * Ainv
+    jac = [-sig_w**2 * Ainv @ dAk @ Ainv for dAk in dA] + [2.0 * sig_w * Ainv]
     df = np.empty(ob.p)
     for c in range(ob.p):
         g = np.array([J[c, c] for J in jac])
@@ -369,7 +361,7 @@ def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitR
         stats = SpectralStatistics.of(design)
         return make_kinship_result(design, stats, optimise(stats, reml), design.messages)
     if not design.is_random_intercept:
-        return make_general_result(design, optimise_general(GeneralDeviance(design, reml)), design.messages)
+        return make_general_result(design, optimise_general(profiled_deviance(design, reml)), design.messages)
     stats = GroupStatistics.of(design)
     _check_group_variance_estimable(design, stats)
     with stage("optimising the profiled %s criterion over theta = sigma_s / sigma", method):

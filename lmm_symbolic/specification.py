@@ -103,6 +103,23 @@ class Design:
         return len(self.terms) == 1 and self.terms[0].is_intercept
 
 
+def random_effects_matrix(design: Design):
+    """Z = [Z_1 ... Z_K] of Eq. 4 (n x sum_k q_k G_k, scipy.sparse): term k's column c for level j sits at
+    offset_k + j q_k + c (lme4's layout), so each row has sum_k q_k non-zeros."""
+    import scipy.sparse
+
+    rows, cols, vals, offset = [], [], [], 0
+    for term in design.terms:
+        codes = np.asarray(term.codes)
+        for c in range(term.q):
+            rows.append(np.arange(design.n))
+            cols.append(offset + codes * term.q + c)
+            vals.append(np.asarray(term.Z[:, c], dtype=float))
+        offset += term.q * term.n_levels
+    return scipy.sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(design.n, offset))
+
+
 # --------------------------------------------------------------------------------------------- data
 def read_data(data: DataLike) -> pd.DataFrame:
     """A DataFrame as given, or a CSV file read with pandas; anything else is a DataError."""

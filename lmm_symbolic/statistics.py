@@ -72,7 +72,7 @@ class GroupStatistics:
         codes = np.asarray(codes)
         if codes.dtype != np.intp:
             codes = codes.astype(np.intp)
-        shift, beta_shift = _shift(y, X)
+        shift, beta_shift = response_shift(y, X)
         scale = float(np.std(y)) or 1.0   # = std(y - shift): the shift is 0 or the mean
         ones = _ones_columns(X)
         sums = _block_sums(y, X, codes, G, shift, scale, ones)
@@ -113,7 +113,7 @@ class SpectralStatistics(GroupStatistics):
         lam, U = np.linalg.eigh(design.kinship)
         lam = np.clip(lam, 0.0, None)
         X = np.asarray(design.X, dtype=float)
-        shift, beta_shift = _shift(design.y, X)
+        shift, beta_shift = response_shift(design.y, X)
         scale = float(np.std(design.y - shift)) or 1.0
         y_rot = U.T @ ((design.y - shift) / scale)
         X_rot = U.T @ X
@@ -121,6 +121,71 @@ class SpectralStatistics(GroupStatistics):
         return cls(m=lam, Xt1=X_rot * root[:, None], Xty=X_rot * y_rot[:, None],
                    XtX=np.einsum("ik,il->ikl", X_rot, X_rot), yty=y_rot**2, one_y=root * y_rot, shift=shift,
                    scale=scale, beta_shift=beta_shift, n_obs=design.n, eigenvectors=U)
+
+
+def single_factor(design: Design) -> bool:
+    """True when every random term has the same grouping factor ((Days|Subject), (1|S) + (0 + Days|S)):
+    Sigma is then block-diagonal by that factor's levels, one q x q block of random effects per group."""
+    terms = design.terms
+    if design.kinship is not None or not terms or isinstance(design, DaskDesign):
+        return False
+    first = np.asarray(terms[0].codes)
+    return all(t.group == terms[0].group and np.array_equal(np.asarray(t.codes), first) for t in terms[1:])
+
+
+@dataclass(frozen=True)
+class BlockStatistics:
+    """Per-group sums of a design whose random terms share one grouping factor (q columns of Z in all):
+    S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g, plus the totals X^T X, X^T y and y^T y, of the shifted and
+    scaled response as in :class:`GroupStatistics`. A likelihood evaluation then costs O(G (q^3 + q p^2)),
+    whatever the groups' sizes."""
+
+    S: np.ndarray          # (G, q, q)  Z_g^T Z_g
+    ZtX: np.ndarray        # (G, q, p)  Z_g^T X_g
+    Zty: np.ndarray        # (G, q)     Z_g^T y_g
+    XtX: np.ndarray        # (p, p)
+    Xty: np.ndarray        # (p,)
+    yty: float
+    n: int
+    shift: float
+    scale: float
+    beta_shift: np.ndarray  # (p,)
+
+    @property
+    def p(self) -> int:
+        return self.ZtX.shape[2]
+
+    @property
+    def q(self) -> int:
+        return self.S.shape[1]
+
+    @property
+    def G(self) -> int:
+        return self.S.shape[0]
+
+    @classmethod
+    def of(cls, design: Design) -> "BlockStatistics":
+        if not single_factor(design):
+            raise ModelError("the per-group block statistics need random terms with one grouping factor")
+        y = np.asarray(design.y, dtype=float)
+        X = np.asarray(design.X, dtype=float)
+        Z = np.hstack([np.asarray(t.Z, dtype=float) for t in design.terms])
+        codes = np.asarray(design.terms[0].codes).astype(np.intp, copy=False)
+        G, (n, p), q = design.terms[0].n_levels, X.shape, Z.shape[1]
+        shift, beta_shift = response_shift(y, X)
+        scale = float(np.std(y)) or 1.0
+        yc = (y - shift) / scale
+        with stage("computing block statistics (%d rows, %d groups, q = %d)", n, G, q):
+            count = lambda w: np.bincount(codes, weights=w, minlength=G)  # noqa: E731
+            S = np.empty((G, q, q))
+            for a in range(q):
+                for b in range(a, q):
+                    S[:, a, b] = S[:, b, a] = count(Z[:, a] * Z[:, b])
+            ZtX = np.stack([np.stack([count(Z[:, a] * X[:, k]) for k in range(p)], axis=-1)
+                            if p else np.zeros((G, 0)) for a in range(q)], axis=1)
+            Zty = np.stack([count(Z[:, a] * yc) for a in range(q)], axis=1)
+        return cls(S=S, ZtX=ZtX, Zty=Zty, XtX=X.T @ X, Xty=X.T @ yc, yty=float(yc @ yc), n=n, shift=shift,
+                   scale=scale, beta_shift=beta_shift)
 
 
 # ------------------------------------------------------------------------------------ the one pass
@@ -197,7 +262,7 @@ def _from_sums(S: np.ndarray, p: int, ones: tuple[int, ...], shift: float, scale
                            shift=float(shift), scale=float(scale), beta_shift=np.asarray(beta_shift, float))
 
 
-def _shift(y: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
+def response_shift(y: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
     """Centre y on its mean when the constant lies in col(X) (then beta absorbs it exactly)."""
     p = X.shape[1]
     if p == 0 or len(y) == 0:
