@@ -1,0 +1,213 @@
+"""Slopes, nested and crossed terms: the per-group q x q closed forms and the sparse general form.
+
+* :func:`block_forms` (the LDL^T pivots of M_g = I + T^T S T and W_g = T M_g^-1 T^T) equal the determinant
+  lemma and Woodbury forms of :func:`block_identities` and brute-force dense sympy on a concrete group;
+* :class:`BlockDeviance`, :class:`SparseDeviance` and a dense numpy profiled deviance (V = I + Z L L^T Z^T
+  written out, ``slogdet``, GLS) agree on random designs, and their analytic gradients equal central
+  differences;
+* the Satterthwaite Hessian (analytic gradient differenced) equals a full finite-difference Hessian;
+* a stop at a theta bound that is not a minimum is left for a better interior point.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import sympy as sp
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import lmm_symbolic as lmm
+from lmm_symbolic.compilation import (BlockDeviance, SparseDeviance, block_forms, block_symbols,
+                                      profiled_deviance, relative_factor)
+from lmm_symbolic.derivation import block_identities, m, sigma
+from lmm_symbolic.optimisation import _inward_of_the_bound, optimise_general
+from lmm_symbolic.specification import random_effects_matrix, specify
+from lmm_symbolic.statistics import BlockStatistics
+
+SETTINGS = dict(deadline=None, max_examples=25, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+# ---------------------------------------------------------------------------------- closed forms
+@pytest.mark.parametrize("qs", [(2,), (1, 1)])
+def test_block_forms_equal_the_lemma_and_woodbury(qs):
+    f = block_forms(qs)
+    T, _ = relative_factor(qs)
+    ident = block_identities(T * T.T, f.S, sp.Matrix(sp.symbols(f"z_0:{T.shape[0]}")), f.thetas)
+    lemma = sp.simplify((ident.logdet - 2 * m * sp.log(sigma)).subs(sigma, 1))
+    assert sp.simplify(sp.exp(f.logdet) - sp.exp(lemma)) == 0
+    assert sp.simplify(f.W - ident.W.subs(sigma, 1)) == sp.zeros(*f.W.shape)
+
+
+def test_block_forms_equal_dense_sympy_on_a_group():
+    """A group of four days: |I_4 + Z T T^T Z^T| and (I_4 + Z T T^T Z^T)^-1 written out by sympy."""
+    f = block_forms((2,))
+    Z = sp.Matrix([[1, 0], [1, 1], [1, 2], [1, 5]])
+    S = Z.T * Z
+    at = {f.S[a, b]: S[a, b] for a in range(2) for b in range(2)}
+    V = sp.eye(4) + Z * f.T * f.T.T * Z.T
+    assert sp.simplify(sp.exp(f.logdet.subs(at)) - V.det()) == 0
+    Vinv = sp.eye(4) - Z * f.W.subs(at) * Z.T
+    assert sp.simplify(Vinv * V - sp.eye(4)) == sp.zeros(4, 4)
+
+
+def test_block_symbols_are_symmetric():
+    S = block_symbols(3)
+    assert S == S.T and len(S.free_symbols) == 6
+
+
+# ---------------------------------------------------------------------------------- numerics
+def dense_deviance(design, theta, reml):
+    """The profiled deviance with V = I + Z Lambda Lambda^T Z^T written out (scaled as the objective)."""
+    ob = SparseDeviance(design, reml)
+    Z = random_effects_matrix(design).toarray()
+    L = np.zeros((Z.shape[1], Z.shape[1]))
+    k = 0
+    for lay in ob.layouts:
+        base = lay.offset + np.arange(lay.n_levels) * lay.q
+        for r, c in lay.theta_index:
+            L[base + r, base + c] = theta[k]
+            k += 1
+    y = (design.y - ob.shift) / ob.scale
+    X = design.X
+    V = np.eye(design.n) + Z @ L @ L.T @ Z.T
+    Vinv = np.linalg.inv(V)
+    A = X.T @ Vinv @ X
+    beta = np.linalg.solve(A, X.T @ Vinv @ y)
+    r = y - X @ beta
+    n_eff = design.n - (design.p if reml else 0)
+    dev = np.linalg.slogdet(V)[1] + n_eff * (1 + np.log(2 * np.pi * (r @ Vinv @ r) / n_eff))
+    return dev + (np.linalg.slogdet(A)[1] if reml else 0.0)
+
+
+def central_gradient(ob, theta, h=1e-6):
+    return np.array([(ob(theta + h * e) - ob(theta - h * e)) / (2 * h) for e in np.eye(len(theta))])
+
+
+@st.composite
+def slope_designs(draw):
+    """A random single-factor design: 2-8 groups of 1-7 rows, a covariate x varying within groups."""
+    G = draw(st.integers(2, 8))
+    sizes = draw(st.lists(st.integers(1, 7), min_size=G, max_size=G))
+    assume(sum(sizes) > 2 * G + 3)            # lme4's check: more rows than random effects
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    g = rng.permutation(np.repeat(np.arange(G), sizes))
+    n = len(g)
+    x = rng.normal(scale=2, size=n)
+    y = 3 + x + rng.normal(size=G)[g] + rng.normal(size=G)[g] * x + rng.normal(size=n)
+    data = pd.DataFrame({"y": y, "x": x, "g": [f"g{v}" for v in g], "z": rng.normal(size=n)})
+    theta = np.array([draw(st.floats(0.0, 3.0)), draw(st.floats(-2.0, 2.0)), draw(st.floats(0.0, 3.0))])
+    return data, theta
+
+
+@settings(**SETTINGS)
+@given(slope_designs(), st.booleans())
+def test_block_sparse_and_dense_deviances_agree(case, reml):
+    data, theta = case
+    design = specify("y ~ x + z + (x|g)", data)
+    block, sparse = BlockDeviance(design, reml), SparseDeviance(design, reml)
+    ref = dense_deviance(design, theta, reml)
+    assert block(theta) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    assert sparse(theta) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    gb = block.gradient(block.state(theta))
+    gs = sparse.gradient(sparse.state(theta))
+    np.testing.assert_allclose(gb, gs, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(block.state(theta).b, sparse.state(theta).b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("formula,dataset,kind", [
+    ("Reaction ~ Days + (Days|Subject)", "sleepstudy", BlockDeviance),
+    ("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", "sleepstudy", BlockDeviance),
+    ("strength ~ 1 + (1|batch/cask)", "Pastes", SparseDeviance),
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin", SparseDeviance),
+])
+@pytest.mark.parametrize("reml", [False, True])
+def test_gradients_equal_central_differences(formula, dataset, kind, reml):
+    design = specify(formula, lmm.datasets.load(dataset))
+    ob = profiled_deviance(design, reml)
+    assert isinstance(ob, kind)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        theta = ob.initial() + rng.uniform(0.05, 0.8, size=ob.n_theta)
+        np.testing.assert_allclose(ob.gradient(ob.state(theta)), central_gradient(ob, theta), rtol=1e-5,
+                                   atol=1e-5)
+        assert ob(theta) == pytest.approx(dense_deviance(design, theta, reml), rel=1e-10)
+
+
+def test_crossed_sparse_deviance_equals_dense_on_a_random_design():
+    rng = np.random.default_rng(7)
+    n = 300
+    a, b = rng.integers(0, 25, n), rng.integers(0, 12, n)
+    x = rng.normal(size=n)
+    y = 1 + 0.5 * x + rng.normal(size=25)[a] + 0.7 * rng.normal(size=12)[b] + rng.normal(size=n)
+    design = specify("y ~ x + (1|a) + (x|b)", pd.DataFrame({"y": y, "x": x, "a": a, "b": b}))
+    for reml in (False, True):
+        ob = profiled_deviance(design, reml)
+        assert isinstance(ob, SparseDeviance)
+        theta = np.array([0.8, 0.6, 0.2, 0.4])
+        assert ob(theta) == pytest.approx(dense_deviance(design, theta, reml), rel=1e-10)
+        np.testing.assert_allclose(ob.gradient(ob.state(theta)), central_gradient(ob, theta), rtol=1e-5)
+
+
+def test_more_than_three_effects_per_level_use_the_sparse_form():
+    rng = np.random.default_rng(3)
+    n = 200
+    d = pd.DataFrame({"g": rng.integers(0, 10, n), "x1": rng.normal(size=n), "x2": rng.normal(size=n),
+                      "x3": rng.normal(size=n)})
+    d["y"] = d.x1 + rng.normal(size=10)[d.g] + rng.normal(size=n)
+    assert isinstance(profiled_deviance(specify("y ~ x1 + (x1 + x2 + x3|g)", d), True), SparseDeviance)
+    assert isinstance(profiled_deviance(specify("y ~ x1 + (x1 + x2|g)", d), True), BlockDeviance)
+
+
+def test_block_statistics_are_the_per_group_sums():
+    design = specify("Reaction ~ Days + (Days|Subject)", lmm.datasets.load("sleepstudy"))
+    s = BlockStatistics.of(design)
+    term = design.terms[0]
+    g = 4
+    rows = np.asarray(term.codes) == g
+    Zg, Xg = term.Z[rows], design.X[rows]
+    yg = (design.y[rows] - s.shift) / s.scale
+    np.testing.assert_allclose(s.S[g], Zg.T @ Zg)
+    np.testing.assert_allclose(s.ZtX[g], Zg.T @ Xg)
+    np.testing.assert_allclose(s.Zty[g], Zg.T @ yg)
+    assert s.S.shape == (18, 2, 2) and s.ZtX.shape == (18, 2, 2)
+    with pytest.raises(lmm.ModelError):
+        BlockStatistics.of(specify("diameter ~ 1 + (1|plate) + (1|sample)", lmm.datasets.load("Penicillin")))
+
+
+@pytest.mark.parametrize("formula,dataset", [("Reaction ~ Days + (Days|Subject)", "sleepstudy"),
+                                             ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin")])
+def test_satterthwaite_hessian_equals_finite_differences(formula, dataset):
+    design = specify(formula, lmm.datasets.load(dataset))
+    ob = profiled_deviance(design, True)
+    theta = ob.initial() * 0.7 + 0.1
+    sig = 0.5
+    H, _, _ = ob.varpar_hessian(theta, sig)
+    x0 = np.append(theta, sig)
+    f = lambda x: ob.varpar_deviance(x[:-1], x[-1])  # noqa: E731
+    h = 1e-4
+    k = len(x0)
+    ref = np.empty((k, k))
+    for i in range(k):
+        for j in range(k):
+            ei, ej = np.eye(k)[i] * h, np.eye(k)[j] * h
+            ref[i, j] = (f(x0 + ei + ej) - f(x0 + ei - ej) - f(x0 - ei + ej) + f(x0 - ei - ej)) / (4 * h * h)
+    np.testing.assert_allclose(H, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_a_stop_at_a_bound_is_left_for_a_better_point():
+    design = specify("diameter ~ 1 + (1|plate) + (1|sample)", lmm.datasets.load("Penicillin"))
+    ob = profiled_deviance(design, True)
+    lower = np.zeros(2)
+    stuck = np.array([0.0, 3.0])           # sigma_plate = 0: a stationary point (even in theta), not a minimum
+    assert ob.gradient(ob.state(stuck))[0] == pytest.approx(0.0, abs=1e-12)
+    better = _inward_of_the_bound(ob, stuck, lower)
+    assert better is not None and better[0] > 0 and ob(better) < ob(stuck)
+    optimum = optimise_general(ob)
+    assert optimum.summary.converged and np.all(optimum.theta > 0)
+    assert _inward_of_the_bound(ob, optimum.theta, lower) is None       # nothing at its bound
+    assert ob(optimum.theta) <= ob(better)
