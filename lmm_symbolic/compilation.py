@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 import scipy.sparse
-import scipy.sparse.linalg
 import sympy as sp
 
 from .derivation import m, random_intercept_block, sigma, sigma_s
@@ -506,21 +505,27 @@ class BlockDeviance(ThetaDeviance):
         return dlogdet, drss, dA
 
 
-# ------------------------------------------------------------------------- any Z: sparse M = L L^T
-#: columns of M^-1 solved for at once in the trace of the gradient
-TRACE_CHUNK = 256
+# --------------------------------------------------------------------------- any Z: sparse Z^T Z, M by blocks
+#: at most this many random effects outside the term with the most (the dense Schur complement)
+SCHUR_MAX = 5000
+#: levels of the largest term handled at once when M^-1 is formed on M's pattern
+LEVEL_CHUNK = 4096
 
 
 class SparseDeviance(ThetaDeviance):
     """The profiled deviance for any random terms (nested, crossed), with Z^T Z sparse (scipy.sparse).
 
     Lambda = sum_k theta_k E_k is linear in theta, so M = I + sum_kl theta_k theta_l P_kl with the constant
-    sparse P_kl = E_k^T Z^T Z E_l, all held on M's one sparsity pattern: an evaluation is a weighted sum of
-    their non-zeros and one sparse LU of M with a symmetric fill-reducing ordering and diagonal pivots (for
-    this symmetric positive-definite M, an L D L^T factorisation); log|M| is the sum of the logs of its
-    pivots. The derivatives: tr(M^-1 dM_k) = 2 sum_l theta_l tr(M^-1 P_kl), which needs M^-1 only on the
-    pattern (solved column block by column block); dRSS = -r^T Z dLL^T Z^T r and dA = -P^T Z dLL^T Z^T P with
-    dLL^T = sum_l theta_l (E_k E_l^T + E_l E_k^T) (r = V^-1 (y - X beta), P = V^-1 X).
+    sparse P_kl = E_k^T Z^T Z E_l, all held on M's one sparsity pattern: an evaluation starts from a weighted
+    sum of their non-zeros. M is factorised by blocks, the w_1 columns of the term with the most random
+    effects first: its block M_11 is block-diagonal (q_1 x q_1 per level: each observation has one level of
+    it), so with F = M_11^-1 M_12 and the Schur complement S = M_22 - M_12^T F (dense w_2 x w_2, Cholesky)
+      log|M| = sum_levels log|M_11,l| + log|S|,
+      M^-1 = [[M_11^-1 + F S^-1 F^T, -F S^-1], [-S^-1 F^T, S^-1]]
+    (the fill a sparse Cholesky of a crossed design makes too). The derivatives:
+    tr(M^-1 dM_k) = 2 sum_l theta_l tr(M^-1 P_kl), which needs M^-1 only on the pattern;
+    dRSS = -r^T Z dLL^T Z^T r and dA = -P^T Z dLL^T Z^T P, dLL^T = sum_l theta_l (E_k E_l^T + E_l E_k^T)
+    (r = V^-1 (y - X beta), P = V^-1 X).
     """
 
     def __init__(self, design: Design, reml: bool):
@@ -529,85 +534,143 @@ class SparseDeviance(ThetaDeviance):
         scale = float(np.std(design.y - shift)) or 1.0
         super().__init__(design, reml, shift, scale, beta_shift)
         y = (design.y - shift) / scale
-        Z = random_effects_matrix(design)
-        w = self.width = Z.shape[1]
+        big = max(self.layouts, key=lambda lay: lay.width)
+        w = self.width = sum(lay.width for lay in self.layouts)
+        self.q1, self.w1, self.w2 = big.q, big.width, w - big.width
+        if self.w2 > SCHUR_MAX:
+            raise ModelError(f"{self.w2} random effects outside the largest term: more than the {SCHUR_MAX} "
+                             "this dense Schur complement allows")
+        first = np.arange(big.offset, big.offset + big.width)
+        self._perm = np.concatenate([first, np.setdiff1d(np.arange(w), first)])   # new -> original column
+        position = np.empty(w, dtype=np.intp)
+        position[self._perm] = np.arange(w)
+        Z = random_effects_matrix(design)[:, self._perm]
         ZtZ = (Z.T @ Z).tocsc()
-        self.ZtZ = ZtZ
-        ZtX, Zty = np.asarray(Z.T @ X), np.asarray(Z.T @ y)
+        self.ZtZ, self.ZtX, self.Zty = ZtZ, np.asarray(Z.T @ X), np.asarray(Z.T @ y)
         self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
         E = []
         for lay in self.layouts:
             base = lay.offset + np.arange(lay.n_levels) * lay.q
             for r, c in lay.theta_index:
-                E.append(scipy.sparse.csc_matrix((np.ones(lay.n_levels), (base + r, base + c)), shape=(w, w)))
-        self._Et = [e.T.tocsr() for e in E]
+                E.append(scipy.sparse.csc_matrix((np.ones(lay.n_levels), (position[base + r], position[base + c])),
+                                                 shape=(w, w)))
         self._E = [e.tocsr() for e in E]
+        self._Et = [e.T.tocsr() for e in E]
         self._ZtZE = [(ZtZ @ e).tocsr() for e in E]                    # Z^T Z E_k
-        self._EtZtX = np.stack([e @ ZtX for e in self._Et])          # (k, w, p)
-        self._EtZty = np.stack([e @ Zty for e in self._Et])          # (k, w)
-        self.ZtX, self.Zty = ZtX, Zty
-        # M's pattern: the union of every P_kl and the diagonal, columns sorted (CSC)
-        P = [[(self._Et[k] @ ZtZ @ E[l]).tocoo() for l in range(self.n_theta)] for k in range(self.n_theta)]
-        pattern = scipy.sparse.identity(w, format="csc")
+        self._EtZtX = np.stack([e @ self.ZtX for e in self._Et])     # (k, w, p)
+        self._EtZty = np.stack([e @ self.Zty for e in self._Et])     # (k, w)
+        self._pattern([[(self._Et[k] @ ZtZ @ E[l]).tocoo() for l in range(self.n_theta)]
+                       for k in range(self.n_theta)])
+
+    def _pattern(self, P) -> None:
+        """M's pattern (the union of the P_kl and the diagonal), each P_kl's values on it, and where each
+        non-zero sits in the blocks M_11 (level, row, column), M_12, M_21 and M_22."""
+        w, w1, q1 = self.width, self.w1, self.q1
+        union = scipy.sparse.identity(w, format="csc")
         for row in P:
             for Pkl in row:
-                pattern = pattern + abs(Pkl).tocsc()
-        pattern = pattern.tocsc()
-        pattern.sort_indices()
-        self._indptr, self._indices = pattern.indptr.copy(), pattern.indices.copy()
-        cols = np.repeat(np.arange(w), np.diff(self._indptr))
-        keys = cols.astype(np.int64) * w + self._indices
-        self._cols = cols
+                union = union + abs(Pkl).tocsc()
+        union = union.tocsc()
+        union.sort_indices()
+        rows = union.indices.astype(np.intp)
+        cols = np.repeat(np.arange(w), np.diff(union.indptr))
+        keys = cols.astype(np.int64) * w + rows
         self._P = np.zeros((self.n_theta, self.n_theta, len(keys)))
-        for k in range(self.n_theta):
-            for l in range(self.n_theta):
-                Pkl = P[k][l]
+        for k, row in enumerate(P):
+            for l, Pkl in enumerate(row):
                 np.add.at(self._P[k, l], np.searchsorted(keys, Pkl.col.astype(np.int64) * w + Pkl.row), Pkl.data)
-        self._eye = (cols == self._indices).astype(float)
+        self._eye = (rows == cols).astype(float)
+        self._rows, self._cols = rows, cols
+        self._m11 = np.flatnonzero((rows < w1) & (cols < w1))
+        self._m12 = np.flatnonzero((rows < w1) & (cols >= w1))
+        self._m21 = np.flatnonzero((rows >= w1) & (cols < w1))
+        self._m22 = np.flatnonzero((rows >= w1) & (cols >= w1))
+        if np.any(rows[self._m11] // q1 != cols[self._m11] // q1):
+            raise AssertionError("the largest term's block of M is not block-diagonal by level")
+
+    def _factor(self, theta) -> dict:
+        """M's blocks at theta: M_11^-1 per level, F = M_11^-1 M_12, the Cholesky factor of S, log|M|."""
+        data = self._eye + np.einsum("k,l,kln->n", theta, theta, self._P)
+        w1, w2, q1 = self.w1, self.w2, self.q1
+        rows, cols = self._rows, self._cols
+        M11 = np.zeros((w1 // q1, q1, q1))
+        i = self._m11
+        M11[rows[i] // q1, rows[i] % q1, cols[i] % q1] = data[i]
+        try:
+            R11 = np.linalg.cholesky(M11)
+        except np.linalg.LinAlgError:
+            raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}") from None
+        M11inv = np.linalg.inv(M11)
+        logdet = 2.0 * float(np.log(np.diagonal(R11, axis1=1, axis2=2)).sum())
+        B = scipy.sparse.bsr_matrix((M11inv, np.arange(w1 // q1), np.arange(w1 // q1 + 1)), shape=(w1, w1))
+        i = self._m12
+        M12 = scipy.sparse.csr_matrix((data[i], (rows[i], cols[i] - w1)), shape=(w1, w2))
+        F = (B @ M12).tocsr()
+        S = np.zeros((w2, w2))
+        i = self._m22
+        S[rows[i] - w1, cols[i] - w1] = data[i]
+        S -= (M12.T @ F).toarray()
+        try:
+            RS = np.linalg.cholesky(S) if w2 else S
+        except np.linalg.LinAlgError:
+            raise NumericalError(f"the Schur complement of M is not positive definite at theta = {theta}") from None
+        logdet += 2.0 * float(np.log(np.diag(RS)).sum())
+        return dict(B=B, M11inv=M11inv, F=F, RS=RS, logdet=logdet)
+
+    def _solve(self, f: dict, R: np.ndarray) -> np.ndarray:
+        """M^-1 R by block elimination: x_2 = S^-1 (R_2 - F^T R_1), x_1 = M_11^-1 R_1 - F x_2."""
+        R1, R2 = R[:self.w1], R[self.w1:]
+        x2 = scipy.linalg.cho_solve((f["RS"], True), R2 - f["F"].T @ R1) if self.w2 else R2
+        return np.concatenate([f["B"] @ R1 - f["F"] @ x2, x2])
 
     def state(self, theta) -> DevianceState:
         theta = np.asarray(theta, dtype=float)
-        data = self._eye + np.einsum("k,l,kln->n", theta, theta, self._P)
-        M = scipy.sparse.csc_matrix((data, self._indices, self._indptr), shape=(self.width, self.width))
-        lu = scipy.sparse.linalg.splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                                      options={"SymmetricMode": True})
-        pivots = lu.U.diagonal()
-        if np.any(pivots <= 0):
-            raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}")
-        logdetM = float(np.log(pivots).sum())
+        f = self._factor(theta)
         LZX = np.einsum("k,kwp->wp", theta, self._EtZtX)             # Lambda^T Z^T X
         LZy = theta @ self._EtZty                                      # Lambda^T Z^T y
-        sol = lu.solve(np.column_stack([LZX, LZy]))
+        sol = self._solve(f, np.column_stack([LZX, LZy]))
         Cu, cu = sol[:, :self.p], sol[:, self.p]
         A = self.XtX - LZX.T @ Cu
         c = self.Xty - LZX.T @ cu
         yVy = self.yty - float(LZy @ cu)
-        beta, rss, logdetA = self._profile(theta, A, c, yVy, logdetM)
+        beta, rss, logdetA = self._profile(theta, A, c, yVy, f["logdet"])
         u = cu - Cu @ beta
-        b = sum(t * (e @ u) for t, e in zip(theta, self._E))          # Lambda u
-        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=logdetM, logdetA=logdetA,
-                             b=np.asarray(b, dtype=float), work=dict(lu=lu, u=u))
+        b = np.empty(self.width)
+        b[self._perm] = sum(t * (e @ u) for t, e in zip(theta, self._E))     # Lambda u, Z's column order
+        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=f["logdet"], logdetA=logdetA,
+                             b=b, work=f)
 
-    def _inverse_on_pattern(self, lu) -> np.ndarray:
-        """(M^-1)_ij at every (i, j) of M's pattern, solving for M^-1's columns a block at a time."""
-        out = np.empty(len(self._indices))
-        for start in range(0, self.width, TRACE_CHUNK):
-            stop = min(start + TRACE_CHUNK, self.width)
-            rhs = np.zeros((self.width, stop - start))
-            rhs[np.arange(start, stop), np.arange(stop - start)] = 1.0
-            cols = lu.solve(rhs)
-            lo, hi = self._indptr[start], self._indptr[stop]
-            out[lo:hi] = cols[self._indices[lo:hi], self._cols[lo:hi] - start]
+    def _inverse_on_pattern(self, f: dict) -> np.ndarray:
+        """(M^-1)_ij at every non-zero (i, j) of M's pattern, from the block inverse, the rows of the largest
+        term a chunk of levels at a time (H = F S^-1 is dense there)."""
+        w1, q1 = self.w1, self.q1
+        rows, cols = self._rows, self._cols
+        out = np.empty(len(rows))
+        Sinv = scipy.linalg.cho_solve((f["RS"], True), np.eye(self.w2)) if self.w2 else np.zeros((0, 0))
+        i = self._m22
+        out[i] = Sinv[rows[i] - w1, cols[i] - w1]
+        step = LEVEL_CHUNK * q1
+        for start in range(0, w1, step):
+            stop = min(start + step, w1)
+            Fc = f["F"][start:stop].toarray()
+            Hc = Fc @ Sinv
+            i = self._m12[(rows[self._m12] >= start) & (rows[self._m12] < stop)]
+            out[i] = -Hc[rows[i] - start, cols[i] - w1]
+            i = self._m21[(cols[self._m21] >= start) & (cols[self._m21] < stop)]
+            out[i] = -Hc[cols[i] - start, rows[i] - w1]
+            i = self._m11[(rows[self._m11] >= start) & (rows[self._m11] < stop)]
+            out[i] = (f["M11inv"][rows[i] // q1, rows[i] % q1, cols[i] % q1]
+                      + np.einsum("ij,ij->i", Hc[rows[i] - start], Fc[cols[i] - start]))
         return out
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        theta, lu = st.theta, st.work["lu"]
-        trace = 2.0 * np.einsum("l,kln,n->k", theta, self._P, self._inverse_on_pattern(lu))
+        theta, f = st.theta, st.work
+        trace = 2.0 * np.einsum("l,kln,n->k", theta, self._P, self._inverse_on_pattern(f))
         # Z^T V^-1 v = Z^T v - Z^T Z Lambda M^-1 Lambda^T Z^T v, for v = y - X beta and the columns of X
         ZtZ_lambda = lambda x: sum(t * (G @ x) for t, G in zip(theta, self._ZtZE))  # noqa: E731
         Zt_res = self.Zty - self.ZtX @ st.beta
-        Zt_r = Zt_res - ZtZ_lambda(lu.solve(sum(t * (e @ Zt_res) for t, e in zip(theta, self._Et))))
-        Zt_P = self.ZtX - ZtZ_lambda(lu.solve(np.einsum("k,kwp->wp", theta, self._EtZtX)))
+        Zt_r = Zt_res - ZtZ_lambda(self._solve(f, sum(t * (e @ Zt_res) for t, e in zip(theta, self._Et))))
+        Zt_P = self.ZtX - ZtZ_lambda(self._solve(f, np.einsum("k,kwp->wp", theta, self._EtZtX)))
         v = np.stack([e @ Zt_r for e in self._Et])                     # E_k^T Z^T r
         Q = np.stack([e @ Zt_P for e in self._Et])                     # E_k^T Z^T P
         drss = -2.0 * np.einsum("l,kw,lw->k", theta, v, v)

@@ -211,3 +211,39 @@ def test_a_stop_at_a_bound_is_left_for_a_better_point():
     assert optimum.summary.converged and np.all(optimum.theta > 0)
     assert _inward_of_the_bound(ob, optimum.theta, lower) is None       # nothing at its bound
     assert ob(optimum.theta) <= ob(better)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_blockwise_factorisation_equals_dense_m(monkeypatch, chunk):
+    """log|M| and M^-1 on M's pattern from the Schur complement equal numpy on the dense M, with the
+    largest term a correlated slope (q_1 = 2) and the levels taken a few at a time or all at once."""
+    import lmm_symbolic.compilation as compilation
+
+    monkeypatch.setattr(compilation, "LEVEL_CHUNK", chunk)
+    rng = np.random.default_rng(11)
+    n = 400
+    a, b, c = rng.integers(0, 30, n), rng.integers(0, 9, n), rng.integers(0, 4, n)
+    x = rng.normal(size=n)
+    y = x + rng.normal(size=30)[a] + rng.normal(size=9)[b] + rng.normal(size=n)
+    design = specify("y ~ x + (x|a) + (1|b) + (1|c)", pd.DataFrame({"y": y, "x": x, "a": a, "b": b, "c": c}))
+    ob = profiled_deviance(design, False)
+    assert (ob.w1, ob.q1, ob.w2) == (60, 2, 13)
+    theta = np.array([0.9, -0.3, 0.5, 0.7, 1.2])
+    f = ob._factor(theta)
+    L = sum(t * e for t, e in zip(theta, ob._E)).toarray()
+    M = L.T @ ob.ZtZ.toarray() @ L + np.eye(ob.width)
+    assert f["logdet"] == pytest.approx(np.linalg.slogdet(M)[1], rel=1e-12)
+    Minv = np.linalg.inv(M)
+    np.testing.assert_allclose(ob._inverse_on_pattern(f), Minv[ob._rows, ob._cols], rtol=1e-9, atol=1e-12)
+    rhs = rng.normal(size=(ob.width, 3))
+    np.testing.assert_allclose(ob._solve(f, rhs), Minv @ rhs, rtol=1e-9, atol=1e-12)
+    assert ob(theta) == pytest.approx(dense_deviance(design, theta, False), rel=1e-10)
+
+
+def test_too_many_effects_outside_the_largest_term_are_refused(monkeypatch):
+    import lmm_symbolic.compilation as compilation
+
+    monkeypatch.setattr(compilation, "SCHUR_MAX", 5)
+    design = specify("diameter ~ 1 + (1|plate) + (1|sample)", lmm.datasets.load("Penicillin"))
+    with pytest.raises(lmm.ModelError, match="outside the largest term"):
+        profiled_deviance(design, True)
