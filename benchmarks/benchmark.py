@@ -23,7 +23,8 @@ lmm_symbolic, R's ``gc()`` "max used" for lme4, the sampled resident set for sta
 
 Then: derivation time (``lmm_symbolic.derive`` and all of Eq. 1-12) against n, next to sympy's dense
 ``Matrix.det()`` of the n x n Sigma (stopped after --dense-timeout seconds), and per-fit times on
-sleepstudy against lme4. The tables are printed and written to benchmarks/RESULTS.md.
+lme4's example models (random slopes, nested and crossed terms) and a simulated crossed design with
+10^5 rows against lme4. The tables are printed and written to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -196,16 +197,19 @@ cat(jsonlite::toJSON(list(read = read, times = times, cpu = cpu, loglik = as.num
   R = paste(R.version$major, R.version$minor, sep = ".")), digits = NA, auto_unbox = TRUE), "\n")
 """
 
-R_SLEEPSTUDY = r"""
+R_MODELS = r"""
 suppressMessages(library(lme4))
-N <- as.integer(commandArgs(TRUE)[1])
-one <- function(f) {
-  m <- lmer(f, sleepstudy)
-  t <- system.time(for (i in seq_len(N)) m <- lmer(f, sleepstudy))[["elapsed"]] / N
-  list(time = t, loglik = as.numeric(logLik(m)))
+args <- commandArgs(TRUE)
+N <- as.integer(args[1])
+data <- list(sleepstudy = sleepstudy, Pastes = Pastes, Penicillin = Penicillin, crossed = read.csv(args[2]))
+models <- jsonlite::fromJSON(args[3], simplifyVector = FALSE)
+one <- function(m) {
+  f <- as.formula(m$formula); d <- data[[m$data]]; n <- if (m$data == "crossed") 3 else N
+  fit <- lmer(f, d)
+  t <- system.time(for (i in seq_len(n)) fit <- lmer(f, d))[["elapsed"]] / n
+  list(time = t, loglik = as.numeric(logLik(fit)))
 }
-cat(jsonlite::toJSON(list(intercept = one(Reaction ~ Days + (1|Subject)),
-  slopes = one(Reaction ~ Days + (Days|Subject))), digits = NA, auto_unbox = TRUE), "\n")
+cat(jsonlite::toJSON(lapply(models, one), digits = NA, auto_unbox = TRUE), "\n")
 """
 
 
@@ -299,35 +303,61 @@ def derivation_rows(sizes: list[int], dense_max: int, dense_timeout: float) -> l
     return rows
 
 
-# ----------------------------------------------------------------------------------- sleepstudy
-def sleepstudy_rows(reps: int, with_r: bool) -> list[dict]:
+# ------------------------------------------------------------------------- lme4's example models
+MODELS = [
+    ("sleepstudy", "Reaction ~ Days + (1|Subject)"),
+    ("sleepstudy", "Reaction ~ Days + (Days|Subject)"),
+    ("sleepstudy", "Reaction ~ Days + (1|Subject) + (0 + Days|Subject)"),
+    ("Pastes", "strength ~ 1 + (1|batch/cask)"),
+    ("Penicillin", "diameter ~ 1 + (1|plate) + (1|sample)"),
+    ("crossed", "y ~ x + (1|a) + (1|b)"),
+]
+#: the simulated crossed design: rows, levels of a and of b
+CROSSED = (100_000, 2000, 50)
+
+
+def simulate_crossed(seed: int = 1):
+    import pandas as pd
+
+    n, Ga, Gb = CROSSED
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, Ga, n), rng.integers(0, Gb, n)
+    x = rng.normal(size=n)
+    y = 1 + 0.5 * x + rng.normal(size=Ga)[a] + 0.7 * rng.normal(size=Gb)[b] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
+
+
+def model_rows(reps: int, with_r: bool, seed: int) -> list[dict]:
+    """Each model fitted by REML (lme4's default) with the median of ``reps`` fits (3 for the crossed
+    design), lme4 in one Rscript run over the same data."""
     import warnings
 
     import lmm_symbolic as lmm
 
     warnings.simplefilter("ignore", lmm.LMMWarning)
-    data = lmm.datasets.load("sleepstudy")
-    r = run_r(R_SLEEPSTUDY, [str(reps)], timeout=600) if with_r else "no R"
+    crossed = simulate_crossed(seed)
+    with tempfile.TemporaryDirectory(prefix="lmm_models_") as tmp:
+        path = Path(tmp) / "crossed.csv"
+        crossed.to_csv(path, index=False)
+        spec = json.dumps([{"data": d, "formula": f} for d, f in MODELS])
+        r = run_r(R_MODELS, [str(reps), str(path), spec], timeout=1200) if with_r else "no R"
     rows = []
-    for key, formula in (("intercept", "Reaction ~ Days + (1|Subject)"),
-                         ("slopes", "Reaction ~ Days + (Days|Subject)")):
-        row = {"formula": formula}
-        try:
-            for label, exact in (("lmm", False), ("lmm_exact", True)):
-                fit = lmm.fit(formula, data, exact=exact)
-                times = []
-                for _ in range(reps if not exact else max(3, reps // 10)):
-                    t0 = time.perf_counter()
-                    fit = lmm.fit(formula, data, exact=exact)
-                    times.append(time.perf_counter() - t0)
-                row[label] = float(np.median(times))
-                row["loglik"] = fit.loglik
-                row[label + "_has_exact"] = fit.exact is not None
-        except lmm.ModelError as exc:
-            row["lmm"] = f"not supported: {exc}"
-        if isinstance(r, dict):
-            row["lme4"] = r[key]["time"]
-            row["lme4_loglik"] = r[key]["loglik"]
+    for k, (name, formula) in enumerate(MODELS):
+        data = crossed if name == "crossed" else lmm.datasets.load(name)
+        log.info("%s: %s", name, formula)
+        row = {"data": name if name != "crossed" else "simulated, n = {:,}, {} x {} levels".format(*CROSSED),
+               "formula": formula}
+        fit = lmm.fit(formula, data, exact=False)
+        times = []
+        for _ in range(3 if name == "crossed" else reps):
+            t0 = time.perf_counter()
+            fit = lmm.fit(formula, data, exact=False)
+            times.append(time.perf_counter() - t0)
+        row.update(lmm=float(np.median(times)), loglik=fit.loglik, evaluations=fit.opt.evaluations)
+        if isinstance(r, list):
+            row.update(lme4=r[k]["time"], lme4_loglik=r[k]["loglik"])
+        else:
+            row["lme4"] = r
         rows.append(row)
     return rows
 
@@ -408,18 +438,15 @@ def derivation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sleepstudy_table(rows: list[dict]) -> str:
-    lines = ["| model (REML) | lmm_symbolic per fit | with exact estimates | lme4 per fit | lme4 / lmm | "
-             "logLik lmm - lme4 |", "|---|---|---|---|---|---|"]
+def model_table(rows: list[dict]) -> str:
+    lines = ["| data | model (REML) | lmm_symbolic per fit | evaluations | lme4 per fit | lme4 / lmm | "
+             "logLik lmm - lme4 |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lm, lme = r.get("lmm"), r.get("lme4")
         ratio = f"{lme / lm:.2f}x" if isinstance(lm, float) and isinstance(lme, float) else "--"
-        exact = r.get("lmm_exact")
-        exact_cell = (_fmt_time(exact) + ("" if r.get("lmm_exact_has_exact") else " (none: unbalanced)")
-                      if isinstance(exact, float) else "--")
-        diff = (r["loglik"] - r["lme4_loglik"]) if "loglik" in r and "lme4_loglik" in r else None
-        lines.append(f"| `{r['formula']}` | {_fmt_time(lm)} | {exact_cell} | {_fmt_time(lme)} | {ratio} | "
-                     f"{_fmt(diff, '.2e')} |")
+        diff = (r["loglik"] - r["lme4_loglik"]) if "lme4_loglik" in r else None
+        lines.append(f"| {r['data']} | `{r['formula']}` | {_fmt_time(lm)} | {r.get('evaluations', '--')} | "
+                     f"{_fmt_time(lme) if isinstance(lme, float) else lme} | {ratio} | {_fmt(diff, '.2e')} |")
     return "\n".join(lines)
 
 
@@ -459,8 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--derive-sizes", type=parse_sizes, default=parse_sizes("10,20,40,80,1000,10000,100000"))
     p.add_argument("--dense-max", type=int, default=80)
     p.add_argument("--dense-timeout", type=float, default=60)
-    p.add_argument("--sleepstudy-reps", type=int, default=50)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: fits, derive, sleepstudy")
+    p.add_argument("--model-reps", type=int, default=50, help="fits per model of lme4's examples")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: fits, derive, models")
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--seed", type=int, default=1)
     # internal: one tool in a fresh process
@@ -521,10 +548,10 @@ def main(argv=None) -> int:
                 results.append(row)
                 args.output.with_suffix(".json").write_text(json.dumps(results, indent=1))
     deriv = [] if "derive" in skip else derivation_rows(args.derive_sizes, args.dense_max, args.dense_timeout)
-    sleep = [] if "sleepstudy" in skip else sleepstudy_rows(args.sleepstudy_reps, with_r)
+    models = [] if "models" in skip else model_rows(args.model_reps, with_r, args.seed)
 
     r_version = next((r["lme4"] for r in results if isinstance(r["lme4"], dict)), None)
-    parts = [f"# Benchmark results\n",
+    parts = ["# Benchmark results\n",
              f"`python benchmarks/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
              f" on {started:%Y-%m-%d %H:%M}, finished {datetime.datetime.now():%H:%M}.\n",
              f"Machine: {before}.",
@@ -545,8 +572,10 @@ def main(argv=None) -> int:
                   "alternating treatments), next to sympy's `Matrix.det()` of the dense n x n "
                   "Sigma = sigma^2 I + sigma_s^2 K K^T (checked equal to the closed form).\n",
                   derivation_table(deriv), ""]
-    if sleep:
-        parts += ["## sleepstudy, per fit (REML, median)\n", sleepstudy_table(sleep), ""]
+    if models:
+        parts += ["## Slopes, nested and crossed terms, per fit (REML, median)\n",
+                  "lme4's example data sets and a simulated crossed design; lmm_symbolic's evaluations are "
+                  "the optimiser's (deviance and gradient each).\n", model_table(models), ""]
     text = "\n".join(parts)
     print(text)
     args.output.write_text(text + "\n")
