@@ -247,3 +247,21 @@ def test_too_many_effects_outside_the_largest_term_are_refused(monkeypatch):
     design = specify("diameter ~ 1 + (1|plate) + (1|sample)", lmm.datasets.load("Penicillin"))
     with pytest.raises(lmm.ModelError, match="outside the largest term"):
         profiled_deviance(design, True)
+
+
+@pytest.mark.parametrize("formula,dataset,response", [
+    ("Reaction ~ Days + (Days|Subject)", "sleepstudy", "Reaction"),
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin", "diameter"),
+])
+def test_a_response_around_1e8_fits_as_one_around_1(formula, dataset, response):
+    """The statistics are of the centred, scaled response, so y + 1e8 changes only the intercept."""
+    data = lmm.datasets.load(dataset)
+    shifted = data.assign(**{response: data[response] + 1e8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lmm.LMMWarning)
+        a, b = lmm.fit(formula, data), lmm.fit(formula, shifted)
+    assert b.params.iloc[0] - a.params.iloc[0] == pytest.approx(1e8, rel=1e-14)
+    np.testing.assert_allclose(b.params.values[1:], a.params.values[1:], rtol=1e-7)
+    np.testing.assert_allclose(b.variance_components["sd"], a.variance_components["sd"], rtol=1e-7)
+    np.testing.assert_allclose(b.bse, a.bse, rtol=1e-7)
+    assert b.loglik == pytest.approx(a.loglik, rel=1e-10)
