@@ -141,7 +141,7 @@ def read_data(data: DataLike) -> pd.DataFrame:
     if b"\x00" in head:
         raise DataError(f"{path!r} is not a text CSV file (it holds binary data); export the data as CSV")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, **_csv_dialect(head))
     except pd.errors.EmptyDataError:
         raise DataError(f"the data file {path!r} is empty; it needs a header line and rows of data") from None
     except UnicodeDecodeError as exc:
@@ -151,6 +151,16 @@ def read_data(data: DataLike) -> pd.DataFrame:
         raise DataError(f"cannot read {path!r} as CSV: {str(exc).splitlines()[0]}; check the file is "
                         "comma-separated with one header line") from None
     return frame
+
+
+def _csv_dialect(head: bytes) -> dict:
+    """Comma-, semicolon- or tab-separated, by the header line; a semicolon file is read with decimal
+    commas, as spreadsheets write it where the comma is the decimal mark."""
+    header = head.split(b"\n", 1)[0]
+    sep = max((b",", b";", b"\t"), key=header.count)
+    if not header.count(sep) or sep == b",":
+        return {}
+    return {"sep": sep.decode(), **({"decimal": ","} if sep == b";" else {})}
 
 
 # ------------------------------------------------------------------------------------------ formula

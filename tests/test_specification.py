@@ -35,6 +35,16 @@ def test_csv_path_and_categorical_fixed_term(tmp_path):
     assert d.n == 6
 
 
+@pytest.mark.parametrize("text", ["Treat;Resp;Ind\n0;10,0;1\n1;25;1\n0;3;2\n1;6,0;2\n",
+                                  "Treat\tResp\tInd\n0\t10\t1\n1\t25\t1\n0\t3\t2\n1\t6\t2\n"])
+def test_semicolon_and_tab_separated_files_give_the_toy_fit(tmp_path, text):
+    path = tmp_path / "toy.csv"
+    path.write_text(text)
+    fit = lmm.fit("Resp ~ Treat + (1|Ind)", str(path), method="ML")
+    assert fit.sigma == pytest.approx(3 * np.sqrt(2), rel=1e-9)
+    assert list(fit.params) == pytest.approx([6.5, 9.0], rel=1e-12)
+
+
 def test_random_term_parsing_like_lme4():
     cols = {"y", "x", "a", "b", "g"}
     assert parse_formula("y ~ x + (1|g)", cols).random == (("1", "g"),)
