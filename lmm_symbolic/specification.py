@@ -407,10 +407,29 @@ def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, list]:
     return codes, levels
 
 
+_IN_C = re.compile(r"\bC\(\s*([A-Za-z_.][\w.]*)")
+_POLY = re.compile(r"\bpoly\(\s*([A-Za-z_.][\w.]*)\s*,\s*(?:degree\s*=\s*)?(\d+)")
+
+
+def _guarded_frame(spec: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """R's check that poly()'s degree is below the number of distinct values (a larger one only builds a
+    huge, rank-deficient matrix), and integer columns used outside C() as floats, so that I(x**40) or
+    I(2**x) cannot wrap around silently as numpy's integer arithmetic does."""
+    for column, degree in _POLY.findall(spec):
+        if column in frame.columns and int(degree) >= (k := frame[column].nunique()):
+            raise FormulaError(f"poly({column}, {degree}): the degree must be less than the number of distinct "
+                               f"values of {column!r} ({k})")
+    categorical = set(_IN_C.findall(spec))
+    ints = [c for c in frame.columns if c not in categorical and isinstance(frame[c].dtype, np.dtype)
+            and frame[c].dtype.kind in "iu" and re.search(rf"\b{re.escape(str(c))}\b", spec)]
+    return frame.astype({c: float for c in ints}) if ints else frame
+
+
 def _model_matrix(spec: str, frame: pd.DataFrame, what: str) -> pd.DataFrame:
     from formulaic import model_matrix
     from formulaic.errors import FormulaicError
 
+    frame = _guarded_frame(spec, frame)
     try:
         mm = model_matrix(spec, frame, na_action="raise")
     except FormulaicError as exc:
