@@ -96,9 +96,18 @@ class FitResult:
         return pd.DataFrame({lo: self.params - z * self.bse, hi: self.params + z * self.bse})
 
     # -------------------------------------------------------------------------------- output
+    @property
+    def _between_within(self) -> bool:
+        """nlme's between/within df exist (not for crossed factors or a kinship matrix)."""
+        return not bool(np.isnan(self.df.to_numpy(dtype=float)).all())
+
     def _fixed_table(self) -> pd.DataFrame:
-        return pd.DataFrame({"Estimate": self.params, "Std. Error": self.bse, "df": self.df,
-                             "t value": self.tvalues, "Pr(>|t|)": self.pvalues})
+        """Estimates with nlme's between/within df and p values, or Satterthwaite's where nlme's rule
+        does not apply."""
+        df, p = (self.df, self.pvalues) if self._between_within else (self.df_satterthwaite,
+                                                                         self.pvalues_satterthwaite)
+        return pd.DataFrame({"Estimate": self.params, "Std. Error": self.bse, "df": df,
+                             "t value": self.tvalues, "Pr(>|t|)": p})
 
     def summary(self) -> str:
         """lmer's summary layout, with nlme's between/within df and p values."""
@@ -111,14 +120,18 @@ class FitResult:
         else:
             lines += [f"{crit}: {self.deviance:.4f}"]
         vc = self.variance_components
-        lines += ["", "Random effects:", f" {'Groups':<10}{'Name':<13}{'Variance':>12}{'Std.Dev.':>12}"]
+        wg = max([10] + [len(str(g)) + 2 for g in vc["group"]])
+        wt = max([13] + [len(str(t)) + 2 for t in vc["term"]])
+        lines += ["", "Random effects:", f" {'Groups':<{wg}}{'Name':<{wt}}{'Variance':>12}{'Std.Dev.':>12}"]
         for _, r in vc.iterrows():
-            lines.append(f" {r['group']:<10}{r['term']:<13}{r['variance']:12.4f}{r['sd']:12.4f}")
+            lines.append(f" {r['group']:<{wg}}{r['term']:<{wt}}{r['variance']:12.4f}{r['sd']:12.4f}")
         for _, r in self.correlations.iterrows():
             lines.append(f" Corr({r['term1']}, {r['term2']}) in {r['group']}: {r['corr']:.3f}")
         groups = "; ".join(f"{g}, {k}" for g, k in self.groups.items())
         lines.append(f"Number of obs: {self.n_obs}" + (f", groups:  {groups}" if groups else ""))
         lines += ["", "Fixed effects:", self._fixed_table().to_string(float_format=lambda v: f"{v:.6g}")]
+        if not self._between_within:
+            lines.append("df: Satterthwaite's (as lmerTest): nlme's between/within rule has no crossed factors or kinship")
         if self.exact is not None:
             lines += ["", "Exact estimates (score equations solved with sympy):",
                       f"  sigma^2 = {self.exact.sigma2},  sigma_s^2 = {self.exact.sigma_s2}"]
@@ -182,7 +195,7 @@ def _between_within_df(design: Design) -> np.ndarray:
     inner = max(design.terms, key=lambda t: t.n_levels)
     G = inner.n_levels
     for t in design.terms:   # every factor must be constant within the innermost one's groups
-        if t is inner:
+        if t.group == inner.group:   # the same factor (for a Dask design: its codes stay uncomputed)
             continue
         codes = np.asarray(inner.codes)
         outer_of_inner = np.full(G, -1)
@@ -280,7 +293,7 @@ def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: Exa
                        "variance": [opt.sigma_s**2, opt.sigma**2], "sd": [opt.sigma_s, opt.sigma]})
     return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
                      opt.theta < SINGULAR_TOL, opt.summary, exact, vc, _NO_CORRELATIONS, ranef,
-                     fitted_values(design, opt.beta, u, term), messages)
+                     fitted_values(design, opt.beta, [u]), messages)
 
 
 def make_kinship_result(design: Design, stats: SpectralStatistics, opt: Optimum,
@@ -315,10 +328,9 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
                       for a in range(term.q) for b in range(a + 1, term.q)]
     rows.append({"group": "Residual", "term": "", "variance": opt.sigma**2, "sd": opt.sigma})
     ranef: dict[str, pd.DataFrame] = {}
-    fitted = design.X @ opt.beta
-    for term, lay in zip(design.terms, ob.layouts):
-        b = opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q)
-        fitted = fitted + np.einsum("ij,ij->i", term.Z, b[np.asarray(term.codes)])
+    modes = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
+    fitted = fitted_values(design, opt.beta, modes)      # lazy for a Dask design
+    for term, b in zip(design.terms, modes):
         frame = pd.DataFrame(b, columns=list(term.names), index=pd.Index(term.levels, name=term.group))
         ranef[term.group] = pd.concat([ranef[term.group], frame], axis=1) if term.group in ranef else frame
     if len(ranef) == 1:
