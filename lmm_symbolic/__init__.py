@@ -30,12 +30,13 @@ def fit(formula: str, data, method: str = "REML", exact: bool = True, kinship=No
     With ``kinship`` (an n x n relationship matrix over the rows) the formula names the fixed part only
     (``y ~ x``) and Sigma = sigma_s^2 K + sigma^2 I.
 
-    ``data`` may be a Dask DataFrame (for ``y ~ x + (1|g)``): the per-group statistics are computed with
-    Dask, partition by partition, on the active scheduler or distributed Client, and fitted as usual.
+    ``data`` may be a Dask DataFrame when the random terms share one grouping factor (``(1|g)``, ``(x|g)``,
+    ``(1|g) + (0 + x|g)``): the per-group statistics are computed with Dask, partition by partition, on the
+    active scheduler or distributed Client, and fitted as usual.
     Progress is logged under the ``lmm_symbolic`` logger at INFO (``lmm_symbolic.progress.enable()``).
     """
-    if kinship is None and is_dask_dataframe(data):
-        return fit_design(specify_dask(formula, data), method=method, exact=False)
+    if is_dask_dataframe(data):
+        return fit_design(specify_dask(formula, data, kinship=kinship), method=method, exact=False)
     with stage("specifying the design"):
         design = specify(formula, data, kinship=kinship)
     return fit_design(design, method=method, exact=exact)

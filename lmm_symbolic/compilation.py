@@ -366,14 +366,22 @@ class ThetaDeviance:
 
         _, st, drss, dA = grad(theta)
         H = np.empty((k + 1, k + 1))
-        h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
-        for i in range(k):
-            step = np.eye(k)[i] * h[i]
-            H[:k, i] = (grad(theta + step)[0] - grad(theta - step)[0]) / (2 * h[i])
-        H[:k, :k] = (H[:k, :k] + H[:k, :k].T) / 2
+        H[:k, :k] = difference_hessian(lambda th: grad(th)[0], theta)
         H[:k, k] = H[k, :k] = -2.0 * drss / sig**3
         H[k, k] = 6.0 * st.rss / sig**4 - 2.0 * self.n_eff / sig**2
         return H, st, dA
+
+
+def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
+    """The Hessian as central differences of an analytic gradient, H[:, i] = (g(theta + h_i e_i) -
+    g(theta - h_i e_i)) / 2 h_i with h_i = 1e-5 max(|theta_i|, 0.01), symmetrised."""
+    k = len(theta)
+    H = np.empty((k, k))
+    h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
+    for i in range(k):
+        step = np.eye(k)[i] * h[i]
+        H[:, i] = (grad(theta + step) - grad(theta - step)) / (2 * h[i])
+    return (H + H.T) / 2
 
 
 # ------------------------------------------------------------------- one grouping factor: q x q blocks

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import ProfiledDeviance, ThetaDeviance
+from .compilation import ProfiledDeviance, ThetaDeviance, difference_hessian
 from .statistics import GroupStatistics
 from .derivation import Derivation, derive, exact_number, m, sigma, sigma_s
 from .errors import NumericalError
@@ -239,7 +239,7 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
 
     def search(start):
         return scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B", bounds=bounds,
-                                       options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 2000})
+                                       options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 2000})
 
     res = search(theta0)
     for _ in range(objective.n_theta):
@@ -247,7 +247,7 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
         if inward is None:
             break
         res = search(inward)
-    theta = np.array(res.x)
+    theta = _polish_general(objective, np.array(res.x), lower)
     st = objective.state(theta)
     grad = objective.gradient(st)
     at_bound = theta <= lower + 1e-12
@@ -266,6 +266,33 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
     return GeneralOptimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
                           beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
                           summary=summary, objective=objective)
+
+
+def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray, steps: int = 10) -> np.ndarray:
+    """Chord-Newton steps theta_f -= H_ff^-1 g_f(theta) on the thetas off their bounds, H the Hessian at the
+    start (central differences of the analytic gradient, positive definite at a minimum). L-BFGS-B stops
+    ~1e-8 short of the optimum, at a point that moves with the rounding of the data's sums; from there each
+    step gains ~6 digits. A step is kept while |g_f| falls (there the criterion's changes, ~1e-16, are below
+    its rounding) and the criterion does not rise by more than its rounding could."""
+    free = np.flatnonzero(theta > lower + 1e-12)
+    if not len(free):
+        return theta
+    try:
+        H = difference_hessian(lambda th: objective.gradient(objective.state(th)), theta)[np.ix_(free, free)]
+        np.linalg.cholesky(H)
+        st = objective.state(theta)
+        f, g = objective.value(st), objective.gradient(st)[free]
+        for _ in range(steps):
+            new = theta.copy()
+            new[free] = np.maximum(theta[free] - np.linalg.solve(H, g), lower[free])
+            st = objective.state(new)
+            f_new, g_new = objective.value(st), objective.gradient(st)[free]
+            if not (np.linalg.norm(g_new) < np.linalg.norm(g) and f_new <= f + 1e-10 * max(1.0, abs(f))):
+                break
+            theta, f, g = new, f_new, g_new
+    except (np.linalg.LinAlgError, NumericalError):
+        pass
+    return theta
 
 
 def _inward_of_the_bound(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) -> np.ndarray | None:

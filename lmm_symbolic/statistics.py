@@ -10,14 +10,16 @@ of the response shifted by its mean and divided by its SD, so y^T y - beta^T X^T
 not cancel for a response around 1e8, or of size 1e-8.
 
 The same sums are a group-by aggregation, so a Dask DataFrame is reduced partition by partition
-(:func:`specify_dask`), on a local or distributed cluster, and then fitted as usual.
+(:func:`specify_dask`), on a local or distributed cluster, and then fitted as usual; so are the per-group
+q x q sums of :class:`BlockStatistics` (Z_g^T Z_g, Z_g^T X_g, Z_g^T y_g) when the random terms share one
+grouping factor, as in (Days|Subject).
 """
 from __future__ import annotations
 
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -125,10 +127,13 @@ class SpectralStatistics(GroupStatistics):
 
 def single_factor(design: Design) -> bool:
     """True when every random term has the same grouping factor ((Days|Subject), (1|S) + (0 + Days|S)):
-    Sigma is then block-diagonal by that factor's levels, one q x q block of random effects per group."""
+    Sigma is then block-diagonal by that factor's levels, one q x q block of random effects per group.
+    (A Dask design is refused at specification otherwise, and its codes are not computed to compare.)"""
     terms = design.terms
-    if design.kinship is not None or not terms or isinstance(design, DaskDesign):
+    if design.kinship is not None or not terms:
         return False
+    if isinstance(design, DaskDesign):
+        return all(t.group == terms[0].group for t in terms[1:])
     first = np.asarray(terms[0].codes)
     return all(t.group == terms[0].group and np.array_equal(np.asarray(t.codes), first) for t in terms[1:])
 
@@ -164,28 +169,58 @@ class BlockStatistics:
         return self.S.shape[0]
 
     @classmethod
+    def from_arrays(cls, y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, G: int, shift: float,
+                    scale: float, beta_shift: np.ndarray) -> "BlockStatistics":
+        """The sums over rows (y, X, Z, level codes in 0..G-1) of the response y_w = (y - shift) / scale:
+        S_g[a, b] = sum_{i in g} Z_ia Z_ib, (Z_g^T X_g)[a, k] = sum_{i in g} Z_ia X_ik and
+        (Z_g^T y_g)[a] = sum_{i in g} Z_ia y_w,i, one bincount each (no loop over rows or groups), plus
+        X^T X, X^T y_w and y_w^T y_w. A Dask DataFrame's statistics are these sums of its partitions, added."""
+        codes = np.asarray(codes).astype(np.intp, copy=False)
+        (n, p), q = X.shape, Z.shape[1]
+        yw = (y - shift) / scale
+        count = lambda w: np.bincount(codes, weights=w, minlength=G)  # noqa: E731
+        S = np.empty((G, q, q))
+        for a in range(q):
+            for b in range(a, q):
+                S[:, a, b] = S[:, b, a] = count(Z[:, a] * Z[:, b])
+        ZtX = np.empty((G, q, p))
+        for a in range(q):
+            for k in range(p):
+                ZtX[:, a, k] = count(Z[:, a] * X[:, k])
+        Zty = np.stack([count(Z[:, a] * yw) for a in range(q)], axis=1)
+        return cls(S=S, ZtX=ZtX, Zty=Zty, XtX=X.T @ X, Xty=X.T @ yw, yty=float(yw @ yw), n=n, shift=float(shift),
+                   scale=float(scale), beta_shift=np.asarray(beta_shift, dtype=float))
+
+    def __add__(self, other: "BlockStatistics") -> "BlockStatistics":
+        """The sums over two disjoint sets of rows (of the same shifted and scaled response)."""
+        if (self.shift, self.scale) != (other.shift, other.scale):
+            raise ValueError("block statistics of differently shifted or scaled responses do not add")
+        return replace(self, S=self.S + other.S, ZtX=self.ZtX + other.ZtX, Zty=self.Zty + other.Zty,
+                       XtX=self.XtX + other.XtX, Xty=self.Xty + other.Xty, yty=self.yty + other.yty,
+                       n=self.n + other.n)
+
+    @classmethod
+    def of_intercept(cls, stats: GroupStatistics) -> "BlockStatistics":
+        """(1|g) has Z_g = 1: S_g = n_g, Z_g^T X_g = X_g^T 1, Z_g^T y_g = 1^T y_g."""
+        return cls(S=stats.m[:, None, None].astype(float), ZtX=stats.Xt1[:, None, :], Zty=stats.one_y[:, None],
+                   XtX=stats.XtX.sum(0), Xty=stats.Xty.sum(0), yty=float(stats.yty.sum()), n=stats.n,
+                   shift=stats.shift, scale=stats.scale, beta_shift=stats.beta_shift)
+
+    @classmethod
     def of(cls, design: Design) -> "BlockStatistics":
         if not single_factor(design):
             raise ModelError("the per-group block statistics need random terms with one grouping factor")
+        if isinstance(design, DaskDesign):   # computed by specify_dask, partition by partition
+            stats = design.statistics
+            return stats if isinstance(stats, BlockStatistics) else cls.of_intercept(stats)
         y = np.asarray(design.y, dtype=float)
         X = np.asarray(design.X, dtype=float)
         Z = np.hstack([np.asarray(t.Z, dtype=float) for t in design.terms])
-        codes = np.asarray(design.terms[0].codes).astype(np.intp, copy=False)
-        G, (n, p), q = design.terms[0].n_levels, X.shape, Z.shape[1]
+        G, q = design.terms[0].n_levels, Z.shape[1]
         shift, beta_shift = response_shift(y, X)
         scale = float(np.std(y)) or 1.0
-        yc = (y - shift) / scale
-        with stage("computing block statistics (%d rows, %d groups, q = %d)", n, G, q):
-            count = lambda w: np.bincount(codes, weights=w, minlength=G)  # noqa: E731
-            S = np.empty((G, q, q))
-            for a in range(q):
-                for b in range(a, q):
-                    S[:, a, b] = S[:, b, a] = count(Z[:, a] * Z[:, b])
-            ZtX = np.stack([np.stack([count(Z[:, a] * X[:, k]) for k in range(p)], axis=-1)
-                            if p else np.zeros((G, 0)) for a in range(q)], axis=1)
-            Zty = np.stack([count(Z[:, a] * yc) for a in range(q)], axis=1)
-        return cls(S=S, ZtX=ZtX, Zty=Zty, XtX=X.T @ X, Xty=X.T @ yc, yty=float(yc @ yc), n=n, shift=shift,
-                   scale=scale, beta_shift=beta_shift)
+        with stage("computing block statistics (%d rows, %d groups, q = %d)", len(y), G, q):
+            return cls.from_arrays(y, X, Z, design.terms[0].codes, G, shift, scale, beta_shift)
 
 
 # ------------------------------------------------------------------------------------ the one pass
@@ -323,13 +358,31 @@ def constant_within_groups(design: Design, term: RandomTerm | None = None) -> np
     return constant
 
 
-def fitted_values(design: Design, beta: np.ndarray, u: np.ndarray, term: RandomTerm | None = None):
-    """X beta + Z u for a random intercept (a lazy Dask array for a Dask design)."""
-    term = design.terms[0] if term is None else term
-    if isinstance(design, DaskDesign):
-        u = np.asarray(u, dtype=float)
-        return design.X @ np.asarray(beta, dtype=float) + term.codes.map_blocks(_take, u, dtype=float)
-    return design.X @ beta + u[np.asarray(term.codes)]
+def fitted_values(design: Design, beta: np.ndarray, modes) -> np.ndarray:
+    """X beta + sum_k Z_k b_k, ``modes`` holding each term's conditional modes as a (G_k, q_k) array: row i
+    of level j adds (Z_k)_i . b_k[j] (b_k[j] for a random intercept, whose Z is 1). A lazy Dask array,
+    block by block, for a Dask design."""
+    lazy = isinstance(design, DaskDesign)
+    fitted = design.X @ np.asarray(beta, dtype=float)
+    for term, b in zip(design.terms, modes):
+        b = np.asarray(b, dtype=float).reshape(term.n_levels, term.q)
+        if term.is_intercept:
+            u = b[:, 0]
+            rows = term.codes.map_blocks(_take, u, dtype=float) if lazy else _take(np.asarray(term.codes), u)
+        elif lazy:
+            import dask.array as da
+
+            rows = da.blockwise(_slope_rows, "i", term.Z, "ij", term.codes, "i", b, None, dtype=float,
+                                concatenate=True)
+        else:
+            rows = _slope_rows(np.asarray(term.Z), np.asarray(term.codes), b)
+        fitted = fitted + rows
+    return fitted
+
+
+def _slope_rows(Z: np.ndarray, codes: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(Z)_i . b[codes_i] for every row i."""
+    return np.einsum("ij,ij->i", Z, b[codes])
 
 
 def constant_response(design: Design) -> bool:
@@ -347,9 +400,10 @@ def _take(codes: np.ndarray, u: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class DaskDesign(Design):
     """A Design over a Dask DataFrame: y, X, Z and the codes are lazy Dask arrays (one block per
-    partition), and the per-group statistics, computed with Dask, come with it."""
+    partition), and the statistics, computed with Dask, come with it: GroupStatistics for (1|g),
+    BlockStatistics for random terms sharing one grouping factor."""
 
-    statistics: GroupStatistics | None = field(default=None, repr=False)
+    statistics: GroupStatistics | BlockStatistics | None = field(default=None, repr=False)
     within_constant: np.ndarray | None = field(default=None, repr=False)
     has_constant: bool = False
     y_range: float = math.nan
@@ -366,9 +420,14 @@ _STATEFUL = re.compile(r"\b(center|scale|poly)\s*\(")
 _IN_C = re.compile(r"\bC\(\s*([A-Za-z_.][\w.]*)")
 
 
+#: the models a Dask DataFrame can be fitted with (from per-group statistics)
+DASK_MODELS = ("random terms that share one grouping factor, with at most 3 random effects per level: "
+               "(1|g), (x|g), (x||g), (1|g) + (0 + x|g)")
+
+
 @dataclass(frozen=True)
 class _Plan:
-    """What each partition needs to become rows of y, X and group codes (picklable for the workers)."""
+    """What each partition needs to become rows of y, X, Z and group codes (picklable for the workers)."""
 
     columns: tuple
     response: str
@@ -379,6 +438,12 @@ class _Plan:
     names: tuple = ()         # X's columns as built (before aliased ones are dropped)
     model_spec: object = None  # formulaic's ModelSpec, or None for a plain sum of numeric columns
     keep: tuple | None = None  # X's columns kept after the rank check
+    random: tuple = ()        # (expr, ModelSpec or None, Z's column names) of each random term
+
+    @property
+    def intercept_only(self) -> bool:
+        """One (1|g) term: the per-group sums of :class:`GroupStatistics`, else :class:`BlockStatistics`."""
+        return len(self.random) == 1 and self.random[0][2] == ("Intercept",)
 
 
 def _clean(part: pd.DataFrame, plan: _Plan) -> pd.DataFrame:
@@ -421,18 +486,28 @@ def _scan(part: pd.DataFrame, plan: _Plan, numeric: tuple, unknown: tuple) -> di
             "labels": {c: pd.Series(part[c].unique()) for c in unknown}}
 
 
+def _matrix_block(part: pd.DataFrame, text: str, model_spec, names: tuple) -> np.ndarray:
+    """A model matrix (X, or a random term's Z) of a cleaned partition, built as in memory."""
+    if model_spec is None:
+        columns = _plain_model_matrix(text, part)
+    else:
+        columns = pd.DataFrame(model_spec.get_model_matrix(part, na_action="raise"))
+        if tuple(str(c) for c in columns.columns) != names:
+            raise DataError(f"the partitions of the Dask DataFrame give different columns for {text!r} "
+                            f"({list(columns.columns)} vs {list(names)}); give categorical columns "
+                            "known categories (ddf.categorize())")
+    return _float_matrix(columns, len(part))
+
+
 def _fixed_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
     """X of a cleaned partition, with the columns the plan keeps."""
-    if plan.model_spec is None:
-        columns = _plain_model_matrix(plan.fixed, part)
-    else:
-        columns = pd.DataFrame(plan.model_spec.get_model_matrix(part, na_action="raise"))
-        if tuple(str(c) for c in columns.columns) != plan.names:
-            raise DataError("the partitions of the Dask DataFrame give different fixed-effect columns "
-                            f"({list(columns.columns)} vs {list(plan.names)}); give categorical columns "
-                            "known categories (ddf.categorize())")
-    X = _float_matrix(columns, len(part))
+    X = _matrix_block(part, plan.fixed, plan.model_spec, plan.names)
     return X if plan.keep is None else X[:, list(plan.keep)]
+
+
+def _random_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
+    """Z = [Z_1 ... Z_K] of a cleaned partition, the terms' columns side by side (q columns in all)."""
+    return np.hstack([_matrix_block(part, expr, spec, names) for expr, spec, names in plan.random])
 
 
 def _codes_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
@@ -445,14 +520,21 @@ def _codes_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
 
 
 def _partition_sums(part: pd.DataFrame, plan: _Plan, shift: float, scale: float, ones: tuple) -> tuple:
-    """Second pass over a partition: the (J, G) table of sums, per-group min and max of X, max |X|."""
+    """Second pass over a partition: its additive sums -- the (J, G) table of :func:`_block_sums` for
+    (1|g); else its BlockStatistics and the (G, 1 + p) table [n_g, X_g^T 1] -- then the per-group min and
+    max of X and max |X|."""
     part = _clean(part, plan)
     G = len(plan.levels)
     X = _fixed_block(part, plan)
     codes = _codes_block(part, plan)
     y = part[plan.response].to_numpy(dtype=float)
-    S = _block_sums(y, X, codes, G, shift, scale, ones)
     p = X.shape[1]
+    if plan.intercept_only:
+        sums = (_block_sums(y, X, codes, G, shift, scale, ones),)
+    else:
+        block = BlockStatistics.from_arrays(y, X, _random_block(part, plan), codes, G, shift, scale, np.zeros(p))
+        count = lambda w=None: np.bincount(codes, weights=w, minlength=G)  # noqa: E731
+        sums = (block, np.column_stack([count()] + [count(X[:, k]) for k in range(p)]))
     lo = np.full((G, p), np.inf)
     hi = np.full((G, p), -np.inf)
     if len(part):
@@ -461,11 +543,32 @@ def _partition_sums(part: pd.DataFrame, plan: _Plan, shift: float, scale: float,
         lo[mins.index.to_numpy()] = mins.to_numpy()
         hi[maxs.index.to_numpy()] = maxs.to_numpy()
     absmax = float(max(X.max(), -X.min())) if X.size else 0.0
-    return S, lo, hi, absmax
+    return sums, lo, hi, absmax
 
 
 def _add_sums(a: tuple, b: tuple) -> tuple:
-    return a[0] + b[0], np.minimum(a[1], b[1]), np.maximum(a[2], b[2]), max(a[3], b[3])
+    return (tuple(x + y for x, y in zip(a[0], b[0])), np.minimum(a[1], b[1]), np.maximum(a[2], b[2]),
+            max(a[3], b[3]))
+
+
+def _all_columns(sums: tuple, p: int, ones: tuple, shift: float, scale: float) -> tuple:
+    """The added-up sums as statistics of all of X's columns, with n_g, X_g^T 1 and X^T X."""
+    if isinstance(sums[0], BlockStatistics):
+        stats, table = sums
+        return stats, table[:, 0], table[:, 1:], stats.XtX
+    stats = _from_sums(sums[0], p, ones, shift, scale, np.zeros(p))
+    return stats, stats.m, stats.Xt1, stats.XtX.sum(0)
+
+
+def _kept_columns(stats: GroupStatistics | BlockStatistics, keep: list[int],
+                  beta_shift: np.ndarray) -> GroupStatistics | BlockStatistics:
+    """The statistics of X's columns ``keep`` (aliased ones dropped), with the shift's change to beta."""
+    k = np.asarray(keep, dtype=np.intp)
+    if isinstance(stats, BlockStatistics):
+        return replace(stats, ZtX=stats.ZtX[:, :, k], XtX=stats.XtX[np.ix_(k, k)], Xty=stats.Xty[k],
+                       beta_shift=beta_shift)
+    return replace(stats, Xt1=stats.Xt1[:, k], Xty=stats.Xty[:, k], XtX=stats.XtX[:, k][:, :, k],
+                   beta_shift=beta_shift)
 
 
 def _response_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
@@ -478,6 +581,10 @@ def _fixed_rows(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
 
 def _codes_rows(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
     return _codes_block(_clean(part, plan), plan)
+
+
+def _random_rows(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
+    return _random_block(_clean(part, plan), plan)
 
 
 def _tree_reduce(items: list, combine):
@@ -497,22 +604,21 @@ def _level_values(values: pd.Series) -> list:
     return _sorted_codes(values.reset_index(drop=True))[1]
 
 
-def _model_spec(fixed: str, part: pd.DataFrame):
-    """formulaic's ModelSpec of the fixed part, built on one partition (None for the plain fast path)."""
-    if _plain_model_matrix(fixed, part) is not None:
-        columns = _plain_model_matrix(fixed, part)
-        return None, tuple(columns.keys())
+def _model_spec(spec: str, part: pd.DataFrame, what: str) -> tuple:
+    """formulaic's ModelSpec of a model matrix (X, or a random term's Z) built on one partition, and its
+    column names (None for the plain fast path)."""
+    plain = _plain_model_matrix(spec, part)
+    if plain is not None:
+        return None, tuple(plain.keys())
     from formulaic import model_matrix
     from formulaic.errors import FormulaicError
 
     try:
-        mm = model_matrix(fixed, part, na_action="raise")
+        mm = model_matrix(spec, part, na_action="raise")
     except FormulaicError as exc:
-        raise FormulaError(f"cannot build the fixed-effects matrix X from {fixed!r}: "
-                           f"{str(exc).splitlines()[0]}") from None
+        raise FormulaError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
     except (ValueError, TypeError) as exc:
-        raise DataError(f"cannot build the fixed-effects matrix X from {fixed!r}: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
     return mm.model_spec, tuple(str(c) for c in mm.columns)
 
 
@@ -530,35 +636,45 @@ def _drop_aliased_gram(XtX: np.ndarray, n: int, absmax: float, names: list[str])
     return keep
 
 
-def specify_dask(formula: str, ddf) -> DaskDesign:
-    """A Dask DataFrame + formula -> a DaskDesign with its per-group statistics computed by Dask.
+def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
+    """A Dask DataFrame + formula -> a DaskDesign with its statistics computed by Dask.
 
-    Two passes over the partitions (with the active scheduler: a ``dask.distributed`` Client if one
-    exists): the first finds the rows, the response's mean and SD and the grouping factor's levels; the
-    second adds up each partition's per-group sums (the same one-pass bincounts as in memory) in a tree.
-    The fixed part is built per partition by the same code as in memory (formulaic's ModelSpec, fitted on
-    the first partition, after categorical columns are given their global levels), so the result equals
-    the in-memory fit's to rounding. Stateful transforms (center, scale, poly) need whole columns and are
-    refused.
+    The random terms must share one grouping factor (:data:`DASK_MODELS`): the likelihood then sees the
+    rows only through per-group sums, which add over partitions. Two passes over the partitions (with the
+    active scheduler: a ``dask.distributed`` Client if one exists): the first finds the rows, the response's
+    mean and SD and the grouping factor's levels; the second adds up each partition's sums in a tree --
+    for (1|g) the one-pass bincounts of :class:`GroupStatistics`, else those of
+    :meth:`BlockStatistics.from_arrays`, both as in memory. X and Z are built per partition by the same
+    code as in memory (formulaic's ModelSpec, fitted on the first partition, after categorical columns are
+    given their global levels), so the result equals the in-memory fit's to rounding. Stateful transforms
+    (center, scale, poly) need whole columns and are refused.
     """
     import dask
     import dask.array as da
 
+    from .compilation import BLOCK_Q
+
+    if kinship is not None:
+        raise ModelError(f"a kinship matrix needs the data in memory (ddf.compute()); a Dask DataFrame "
+                         f"supports {DASK_MODELS}")
     columns = {str(c) for c in ddf.columns}
     parsed = parse_formula(formula, columns)
-    if len(parsed.random) != 1 or parsed.random[0][0].strip() != "1":
-        raise ModelError("a Dask DataFrame is fitted from its per-group statistics, which need a single "
-                         "random intercept (1|g); fit models with slopes or several terms in memory "
-                         "(ddf.compute())")
-    if _STATEFUL.search(parsed.fixed):
+    groups = list(dict.fromkeys(g for _, g in parsed.random))
+    if len(groups) != 1:
+        raise ModelError(f"a Dask DataFrame is fitted from per-group statistics, which need {DASK_MODELS}; "
+                         f"this formula's random terms group by {', '.join(groups)} (crossed or nested "
+                         "factors): fit it in memory (ddf.compute())")
+    group = groups[0]
+    exprs = tuple(e for e, _ in parsed.random)
+    model_text = " ".join((parsed.fixed,) + exprs)
+    if _STATEFUL.search(model_text):
         raise ModelError("center(), scale() and poly() need a whole column at once; with a Dask DataFrame "
                          "compute the transformed column first")
-    group = parsed.random[0][1]
     used = _used_columns(parsed, columns)
     cols = tuple(c for c in ddf.columns if str(c) in used)
     meta = ddf._meta[list(cols)]
     _numeric_response(meta, parsed.response)
-    in_c = set(_IN_C.findall(parsed.fixed))
+    in_c = set(_IN_C.findall(model_text))
     group_cols = set(group.split(":"))
     factor_cols = [c for c in cols if str(c) != parsed.response and str(c) not in group_cols
                    and (str(c) in in_c or not pd.api.types.is_numeric_dtype(meta[c]))]
@@ -594,12 +710,19 @@ def specify_dask(formula: str, ddf) -> DaskDesign:
     groups = pd.concat([s["groups"] for s in scans], ignore_index=True).drop_duplicates()
     levels = tuple(_level_values(groups))
     first = next(i for i, s in enumerate(scans) if s["n"])
-    plan = _Plan(columns=cols, response=parsed.response, fixed=parsed.fixed, group=group,
-                 categories=categories, levels=levels)
+    plan = replace(plan, categories=categories, levels=levels)
     sample = _clean(parts[first].compute(), plan)
-    model_spec, names = _model_spec(parsed.fixed, sample)
-    plan = _Plan(columns=cols, response=parsed.response, fixed=parsed.fixed, group=group,
-                 categories=categories, levels=levels, names=names, model_spec=model_spec)
+    model_spec, names = _model_spec(parsed.fixed, sample, "fixed-effects matrix X")
+    random = tuple((e, *_model_spec(e, sample, f"random-effects matrix of ({e}|{group})")) for e in exprs)
+    for e, _, z_names in random:
+        if not z_names:
+            raise FormulaError(f"random-effect term ({e}|{group}) has no columns")
+    q = sum(len(z_names) for _, _, z_names in random)
+    if q > BLOCK_Q:
+        raise ModelError(f"a Dask DataFrame is fitted from per-group statistics, which need {DASK_MODELS}; "
+                         f"this formula has {q} random effects per level of {group!r}: fit it in memory "
+                         "(ddf.compute())")
+    plan = replace(plan, names=names, model_spec=model_spec, random=random)
 
     # pass 2: the per-group sums, added up in a tree. The response is centred when the constant lies in
     # col(X): always with an intercept column; for cell-means coding when the first partition says so,
@@ -607,20 +730,22 @@ def specify_dask(formula: str, ddf) -> DaskDesign:
     ones = tuple(k for k, name in enumerate(names) if name == "Intercept")
     spans = bool(ones) or spans_constant(_fixed_block(sample, plan))
     scale = math.sqrt(moments[2] / n) or 1.0
+    p_all = len(names)
 
     def group_sums(shift: float) -> tuple:
-        with stage("computing group statistics with Dask (%d rows, %d groups, %d partitions)", n,
+        what = "group" if plan.intercept_only else f"block (q = {q})"
+        with stage("computing %s statistics with Dask (%d rows, %d groups, %d partitions)", what, n,
                    len(levels), npart):
-            return _tree_reduce([dask.delayed(_partition_sums, pure=True)(p, plan, shift, scale, ones)
-                                 for p in parts], _add_sums).compute()
+            sums, lo, hi, absmax = _tree_reduce(
+                [dask.delayed(_partition_sums, pure=True)(p, plan, shift, scale, ones) for p in parts],
+                _add_sums).compute()
+        return _all_columns(sums, p_all, ones, shift, scale) + (lo, hi, absmax)
 
     shift = moments[1] if spans else 0.0
-    S, lo, hi, absmax = group_sums(shift)
-    p_all = len(names)
+    raw, m, Xt1, XtX, lo, hi, absmax = group_sums(shift)
     fixed_names = [("(Intercept)" if c == "Intercept" else c) for c in names]
-    raw = _from_sums(S, p_all, ones, 0.0, scale, np.zeros(p_all))
-    keep = _drop_aliased_gram(raw.XtX.sum(0), n, absmax, fixed_names)
-    A, b = raw.XtX.sum(0)[np.ix_(keep, keep)], raw.Xt1.sum(0)[keep]
+    keep = _drop_aliased_gram(XtX, n, absmax, fixed_names)
+    A, b = XtX[np.ix_(keep, keep)], Xt1.sum(0)[keep]
     if ones:
         delta = np.zeros(len(keep))
         delta[keep.index(ones[0])] = 1.0
@@ -628,14 +753,10 @@ def specify_dask(formula: str, ddf) -> DaskDesign:
         delta = np.linalg.solve(A, b) if keep else np.zeros(0)
         if not keep or n - float(b @ delta) > 1e-10 * n:
             spans, shift, delta = False, 0.0, np.zeros(len(keep))
-            S, lo, hi, absmax = group_sums(shift)
-            raw = _from_sums(S, p_all, ones, 0.0, scale, np.zeros(p_all))
+            raw, m, Xt1, XtX, lo, hi, absmax = group_sums(shift)
     else:
         delta = np.zeros(len(keep))
-    stats = GroupStatistics(m=raw.m, Xt1=raw.Xt1[:, keep], Xty=raw.Xty[:, keep],
-                            XtX=raw.XtX[:, keep][:, :, keep], yty=raw.yty, one_y=raw.one_y,
-                            shift=shift, scale=scale, beta_shift=shift * delta)
-    lo, hi = lo[:, keep], hi[:, keep]
+    stats = _kept_columns(raw, keep, shift * delta)
     messages: list[str] = []
     if n_raw > n:
         messages.append(f"{n_raw - n} row(s) with missing values dropped")
@@ -643,30 +764,29 @@ def specify_dask(formula: str, ddf) -> DaskDesign:
     if dropped:
         messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
                         f"column(s): {', '.join(dropped)}")
-        plan = _Plan(columns=cols, response=parsed.response, fixed=parsed.fixed, group=group,
-                     categories=categories, levels=levels, names=names, model_spec=model_spec, keep=tuple(keep))
-    means = stats.Xt1 / stats.m[:, None]
-    within = np.all(np.isclose(lo, means) & np.isclose(hi, means), axis=0)
-    has_constant = spans
+        plan = replace(plan, keep=tuple(keep))
+    means = Xt1[:, keep] / m[:, None]
+    within = np.all(np.isclose(lo[:, keep], means) & np.isclose(hi[:, keep], means), axis=0)
 
     # the rows, lazily: one block per partition
-    cleaned = ddf[list(cols)]
-    y = da.concatenate([da.from_delayed(dask.delayed(_response_block, pure=True)(prt, plan), (k,), float)
-                        for prt, k in zip(parts, lengths)])
-    X = da.concatenate([da.from_delayed(dask.delayed(_fixed_rows, pure=True)(prt, plan), (k, len(keep)), float)
-                        for prt, k in zip(parts, lengths)])
-    codes = da.concatenate([da.from_delayed(dask.delayed(_codes_rows, pure=True)(prt, plan), (k,), np.intp)
-                            for prt, k in zip(parts, lengths)])
-    Z = da.ones((n, 1), chunks=(lengths, 1))
-    term = RandomTerm(expr="1", group=group, names=("(Intercept)",), Z=Z, codes=codes,
-                      levels=tuple(str(v) for v in levels))
-    _check_identifiable((term,), n)
+    def rows(fn, shape, dtype):
+        return da.concatenate([da.from_delayed(dask.delayed(fn, pure=True)(prt, plan), (k,) + shape, dtype)
+                               for prt, k in zip(parts, lengths)])
+
+    y, codes = rows(_response_block, (), float), rows(_codes_rows, (), np.intp)
+    X, Z = rows(_fixed_rows, (len(keep),), float), rows(_random_rows, (q,), float)
+    terms, col = [], 0
+    for expr, _, z_names in random:
+        terms.append(RandomTerm(expr=expr, group=group, codes=codes, levels=tuple(str(v) for v in levels),
+                                names=tuple("(Intercept)" if c == "Intercept" else c for c in z_names),
+                                Z=Z[:, col:col + len(z_names)]))
+        col += len(z_names)
+    _check_identifiable(tuple(terms), n)
     for msg in messages:
         warnings.warn(msg, LMMWarning, stacklevel=3)
-    logger.info("Dask design: %d rows, %d fixed effects, %d groups", n, len(keep), len(levels))
+    logger.info("Dask design: %d rows, %d fixed effects, %d groups, q = %d", n, len(keep), len(levels), q)
     return DaskDesign(formula=formula, response=parsed.response, y=y, X=X,
-                      fixed_names=tuple(fixed_names[k] for k in keep), terms=(term,), frame=cleaned,
+                      fixed_names=tuple(fixed_names[k] for k in keep), terms=tuple(terms), frame=ddf[list(cols)],
                       messages=tuple(messages), dropped_columns=tuple(dropped), n_dropped_rows=n_raw - n,
-                      statistics=stats, within_constant=within, has_constant=has_constant,
+                      statistics=stats, within_constant=within, has_constant=spans,
                       y_range=moments[4] - moments[3], npartitions=npart)
-

@@ -42,11 +42,16 @@ grouping <- list(
   Dyestuff = "Batch",
   Dyestuff2 = "Batch",
   Pastes = c("batch", "cask", "sample"),
-  Penicillin = c("plate", "sample")
+  Penicillin = c("plate", "sample"),
+  crossed_slopes = c("a", "b")
 )
+# the simulated crossed design lives beside this script (tests/reference/crossed_slopes.csv)
+data_path <- function(name) {
+  if (name == "crossed_slopes") file.path(here, "crossed_slopes.csv") else file.path(data_dir, paste0(name, ".csv"))
+}
 
 read_dataset <- function(name) {
-  d <- read.csv(file.path(data_dir, paste0(name, ".csv")), stringsAsFactors = FALSE)
+  d <- read.csv(data_path(name), stringsAsFactors = FALSE)
   for (col in names(d)) {
     if (col %in% grouping[[name]]) {
       d[[col]] <- factor(d[[col]])          # levels sorted, as in lme4's own data
@@ -79,7 +84,8 @@ cases <- list(
   pastes = list(dataset = "Pastes", formula = "strength ~ 1 + (1|batch/cask)",
                 nlme = list(fixed = "strength ~ 1", random = "~1|batch/cask")),
   penicillin = list(dataset = "Penicillin", formula = "diameter ~ 1 + (1|plate) + (1|sample)",
-                    nlme = NULL)   # crossed random effects: not expressed with nlme here
+                    nlme = NULL),  # crossed random effects: not expressed with nlme here
+  crossed_slopes = list(dataset = "crossed_slopes", formula = "y ~ x + (x|a) + (1|b)", nlme = NULL)
 )
 
 # ------------------------------------------------------------- helpers ----
