@@ -330,6 +330,10 @@ class ThetaDeviance:
         """d log|M| / d theta_k (k,), dRSS / d theta_k at fixed beta (k,) and dA / d theta_k (k, p, p)."""
         raise NotImplementedError
 
+    def conditional_variances(self, st: DevianceState) -> np.ndarray:
+        """diag(Lambda M^-1 Lambda^T) in Z's column layout: Var(b | y) / sigma^2 at beta (lme4's condVar)."""
+        raise NotImplementedError
+
     def gradient(self, st: DevianceState) -> np.ndarray:
         """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
         dlogdet, drss, dA = self.derivatives(st)
@@ -412,13 +416,17 @@ def block_symbols(q: int) -> sp.Matrix:
 class BlockForms:
     """One group's closed forms in theta and S = Z_g^T Z_g (sigma = 1): the lemma's
     log|I_m + Z_g T T^T Z_g^T| = log|M_g|, M_g = I_q + T^T S T, as the sum of the logs of M_g's LDL^T
-    pivots (each >= 1), and Woodbury's weight W_g = T M_g^-1 T^T (so V_g^-1 = I - Z_g W_g Z_g^T)."""
+    pivots (each >= 1), and Woodbury's weight W_g = T M_g^-1 T^T (so V_g^-1 = I - Z_g W_g Z_g^T). Their
+    theta-derivatives, with E_k = dT/dtheta_k and dM_k = E_k^T S T + T^T S E_k:
+      dlog|M_g| = tr(M_g^-1 dM_k),   dW_g = E_k M_g^-1 T^T + T M_g^-1 E_k^T - T M_g^-1 dM_k M_g^-1 T^T."""
 
     T: sp.Matrix
     thetas: tuple[sp.Symbol, ...]
     S: sp.Matrix
     logdet: sp.Expr
     W: sp.Matrix
+    dlogdet: tuple[sp.Expr, ...]
+    dW: tuple[sp.Matrix, ...]
 
 
 @functools.lru_cache(maxsize=None)
@@ -428,8 +436,16 @@ def block_forms(qs: tuple[int, ...]) -> BlockForms:
     M = (sp.eye(T.shape[0]) + T.T * S * T).applyfunc(sp.expand)
     L, P = M.LDLdecomposition(hermitian=False)
     Linv = L.inv()
-    W = T * Linv.T * sp.diag(*[1 / P[i, i] for i in range(P.shape[0])]) * Linv * T.T
-    return BlockForms(T=T, thetas=thetas, S=S, logdet=sp.Add(*[sp.log(P[i, i]) for i in range(P.shape[0])]), W=W)
+    Minv = Linv.T * sp.diag(*[1 / P[i, i] for i in range(P.shape[0])]) * Linv
+    W = T * Minv * T.T
+    dlogdet, dW = [], []
+    for t in thetas:
+        E = T.diff(t)
+        dM = E.T * S * T + T.T * S * E
+        dlogdet.append((Minv * dM).trace())
+        dW.append(E * Minv * T.T + T * Minv * E.T - T * Minv * dM * Minv * T.T)
+    return BlockForms(T=T, thetas=thetas, S=S, logdet=sp.Add(*[sp.log(P[i, i]) for i in range(P.shape[0])]), W=W,
+                      dlogdet=tuple(dlogdet), dW=tuple(dW))
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,16 +455,14 @@ def block_kernels(qs: tuple[int, ...]):
     f = block_forms(qs)
     q = f.T.shape[0]
     upper = [(a, b) for a in range(q) for b in range(a, q)]
-    W = [f.W[a, b] for a, b in upper]
     args = (f.thetas, [f.S[a, b] for a, b in upper])
-    value = sp.lambdify(args, W + [f.logdet], modules="numpy", cse=True)
-    derivs = [sp.diff(w, t) for t in f.thetas for w in W] + [sp.diff(f.logdet, t) for t in f.thetas]
+    value = sp.lambdify(args, [f.W[a, b] for a, b in upper] + [f.logdet], modules="numpy", cse=True)
+    derivs = [dW[a, b] for dW in f.dW for a, b in upper] + list(f.dlogdet)
     return value, sp.lambdify(args, derivs, modules="numpy", cse=True)
 
 
-def _per_group(values, G: int) -> list[np.ndarray]:
-    """Kernel outputs as (G,) arrays (an expression free of S comes back as a scalar)."""
-    return [v if isinstance(v, np.ndarray) and v.shape == (G,) else np.full(G, float(v)) for v in values]
+#: groups with this many distinct S_g or fewer evaluate the kernels in Python floats, one pattern at a time
+FEW_PATTERNS = 16
 
 
 class BlockDeviance(ThetaDeviance):
@@ -456,7 +470,8 @@ class BlockDeviance(ThetaDeviance):
     group enters through S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g (:class:`BlockStatistics`):
       log|V| = sum_g log|M_g|,  X^T V^-1 X = X^T X - sum_g (Z_g^T X_g)^T W_g (Z_g^T X_g),
       X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`);
-    the gradient uses their sympy derivatives. Each evaluation costs O(G (q^3 + q p^2))."""
+    the gradient uses their sympy derivatives. Each evaluation costs O(G (q^3 + q p^2)); the kernels run
+    once per distinct S_g (one for a balanced design, whatever G)."""
 
     def __init__(self, design: Design, reml: bool):
         stats = BlockStatistics.of(design)
@@ -466,20 +481,36 @@ class BlockDeviance(ThetaDeviance):
         self._value, self._derivs = block_kernels(self.qs)
         q = stats.q
         self._upper = [(a, b) for a in range(q) for b in range(a, q)]
-        self._S = [stats.S[:, a, b] for a, b in self._upper]
+        patterns, self._pattern_of = np.unique(np.stack([stats.S[:, a, b] for a, b in self._upper], axis=1),
+                                               axis=0, return_inverse=True)
+        self._pattern_of = self._pattern_of.ravel()
+        self._patterns = ([[float(v) for v in row] for row in patterns] if len(patterns) <= FEW_PATTERNS
+                          else None)
+        self._S = list(patterns.T)
+        index = {ab: j for j, ab in enumerate(self._upper)}
+        self._full = np.array([[index[min(a, b), max(a, b)] for b in range(q)] for a in range(q)])  # (q, q)
 
-    def _symmetric(self, entries: list[np.ndarray]) -> np.ndarray:
-        """(G, q, q) from the upper-triangle entries."""
-        out = np.empty((self.stats.G, self.stats.q, self.stats.q))
-        for v, (a, b) in zip(entries, self._upper):
-            out[:, a, b] = out[:, b, a] = v
-        return out
+    def _kernel(self, fn, theta) -> np.ndarray:
+        """A kernel's outputs for every group, (outputs, G): evaluated on each distinct S_g (in Python floats
+        when there are few), then spread to the groups."""
+        theta = tuple(float(t) for t in theta)
+        if self._patterns is not None:
+            out = np.array([fn(theta, S) for S in self._patterns], dtype=float).T
+        else:
+            U = len(self._S[0])
+            out = np.stack([v if isinstance(v, np.ndarray) and v.shape == (U,) else np.full(U, float(v))
+                            for v in fn(theta, self._S)])
+        return out[:, self._pattern_of]
+
+    def _symmetric(self, entries: np.ndarray) -> np.ndarray:
+        """(..., G, q, q) from the upper-triangle entries (..., u, G)."""
+        return np.moveaxis(entries[..., self._full, :], -1, -3)
 
     def state(self, theta) -> DevianceState:
         s = self.stats
         theta = np.asarray(theta, dtype=float)
-        *W, logdet = _per_group(self._value(tuple(theta), self._S), s.G)
-        W = self._symmetric(W)
+        out = self._kernel(self._value, theta)
+        W, logdet = self._symmetric(out[:-1]), out[-1]
         WX = np.einsum("gab,gbp->gap", W, s.ZtX)
         Wy = np.einsum("gab,gb->ga", W, s.Zty)
         A = s.XtX - np.einsum("gap,gar->pr", s.ZtX, WX)
@@ -490,7 +521,11 @@ class BlockDeviance(ThetaDeviance):
         e = s.Zty - s.ZtX @ beta                                  # Z_g^T (y_g - X_g beta)
         b = np.einsum("gab,gb->ga", W, e)                         # Lambda u = W_g Z_g^T r_g, per group
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=logdetM, logdetA=logdetA,
-                             b=self._layout(b), work=dict(e=e))
+                             b=self._layout(b), work=dict(e=e, W=W))
+
+    def conditional_variances(self, st: DevianceState) -> np.ndarray:
+        """diag(W_g) = diag(T M_g^-1 T^T) per group."""
+        return self._layout(np.diagonal(st.work["W"], axis1=1, axis2=2))
 
     def _layout(self, b: np.ndarray) -> np.ndarray:
         """Per-group (G, q) modes to Z's columns (term by term, level-major)."""
@@ -504,10 +539,10 @@ class BlockDeviance(ThetaDeviance):
         """d log|M| = sum_g dlog|M_g|, dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z_g^T X_g)^T dW_g (Z_g^T X_g),
         from the sympy derivatives of the per-group forms."""
         k, u = self.n_theta, len(self._upper)
-        out = _per_group(self._derivs(tuple(st.theta), self._S), self.stats.G)
-        dW = np.stack([self._symmetric(out[i * u:(i + 1) * u]) for i in range(k)])
+        out = self._kernel(self._derivs, st.theta)
+        dW = self._symmetric(out[:k * u].reshape(k, u, -1))
         e, ZtX = st.work["e"], self.stats.ZtX
-        dlogdet = np.array([v.sum() for v in out[k * u:]])
+        dlogdet = out[k * u:].sum(axis=1)
         drss = -np.einsum("ga,kgab,gb->k", e, dW, e)
         dA = -np.einsum("gap,kgab,gbr->kpr", ZtX, dW, ZtX)
         return dlogdet, drss, dA
@@ -647,6 +682,15 @@ class SparseDeviance(ThetaDeviance):
         b[self._perm] = sum(t * (e @ u) for t, e in zip(theta, self._E))     # Lambda u, Z's column order
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=f["logdet"], logdetA=logdetA,
                              b=b, work=f)
+
+    def conditional_variances(self, st: DevianceState) -> np.ndarray:
+        """(Lambda M^-1 Lambda^T)_ii needs M^-1 only within each level's block, which lies on M's pattern."""
+        Minv = scipy.sparse.csr_matrix((self._inverse_on_pattern(st.work), (self._rows, self._cols)),
+                                       shape=(self.width, self.width))
+        L = sum(t * e for t, e in zip(st.theta, self._E))
+        out = np.empty(self.width)
+        out[self._perm] = np.asarray((L @ Minv).multiply(L).sum(axis=1)).ravel()
+        return out
 
     def _inverse_on_pattern(self, f: dict) -> np.ndarray:
         """(M^-1)_ij at every non-zero (i, j) of M's pattern, from the block inverse, the rows of the largest

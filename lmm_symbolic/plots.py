@@ -213,8 +213,7 @@ def plot_lmm_fit(fit: FitResult, x: str | None = None, ax=None):
 def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0.95, ax=None):
     """The BLUPs of ``term`` (default the random intercept), sorted, with u_g +- z cond_sd intervals.
 
-    lme4's dotplot of ranef. The intervals need the conditional SDs, which the fit gives for a random
-    intercept; for other models only the points are drawn. Returns the Axes.
+    lme4's dotplot of ranef(condVar = TRUE), the intervals from the conditional SDs. Returns the Axes.
     """
     re = fit.random_effects
     if not isinstance(re, pd.DataFrame) or term not in re.columns:
@@ -224,8 +223,9 @@ def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, max(2.5, 0.28 * len(re) + 1.2)))
     pos = np.arange(len(re))
-    intervals = "cond_sd" in re.columns and term == "(Intercept)"
-    xerr = z * re["cond_sd"].to_numpy(dtype=float) if intervals else None
+    sd = f"cond_sd {term}" if f"cond_sd {term}" in re.columns else "cond_sd"    # slopes / (1|g)
+    intervals = sd in re.columns and (sd != "cond_sd" or term == "(Intercept)")
+    xerr = z * re[sd].to_numpy(dtype=float) if intervals else None
     ax.errorbar(re[term].to_numpy(dtype=float), pos, xerr=xerr, fmt="o", color="C0",
                 ecolor="C0", capsize=2, markersize=4)
     ax.axvline(0.0, color="0.5", lw=1, ls="--")

@@ -330,8 +330,11 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
     ranef: dict[str, pd.DataFrame] = {}
     modes = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
     fitted = fitted_values(design, opt.beta, modes)      # lazy for a Dask design
-    for term, b in zip(design.terms, modes):
+    variances = ob.conditional_variances(ob.state(opt.theta))
+    for term, lay, b in zip(design.terms, ob.layouts, modes):
+        sd = opt.sigma * np.sqrt(variances[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q))
         frame = pd.DataFrame(b, columns=list(term.names), index=pd.Index(term.levels, name=term.group))
+        frame = frame.join(pd.DataFrame(sd, columns=[f"cond_sd {name}" for name in term.names], index=frame.index))
         ranef[term.group] = pd.concat([ranef[term.group], frame], axis=1) if term.group in ranef else frame
     if len(ranef) == 1:
         ranef = next(iter(ranef.values()))

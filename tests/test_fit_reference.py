@@ -85,6 +85,7 @@ def test_blups_fitted_and_wald_intervals(fitted):
     np.testing.assert_allclose(fit.random_effects["(Intercept)"].values, ranef["(Intercept)"], rtol=REL,
                                atol=1e-6 * max(1.0, fit.sigma))
     assert list(fit.random_effects.index) == [str(v) for v in ranef["levels"]]
+    np.testing.assert_allclose(fit.random_effects["cond_sd"].values, ranef["condsd"]["(Intercept)"], rtol=REL)
     np.testing.assert_allclose(fit.fitted, ref["fitted"], rtol=REL)
     np.testing.assert_allclose(fit.conf_int().values, ref["confint_wald"], rtol=REL)
     np.testing.assert_allclose(fit.vcov.values, ref["vcov"], rtol=2 * REL)

@@ -83,9 +83,14 @@ def test_conditional_modes(fitted):
     assert set(frames) == set(ranef)
     for group, frame in frames.items():
         assert list(frame.index) == [str(v) for v in ranef[group]["levels"]]
-        for term in frame.columns:
+        terms = [c for c in frame.columns if not c.startswith("cond_sd ")]
+        assert [c for c in frame.columns if c.startswith("cond_sd ")] == [f"cond_sd {t}" for t in terms]
+        for term in terms:
             scale = np.max(np.abs(ranef[group][term]))
             np.testing.assert_allclose(frame[term].values, ranef[group][term], atol=1e-3 * scale)
+            # lme4's ranef(condVar = TRUE): sigma^2 diag(Lambda M^-1 Lambda^T)
+            np.testing.assert_allclose(frame[f"cond_sd {term}"].values, ranef[group]["condsd"][term],
+                                       rtol=10 * _tolerance(*fitted))
 
 
 def test_satterthwaite_and_between_within_df(fitted):

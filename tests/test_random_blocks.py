@@ -54,6 +54,20 @@ def test_block_forms_equal_dense_sympy_on_a_group():
     assert sp.simplify(Vinv * V - sp.eye(4)) == sp.zeros(4, 4)
 
 
+@pytest.mark.parametrize("qs", [(2,), (1, 1), (3,)])
+def test_block_form_derivatives_equal_sympys_diff(qs):
+    """tr(M^-1 dM) and the d(T M^-1 T^T) identity equal sp.diff of log|M_g| and W_g, at random points."""
+    f = block_forms(qs)
+    rng = np.random.default_rng(len(qs) + sum(qs))
+    q = f.T.shape[0]
+    Z = sp.Matrix(rng.integers(-3, 4, size=(q + 2, q)))
+    at = {**{t: sp.Rational(int(v), 7) for t, v in zip(f.thetas, rng.integers(1, 20, len(f.thetas)))},
+          **{f.S[a, b]: (Z.T * Z)[a, b] for a in range(q) for b in range(q)}}
+    for k, t in enumerate(f.thetas):
+        assert sp.simplify((f.dlogdet[k] - sp.diff(f.logdet, t)).subs(at)) == 0
+        assert (f.dW[k] - f.W.diff(t)).subs(at).applyfunc(sp.simplify) == sp.zeros(q, q)
+
+
 def test_block_symbols_are_symmetric():
     S = block_symbols(3)
     assert S == S.T and len(S.free_symbols) == 6

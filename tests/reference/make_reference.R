@@ -159,11 +159,17 @@ lme4_section <- function(form, d, reml) {
       )
     }
   }
-  re <- ranef(fit, condVar = FALSE)
+  re <- ranef(fit, condVar = TRUE)
+  cond <- as.data.frame(re)   # grpvar, term, grp, condval, condsd
   ranef_out <- lapply(names(re), function(g) {
     df <- re[[g]]
+    condsd <- lapply(colnames(df), function(term) {
+      rows <- cond[cond$grpvar == g & cond$term == term, ]
+      vec(rows$condsd[match(rownames(df), as.character(rows$grp))])
+    })
     c(list(levels = I(rownames(df))),
-      setNames(lapply(colnames(df), function(term) vec(df[[term]])), colnames(df)))
+      setNames(lapply(colnames(df), function(term) vec(df[[term]])), colnames(df)),
+      list(condsd = setNames(condsd, colnames(df))))
   })
   names(ranef_out) <- names(re)
   ll <- logLik(fit)
