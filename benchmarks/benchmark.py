@@ -445,7 +445,8 @@ def model_table(rows: list[dict]) -> str:
         lm, lme = r.get("lmm"), r.get("lme4")
         ratio = f"{lme / lm:.2f}x" if isinstance(lm, float) and isinstance(lme, float) else "--"
         diff = (r["loglik"] - r["lme4_loglik"]) if "lme4_loglik" in r else None
-        lines.append(f"| {r['data']} | `{r['formula']}` | {_fmt_time(lm)} | {r.get('evaluations', '--')} | "
+        formula = r["formula"].replace("|", "\\|")        # a bare | would split the Markdown cell
+        lines.append(f"| {r['data']} | `{formula}` | {_fmt_time(lm)} | {r.get('evaluations', '--')} | "
                      f"{_fmt_time(lme) if isinstance(lme, float) else lme} | {ratio} | {_fmt(diff, '.2e')} |")
     return "\n".join(lines)
 
