@@ -160,12 +160,14 @@ class FitResult:
         return f"<div>{head}<h4>Random effects</h4>{vc}<h4>Fixed effects</h4>{fx}{extra}</div>"
 
     def to_dict(self) -> dict:
-        """The JSON of ``lmm-symbolic fit --json``."""
+        """The JSON of ``lmm-symbolic fit --json``; a quantity that does not exist for the model (nlme's df
+        for crossed factors, say) is null, so the text is standard JSON."""
+        num = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
         fixed = [{"name": name, "estimate": float(self.params[name]), "std_error": float(self.bse[name]),
-                  "t_value": float(self.tvalues[name]), "df": float(self.df[name]),
-                  "p_value": float(self.pvalues[name]),
-                  "df_satterthwaite": float(self.df_satterthwaite[name]),
-                  "p_value_satterthwaite": float(self.pvalues_satterthwaite[name])}
+                  "t_value": float(self.tvalues[name]), "df": num(self.df[name]),
+                  "p_value": num(self.pvalues[name]),
+                  "df_satterthwaite": num(self.df_satterthwaite[name]),
+                  "p_value_satterthwaite": num(self.pvalues_satterthwaite[name])}
                  for name in self.params.index]
         random = [{"group": r["group"], "term": r["term"] or None, "variance": float(r["variance"]),
                    "sd": float(r["sd"])} for _, r in self.variance_components.iterrows()]
@@ -182,7 +184,7 @@ class FitResult:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------ inference

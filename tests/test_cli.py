@@ -52,3 +52,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "missing.csv"), "y ~ x + (1|g)"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not found" in err and "Traceback" not in err
+
+
+def test_fit_json_is_standard_json_for_crossed_factors(capsys):
+    """nlme's df do not exist for crossed factors: null, not NaN, which strict JSON parsers reject."""
+    assert main(["fit", "Penicillin", "diameter ~ 1 + (1|plate) + (1|sample)", "--json"]) == 0
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    out = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    (fixed,) = out["fixed_effects"]
+    assert fixed["df"] is None and fixed["p_value"] is None
+    assert fixed["df_satterthwaite"] == pytest.approx(5.4870, rel=1e-4)      # lmerTest: 5.48709
+    assert [r["group"] for r in out["random_effects"]] == ["plate", "sample", "Residual"]
