@@ -23,8 +23,9 @@ lmm_symbolic, R's ``gc()`` "max used" for lme4, the sampled resident set for sta
 
 Then: derivation time (``lmm_symbolic.derive`` and all of Eq. 1-12) against n, next to sympy's dense
 ``Matrix.det()`` of the n x n Sigma (stopped after --dense-timeout seconds), and per-fit times on
-lme4's example models (random slopes, nested and crossed terms) and a simulated crossed design with
-10^5 rows against lme4. The tables are printed and written to benchmarks/RESULTS.md.
+lme4's example models (random slopes, nested and crossed terms), a simulated crossed design with 10^5
+rows and a simulated random-slope design with 10^6 rows against lme4. The tables are printed and written
+to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -201,10 +202,11 @@ R_MODELS = r"""
 suppressMessages(library(lme4))
 args <- commandArgs(TRUE)
 N <- as.integer(args[1])
-data <- list(sleepstudy = sleepstudy, Pastes = Pastes, Penicillin = Penicillin, crossed = read.csv(args[2]))
+data <- list(sleepstudy = sleepstudy, Pastes = Pastes, Penicillin = Penicillin, crossed = read.csv(args[2]),
+             slopes = read.csv(args[4]))
 models <- jsonlite::fromJSON(args[3], simplifyVector = FALSE)
 one <- function(m) {
-  f <- as.formula(m$formula); d <- data[[m$data]]; n <- if (m$data == "crossed") 3 else N
+  f <- as.formula(m$formula); d <- data[[m$data]]; n <- if (m$data %in% c("crossed", "slopes")) 1 else N
   fit <- lmer(f, d)
   t <- system.time(for (i in seq_len(n)) fit <- lmer(f, d))[["elapsed"]] / n
   list(time = t, loglik = as.numeric(logLik(fit)))
@@ -311,9 +313,12 @@ MODELS = [
     ("Pastes", "strength ~ 1 + (1|batch/cask)"),
     ("Penicillin", "diameter ~ 1 + (1|plate) + (1|sample)"),
     ("crossed", "y ~ x + (1|a) + (1|b)"),
+    ("slopes", "y ~ x + (x|g)"),
 ]
 #: the simulated crossed design: rows, levels of a and of b
 CROSSED = (100_000, 2000, 50)
+#: the simulated random-slope design: rows, groups
+SLOPES = (1_000_000, 10_000)
 
 
 def simulate_crossed(seed: int = 1):
@@ -327,29 +332,45 @@ def simulate_crossed(seed: int = 1):
     return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
 
 
+def simulate_slopes(seed: int = 1):
+    """y = 1 + 0.5 x + u_g + v_g x + e, (u, v) ~ N(0, [[1, 0.3], [0.3, 0.5]])."""
+    import pandas as pd
+
+    n, G = SLOPES
+    rng = np.random.default_rng(seed)
+    g, x = rng.integers(0, G, n), rng.normal(size=n)
+    uv = rng.multivariate_normal([0.0, 0.0], [[1.0, 0.3], [0.3, 0.5]], size=G)
+    y = 1 + 0.5 * x + uv[g, 0] + uv[g, 1] * x + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "g": g})
+
+
 def model_rows(reps: int, with_r: bool, seed: int) -> list[dict]:
-    """Each model fitted by REML (lme4's default) with the median of ``reps`` fits (3 for the crossed
-    design), lme4 in one Rscript run over the same data."""
+    """Each model fitted by REML (lme4's default) with the median of ``reps`` fits (3 for the simulated
+    designs; lme4 once, after a first fit), lme4 in one Rscript run over the same data."""
     import warnings
 
     import lmm_symbolic as lmm
 
     warnings.simplefilter("ignore", lmm.LMMWarning)
-    crossed = simulate_crossed(seed)
+    simulated = {"crossed": simulate_crossed(seed), "slopes": simulate_slopes(seed)}
+    labels = {"crossed": "simulated, n = {:,}, {} x {} levels".format(*CROSSED),
+              "slopes": "simulated, n = {:,}, {:,} groups".format(*SLOPES)}
     with tempfile.TemporaryDirectory(prefix="lmm_models_") as tmp:
-        path = Path(tmp) / "crossed.csv"
-        crossed.to_csv(path, index=False)
+        paths = {k: Path(tmp) / f"{k}.csv" for k in simulated}
+        for k, frame in simulated.items():
+            frame.to_csv(paths[k], index=False)
         spec = json.dumps([{"data": d, "formula": f} for d, f in MODELS])
-        r = run_r(R_MODELS, [str(reps), str(path), spec], timeout=1200) if with_r else "no R"
+        r = (run_r(R_MODELS, [str(reps), str(paths["crossed"]), spec, str(paths["slopes"])], timeout=1800)
+             if with_r else "no R")
     rows = []
     for k, (name, formula) in enumerate(MODELS):
-        data = crossed if name == "crossed" else lmm.datasets.load(name)
+        data = simulated[name] if name in simulated else lmm.datasets.load(name)
         log.info("%s: %s", name, formula)
-        row = {"data": name if name != "crossed" else "simulated, n = {:,}, {} x {} levels".format(*CROSSED),
+        row = {"data": labels.get(name, name),
                "formula": formula}
         fit = lmm.fit(formula, data, exact=False)
         times = []
-        for _ in range(3 if name == "crossed" else reps):
+        for _ in range(3 if name in simulated else reps):
             t0 = time.perf_counter()
             fit = lmm.fit(formula, data, exact=False)
             times.append(time.perf_counter() - t0)
@@ -575,7 +596,7 @@ def main(argv=None) -> int:
                   derivation_table(deriv), ""]
     if models:
         parts += ["## Slopes, nested and crossed terms, per fit (REML, median)\n",
-                  "lme4's example data sets and a simulated crossed design; lmm_symbolic's evaluations are "
+                  "lme4's example data sets and two simulated designs; lmm_symbolic's evaluations are "
                   "the optimiser's (deviance and gradient each).\n", model_table(models), ""]
     text = "\n".join(parts)
     print(text)
