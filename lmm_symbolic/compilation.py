@@ -25,7 +25,7 @@ import sympy as sp
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import ModelError, NumericalError
 from .specification import Design, random_effects_matrix
-from .statistics import BlockStatistics, GroupStatistics, response_shift, single_factor
+from .statistics import BLOCK_Q, BlockStatistics, GroupStatistics, response_shift, single_factor
 
 theta = sp.Symbol("theta", nonnegative=True)
 
@@ -389,8 +389,6 @@ def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- one grouping factor: q x q blocks
-#: one grouping factor with at most this many random effects per level uses the per-group closed forms
-BLOCK_Q = 3
 
 
 def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ...]]:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .errors import DataError, FormulaError, LMMWarning, ModelError
 from .progress import logger, stage
-from .specification import (Design, RandomTerm, _check_identifiable, _float_matrix, _group_values,
+from .specification import (_IN_C, Design, RandomTerm, _check_identifiable, _float_matrix, _group_values,
                             _numeric_response, _plain_model_matrix, _sorted_codes, _used_columns,
                             parse_formula)
 
@@ -123,6 +123,11 @@ class SpectralStatistics(GroupStatistics):
         return cls(m=lam, Xt1=X_rot * root[:, None], Xty=X_rot * y_rot[:, None],
                    XtX=np.einsum("ik,il->ikl", X_rot, X_rot), yty=y_rot**2, one_y=root * y_rot, shift=shift,
                    scale=scale, beta_shift=beta_shift, n_obs=design.n, eigenvectors=U)
+
+
+#: one grouping factor with at most this many random effects per level is fitted from BlockStatistics
+#: (the per-group closed forms are derived for a symbolic q x q block; beyond this, the sparse form)
+BLOCK_Q = 3
 
 
 def single_factor(design: Design) -> bool:
@@ -417,7 +422,6 @@ def is_dask_dataframe(data) -> bool:
 
 
 _STATEFUL = re.compile(r"\b(center|scale|poly)\s*\(")
-_IN_C = re.compile(r"\bC\(\s*([A-Za-z_.][\w.]*)")
 
 
 #: the models a Dask DataFrame can be fitted with (from per-group statistics)
@@ -651,8 +655,6 @@ def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
     """
     import dask
     import dask.array as da
-
-    from .compilation import BLOCK_Q
 
     if kinship is not None:
         raise ModelError(f"a kinship matrix needs the data in memory (ddf.compute()); a Dask DataFrame "
