@@ -25,7 +25,7 @@ import sympy as sp
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import ModelError, NumericalError
 from .specification import Design, random_effects_matrix
-from .statistics import BLOCK_Q, BlockStatistics, GroupStatistics, response_shift, single_factor
+from .statistics import BLOCK_Q, BlockStatistics, GroupStatistics, response_scaling, single_factor
 
 theta = sp.Symbol("theta", nonnegative=True)
 
@@ -303,7 +303,7 @@ class ThetaDeviance:
             out.append(T)
         return tuple(out)
 
-    def _profile(self, theta, A, c, yVy, logdetM) -> tuple[np.ndarray, float, float]:
+    def _profile(self, theta, A, c, yVy) -> tuple[np.ndarray, float, float]:
         """beta = A^-1 c, RSS = y^T V^-1 y - c^T beta and log|A| (Cholesky of A)."""
         if not self.p:
             return np.zeros(0), max(yVy, 0.0), 0.0
@@ -515,7 +515,7 @@ class BlockDeviance(ThetaDeviance):
         c = s.Xty - np.einsum("gap,ga->p", s.ZtX, Wy)
         yVy = s.yty - float(np.einsum("ga,ga->", s.Zty, Wy))
         logdetM = float(logdet.sum())
-        beta, rss, logdetA = self._profile(theta, A, c, yVy, logdetM)
+        beta, rss, logdetA = self._profile(theta, A, c, yVy)
         e = s.Zty - s.ZtX @ beta                                  # Z_g^T (y_g - X_g beta)
         b = np.einsum("gab,gb->ga", W, e)                         # Lambda u = W_g Z_g^T r_g, per group
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=logdetM, logdetA=logdetA,
@@ -571,8 +571,7 @@ class SparseDeviance(ThetaDeviance):
 
     def __init__(self, design: Design, reml: bool):
         X = np.asarray(design.X, dtype=float)
-        shift, beta_shift = response_shift(design.y, X)
-        scale = float(np.std(design.y - shift)) or 1.0
+        shift, scale, beta_shift = response_scaling(design.y, X)
         super().__init__(design, reml, shift, scale, beta_shift)
         y = (design.y - shift) / scale
         big = max(self.layouts, key=lambda lay: lay.width)
@@ -674,7 +673,7 @@ class SparseDeviance(ThetaDeviance):
         A = self.XtX - LZX.T @ Cu
         c = self.Xty - LZX.T @ cu
         yVy = self.yty - float(LZy @ cu)
-        beta, rss, logdetA = self._profile(theta, A, c, yVy, f["logdet"])
+        beta, rss, logdetA = self._profile(theta, A, c, yVy)
         u = cu - Cu @ beta
         b = np.empty(self.width)
         b[self._perm] = sum(t * (e @ u) for t, e in zip(theta, self._E))     # Lambda u, Z's column order

@@ -74,8 +74,7 @@ class GroupStatistics:
         codes = np.asarray(codes)
         if codes.dtype != np.intp:
             codes = codes.astype(np.intp)
-        shift, beta_shift = response_shift(y, X)
-        scale = float(np.std(y)) or 1.0   # = std(y - shift): the shift is 0 or the mean
+        shift, scale, beta_shift = response_scaling(y, X)
         ones = _ones_columns(X)
         sums = _block_sums(y, X, codes, G, shift, scale, ones)
         return _from_sums(sums, X.shape[1], ones, shift, scale, beta_shift)
@@ -115,8 +114,7 @@ class SpectralStatistics(GroupStatistics):
         lam, U = np.linalg.eigh(design.kinship)
         lam = np.clip(lam, 0.0, None)
         X = np.asarray(design.X, dtype=float)
-        shift, beta_shift = response_shift(design.y, X)
-        scale = float(np.std(design.y - shift)) or 1.0
+        shift, scale, beta_shift = response_scaling(design.y, X)
         y_rot = U.T @ ((design.y - shift) / scale)
         X_rot = U.T @ X
         root = np.sqrt(lam)
@@ -222,8 +220,7 @@ class BlockStatistics:
         X = np.asarray(design.X, dtype=float)
         Z = np.hstack([np.asarray(t.Z, dtype=float) for t in design.terms])
         G, q = design.terms[0].n_levels, Z.shape[1]
-        shift, beta_shift = response_shift(y, X)
-        scale = float(np.std(y)) or 1.0
+        shift, scale, beta_shift = response_scaling(y, X)
         with stage("computing block statistics (%d rows, %d groups, q = %d)", len(y), G, q):
             return cls.from_arrays(y, X, Z, design.terms[0].codes, G, shift, scale, beta_shift)
 
@@ -302,11 +299,14 @@ def _from_sums(S: np.ndarray, p: int, ones: tuple[int, ...], shift: float, scale
                            shift=float(shift), scale=float(scale), beta_shift=np.asarray(beta_shift, float))
 
 
-def response_shift(y: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
-    """Centre y on its mean when the constant lies in col(X) (then beta absorbs it exactly)."""
+def response_scaling(y: np.ndarray, X: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(shift, scale, beta_shift): the response is used as (y - shift) / scale, centred on its mean when the
+    constant lies in col(X) (beta then absorbs the shift exactly: beta_shift) and divided by its SD, so sums
+    of squares do not cancel for a response far from 0 or of extreme size."""
     p = X.shape[1]
+    scale = (float(np.std(y)) or 1.0) if len(y) else 1.0     # the SD does not depend on the shift
     if p == 0 or len(y) == 0:
-        return 0.0, np.zeros(p)
+        return 0.0, scale, np.zeros(p)
     ones = _ones_columns(X)
     if ones:
         delta = np.zeros(p)
@@ -314,9 +314,9 @@ def response_shift(y: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
     else:
         delta, *_ = np.linalg.lstsq(X, np.ones(len(y)), rcond=None)
         if np.linalg.norm(X @ delta - 1.0) > 1e-8 * np.sqrt(len(y)):
-            return 0.0, np.zeros(p)
+            return 0.0, scale, np.zeros(p)
     c = float(np.mean(y))
-    return c, c * delta
+    return c, scale, c * delta
 
 
 # ------------------------------------------------------------------ row-wise quantities for results
