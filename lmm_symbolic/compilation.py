@@ -334,13 +334,17 @@ class ThetaDeviance:
         """diag(Lambda M^-1 Lambda^T) in Z's column layout: Var(b | y) / sigma^2 at beta (lme4's condVar)."""
         raise NotImplementedError
 
-    def gradient(self, st: DevianceState) -> np.ndarray:
-        """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
-        dlogdet, drss, dA = self.derivatives(st)
-        grad = dlogdet + self.n_eff * drss / st.rss
+    def _combine(self, st: DevianceState, derivatives, rss_weight: float) -> np.ndarray:
+        """d log|M| + rss_weight dRSS (+ tr(A^-1 dA) for REML) from :meth:`derivatives`."""
+        dlogdet, drss, dA = derivatives
+        grad = dlogdet + rss_weight * drss
         if self.reml and self.p:
             grad = grad + np.einsum("pr,krp->k", np.linalg.inv(st.A), dA)
         return grad
+
+    def gradient(self, st: DevianceState) -> np.ndarray:
+        """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
+        return self._combine(st, self.derivatives(st), self.n_eff / st.rss)
 
     def value_and_gradient(self, theta) -> tuple[float, np.ndarray]:
         st = self.state(theta)
@@ -362,11 +366,8 @@ class ThetaDeviance:
 
         def grad(th):
             st = self.state(th)
-            dlogdet, drss, dA = self.derivatives(st)
-            g = dlogdet + drss / sig**2
-            if self.reml and self.p:
-                g = g + np.einsum("pr,krp->k", np.linalg.inv(st.A), dA)
-            return g, st, drss, dA
+            derivatives = self.derivatives(st)
+            return self._combine(st, derivatives, 1.0 / sig**2), st, derivatives[1], derivatives[2]
 
         _, st, drss, dA = grad(theta)
         H = np.empty((k + 1, k + 1))
@@ -389,8 +390,6 @@ def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- one grouping factor: q x q blocks
-
-
 def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ...]]:
     """Lambda_g = diag(T_1, ..., T_K) for terms of sizes ``qs`` on one factor, T_k lower triangular in
     theta_0, theta_1, ... (lme4's order)."""
