@@ -558,6 +558,22 @@ def _tex_text(text: str) -> str:
     return text
 
 
+def _factor_in_sigma(expr: sp.Expr) -> sp.Expr:
+    """sympy's factorisation with each factor signed so that its leading term in sigma is positive
+    (sigma^4 + ..., not -(... - sigma^4)), as a reader writes a determinant."""
+    def signed(poly: sp.Expr) -> sp.Expr:
+        coeff, factors = sp.factor_list(poly)
+        out = []
+        for base, power in factors:
+            if sp.Poly(base, sigma).LC().could_extract_minus_sign():
+                base, coeff = -base, coeff * (-1) ** power
+            out.append(base ** power)
+        return sp.Mul(coeff, *out)
+
+    numerator, denominator = sp.fraction(sp.together(expr))
+    return signed(numerator) / signed(denominator)
+
+
 def _exact_matrix(A: np.ndarray) -> sp.Matrix:
     return sp.Matrix(A.shape[0], A.shape[1], [exact_number(v) for v in np.ravel(A)])
 
@@ -690,7 +706,7 @@ class GeneralDerivation(Derivation):
     # ---------------------------------------------------------------------------- closed forms
     def _block_det(self, ident, size, S, D) -> sp.Expr:
         if ident is not None:
-            return sp.factor(ident.det.subs(m, size))
+            return _factor_in_sigma(ident.det.subs(m, size))
         return sigma ** (2 * size) * sp.Determinant(sp.eye(D.shape[0]) + D * S / sigma**2)
 
     @functools.cached_property
@@ -703,7 +719,7 @@ class GeneralDerivation(Derivation):
         terms = []
         for ident, size, members, S, D in self.classes:
             if ident is not None:
-                inner = sp.factor(sp.together(ident.det.subs(m, size) / sigma ** (2 * size)))
+                inner = _factor_in_sigma(sp.together(ident.det.subs(m, size) / sigma ** (2 * size)))
                 terms.append(len(members) * (2 * size * sp.log(sigma) + sp.log(inner)))
             else:
                 terms.append(len(members) * sp.log(self._block_det(ident, size, S, D)))

@@ -279,3 +279,16 @@ def test_a_response_around_1e8_fits_as_one_around_1(formula, dataset, response):
     np.testing.assert_allclose(b.variance_components["sd"], a.variance_components["sd"], rtol=1e-7)
     np.testing.assert_allclose(b.bse, a.bse, rtol=1e-7)
     assert b.loglik == pytest.approx(a.loglik, rel=1e-10)
+
+
+def test_eq_11_for_slopes_is_written_with_positive_sigma_terms():
+    """|Sigma| = sigma^288 (sigma^4 + 10 sigma^2 s_I^2 + 285 sigma^2 s_D^2 + ...)^18, not -(... - sigma^4)^18."""
+    d = lmm.derive("Reaction ~ Days + (Days|Subject)", lmm.datasets.load("sleepstudy"))
+    factors = sp.Mul.make_args(d.det)
+    assert sigma**288 in factors
+    (inner,) = [f.base for f in factors if isinstance(f, sp.Pow) and f.exp == 18]
+    poly = sp.Poly(inner, sigma)
+    assert poly.LC() == 1 and poly.degree() == 4
+    s_i, s_d = (sp.Symbol(f"sigma_Subject_{n}", positive=True) for n in ("Intercept", "Days"))
+    assert poly.coeff_monomial(sigma**2) == 10 * s_i**2 + 285 * s_d**2 + 90 * sp.Symbol(
+        "rho_Subject_Intercept_Days", real=True) * s_i * s_d                # tr(D S) with S = [[10, 45], [45, 285]]
