@@ -27,19 +27,21 @@ GRADIENT_TOL = 1e-6
 
 @dataclass(frozen=True)
 class OptSummary:
-    """The optimiser's settings, path and outcome."""
+    """The optimiser's settings, path and outcome. theta is lme4's relative covariance parameter vector
+    (getME(fit, "theta")): sigma_s / sigma for (1|g), the relative Cholesky factors' entries otherwise;
+    ``initial`` its start and ``path`` every point the optimiser evaluated."""
 
     method: str
     optimizer: str
-    initial: float
-    theta: float
+    initial: tuple[float, ...]
+    theta: tuple[float, ...]
     fmin: float
     gradient: float
     evaluations: int
     converged: bool
     at_boundary: bool
     message: str
-    path: tuple[float, ...] = field(repr=False, default=())
+    path: tuple[tuple[float, ...], ...] = field(repr=False, default=())
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,9 @@ def optimise(stats: GroupStatistics, reml: bool, theta0: float = 1.0) -> Optimum
     message = str(res.message) if converged else (
         f"the optimiser stopped with derivative {grad:.3g} at theta = {th:.6g}: {res.message}")
     summary = OptSummary(method="REML" if reml else "ML", optimizer="L-BFGS-B (scipy) + Newton polish",
-                         initial=theta0, theta=th, fmin=objective.value(st), gradient=grad,
+                         initial=(float(theta0),), theta=(th,), fmin=objective.value(st), gradient=grad,
                          evaluations=len(path), converged=bool(converged), at_boundary=at_boundary,
-                         message=message, path=tuple(path))
+                         message=message, path=tuple((t,) for t in path))
     return _in_units(objective, st, summary)
 
 
@@ -257,10 +259,10 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
     message = str(res.message) if converged else (
         f"the optimiser stopped with projected gradient {np.max(np.abs(free)):.3g}: {res.message}")
     summary = OptSummary(method="REML" if objective.reml else "ML", optimizer="L-BFGS-B (scipy)",
-                         initial=float(theta0[0]), theta=float(theta[0]), fmin=objective.value(st),
-                         gradient=float(np.max(np.abs(free), initial=0.0)), evaluations=len(path),
-                         converged=converged, at_boundary=bool(at_bound.any()), message=message,
-                         path=tuple(float(p[0]) for p in path))
+                         initial=tuple(map(float, theta0)), theta=tuple(map(float, theta)),
+                         fmin=objective.value(st), gradient=float(np.max(np.abs(free), initial=0.0)),
+                         evaluations=len(path), converged=converged, at_boundary=bool(at_bound.any()),
+                         message=message, path=tuple(tuple(map(float, p)) for p in path))
     k = objective.scale
     dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
     return GeneralOptimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),

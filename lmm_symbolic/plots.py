@@ -343,7 +343,7 @@ def _draw_surface(ax, surface: _Surface, label: str) -> None:
 def optimiser_path(fit: FitResult, criterion: Criterion | None = None) -> np.ndarray:
     """The optimiser's iterates theta mapped to (sigma_hat(theta), theta sigma_hat(theta)), shape (k, 2)."""
     criterion = criterion or Criterion.of(fit)
-    return np.array([criterion.estimates(th) for th in fit.opt.path]).reshape(-1, 2)
+    return np.array([criterion.estimates(th) for (th,) in fit.opt.path]).reshape(-1, 2)
 
 
 def plot_loglik_surface(fit: FitResult, n: int = 45, show_path: bool = True, sigma_range=None,

@@ -176,6 +176,7 @@ class FitResult:
             "groups": self.groups, "fixed_effects": fixed, "random_effects": random,
             "correlations": [{"group": r["group"], "term1": r["term1"], "term2": r["term2"],
                               "corr": float(r["corr"])} for _, r in self.correlations.iterrows()],
+            "theta": list(self.opt.theta),
             "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "deviance": self.deviance,
             "converged": self.converged, "singular": self.singular,
             "exact": None if self.exact is None else {"sigma2": str(self.exact.sigma2),

@@ -61,6 +61,9 @@ def test_singular_flag_and_convergence(fitted):
         assert fit.sigma_s == 0.0
         assert any("singular" in m for m in fit.messages)
         assert "singular" in fit.summary()
+    # lme4's theta = sigma_s / sigma (getME(fit, "theta")); lme4 stops ~1e-6 short on the toy REML
+    np.testing.assert_allclose(fit.opt.theta, case["lme4"]["theta"], rtol=REL, atol=1e-7)
+    assert fit.opt.theta == (pytest.approx(fit.sigma_s / fit.sigma, rel=1e-12),)
 
 
 def test_satterthwaite_matches_lmertest(fitted):

@@ -39,6 +39,14 @@ def _tolerance(case, fit):
     return 1e-3 if better > 1e-6 else 1e-4 if better > 1e-9 else 1e-5
 
 
+def test_theta_is_lme4s(fitted):
+    """The relative covariance parameters, in lme4's order (getME(fit, "theta")), in the summary and JSON."""
+    case, fit = fitted
+    np.testing.assert_allclose(fit.opt.theta, case["lme4"]["theta"], rtol=10 * _tolerance(*fitted), atol=1e-6)
+    assert fit.to_dict()["theta"] == list(fit.opt.theta)
+    assert len(fit.opt.path) == fit.opt.evaluations and len(fit.opt.path[0]) == len(fit.opt.theta)
+
+
 def test_the_criterion_at_lme4s_theta_is_lme4s(fitted):
     """The profiled deviance pinned at lme4's own theta equals lme4's deviance (REML criterion), and our
     optimum is no higher (as MixedModels.jl's tests pin the objective at fixed theta)."""
