@@ -13,7 +13,7 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import ProfiledDeviance, ThetaDeviance, difference_hessian
+from .compilation import DevianceState, ProfiledDeviance, ThetaDeviance, difference_hessian
 from .statistics import GroupStatistics
 from .derivation import Derivation, derive, exact_number, m, sigma, sigma_s
 from .errors import NumericalError
@@ -222,6 +222,7 @@ class GeneralOptimum:
     deviance: float
     summary: OptSummary
     objective: ThetaDeviance = field(repr=False)
+    state: DevianceState = field(repr=False)     # the criterion at theta (scaled response units)
 
 
 def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
@@ -267,7 +268,7 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
     dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
     return GeneralOptimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
                           beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
-                          summary=summary, objective=objective)
+                          summary=summary, objective=objective, state=st)
 
 
 def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray, steps: int = 10) -> np.ndarray:

@@ -333,7 +333,7 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
     ranef: dict[str, pd.DataFrame] = {}
     modes = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
     fitted = fitted_values(design, opt.beta, modes)      # lazy for a Dask design
-    variances = ob.conditional_variances(ob.state(opt.theta))
+    variances = ob.conditional_variances(opt.state)
     for term, lay, b in zip(design.terms, ob.layouts, modes):
         sd = opt.sigma * np.sqrt(variances[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q))
         frame = pd.DataFrame(b, columns=list(term.names), index=pd.Index(term.levels, name=term.group))
