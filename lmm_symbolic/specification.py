@@ -511,7 +511,8 @@ def _drop_aliased(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str
     keep: list[int] = []
     # each column on its own scale (R's qr judges a column against its own norm): a predictor in small
     # units (x * 1e-8) is not mistaken for an aliased one
-    scale = np.maximum(np.abs(X).max(axis=0), 1e-300) if X.size else np.ones(X.shape[1])
+    scale = np.abs(X).max(axis=0) if X.size else np.ones(X.shape[1])
+    scale = np.where(scale > 0, scale, 1.0)     # an all-zero column is aliased whatever its scale
     n, p = X.shape
     if 0 < p <= n:
         # full rank by the Gram matrix's eigenvalues (one pass over X): then every leading set of columns
