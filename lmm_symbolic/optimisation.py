@@ -94,16 +94,14 @@ def _off_the_boundary(objective: ProfiledDeviance, fun, res):
     """theta = 0 is a stationary point of every profiled criterion (it depends on theta^2), so L-BFGS-B can
     stop there although the criterion falls moving inward (0 a maximum along theta). Scan theta on a
     log-grid; if some theta beats 0, restart from the best one."""
-    f0 = objective(0.0)
-    grid = np.geomspace(1e-6, 1e3, 46)
-    values = np.array([objective(t) for t in grid])
-    k = int(np.argmin(values))
-    if not values[k] < f0 - 1e-12 * max(1.0, abs(f0)):
+    best = _inward_of_the_bound(lambda t: objective(float(t[0])), np.zeros(1), np.zeros(1),
+                                grid=np.geomspace(1e-6, 1e3, 46), rel=1e-12)
+    if best is None:
         return 0.0, res
-    res = scipy.optimize.minimize(fun, x0=[grid[k]], jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
+    res = scipy.optimize.minimize(fun, x0=best, jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
                                   options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500})
     th = float(res.x[0])
-    return (th, res) if objective(th) <= values[k] else (float(grid[k]), res)
+    return (th, res) if objective(th) <= objective(float(best[0])) else (float(best[0]), res)
 
 
 def _polish(objective: ProfiledDeviance, th: float, steps: int = 20) -> float:
@@ -298,13 +296,14 @@ def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarr
     return theta
 
 
-def _inward_of_the_bound(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) -> np.ndarray | None:
-    """The best point found by moving one theta that sits at its bound inward along a log-grid, when it
-    beats theta; None when none does."""
+def _inward_of_the_bound(objective, theta: np.ndarray, lower: np.ndarray, grid=np.geomspace(1e-4, 10.0, 16),
+                         rel: float = 1e-10) -> np.ndarray | None:
+    """The best point found by moving one theta that sits at its bound inward along ``grid``, when it beats
+    theta by more than ``rel`` (relative); None when none does."""
     f0 = objective(theta)
-    best, best_f = None, f0 - 1e-10 * max(1.0, abs(f0))
+    best, best_f = None, f0 - rel * max(1.0, abs(f0))
     for i in np.flatnonzero(theta <= lower + 1e-12):
-        for t in np.geomspace(1e-4, 10.0, 16):
+        for t in grid:
             trial = theta.copy()
             trial[i] = t
             f = objective(trial)
