@@ -84,6 +84,10 @@ class Design:
     dropped_columns: tuple[str, ...] = ()
     n_dropped_rows: int = 0
     kinship: np.ndarray | None = field(default=None, repr=False)
+    #: prior weights w_i (lmer's ``weights``): Var(epsilon_i) = sigma^2 / w_i; None for w_i = 1
+    weights: np.ndarray | None = field(default=None, repr=False)
+    #: a known term added to the linear predictor (``offset(x)`` or ``offset=``); None for 0
+    offset: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
