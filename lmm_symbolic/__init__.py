@@ -24,8 +24,15 @@ def derive(formula: str, data) -> Derivation:
     return derive_design(specify(formula, data))
 
 
-def fit(formula: str, data, method: str = "REML", exact: bool = True, kinship=None) -> FitResult:
+def fit(formula: str, data, method: str = "REML", exact: bool | str = "auto", kinship=None, weights=None,
+        offset=None) -> FitResult:
     """Fit ``formula`` (lme4 syntax, e.g. ``Resp ~ Treat + (1|Ind)``) by REML (default) or ML.
+
+    ``weights`` and ``offset`` (column names or n values) are lmer's: Var(epsilon_i) = sigma^2 / w_i, and
+    a known term added to the linear predictor (as ``offset(z)`` in the formula). ``exact``: "auto"
+    derives the exact estimates of a balanced random-intercept design when that is cheap (bounded by the
+    data's size and digits, decided before any exact arithmetic), True allows more work, False skips it;
+    ``fit.exact_reason`` says why there are none.
 
     With ``kinship`` (an n x n relationship matrix over the rows) the formula names the fixed part only
     (``y ~ x``) and Sigma = sigma_s^2 K + sigma^2 I.
@@ -36,9 +43,12 @@ def fit(formula: str, data, method: str = "REML", exact: bool = True, kinship=No
     Progress is logged under the ``lmm_symbolic`` logger at INFO (``lmm_symbolic.progress.enable()``).
     """
     if is_dask_dataframe(data):
+        if weights is not None or offset is not None:
+            raise ModelError("weights and offsets are not supported with a Dask DataFrame yet; compute the "
+                             "data into pandas first")
         return fit_design(specify_dask(formula, data, kinship=kinship), method=method, exact=False)
     with stage("specifying the design"):
-        design = specify(formula, data, kinship=kinship)
+        design = specify(formula, data, kinship=kinship, weights=weights, offset=offset)
     return fit_design(design, method=method, exact=exact)
 
 

@@ -7,7 +7,9 @@ one immutable object (as MixedModels.jl's ``OptSummary``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import scipy.optimize
@@ -15,7 +17,7 @@ import sympy as sp
 
 from .compilation import DevianceState, ProfiledDeviance, ThetaDeviance, difference_hessian
 from .statistics import GroupStatistics
-from .derivation import Derivation, derive, exact_number, m, sigma, sigma_s
+from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import NumericalError
 from .specification import Design
 
@@ -159,54 +161,127 @@ def is_balanced(design: Design) -> bool:
 
 @dataclass(frozen=True)
 class ExactOptimum:
-    """sigma^2 and sigma_s^2 that solve the score equations exactly (sympy rationals or radicals)."""
+    """sigma^2 and sigma_s^2 that solve the score equations exactly (sympy rationals)."""
 
     sigma2: sp.Expr
     sigma_s2: sp.Expr
     beta: tuple[sp.Expr, ...]
 
 
-def exact_optimum(design: Design, reml: bool, derivation: Derivation | None = None) -> ExactOptimum | None:
-    """Solve d log L / d(sigma^2, sigma_s^2) = 0 with sympy for a balanced design; None otherwise.
+#: the exact step's bounds, decided from the data's size before any exact arithmetic: at most this many
+#: data values (n (p + 1)) and digits in their exact rationals (numerators and denominators). "auto" (a
+#: fit's default) stays within a few milliseconds; ``exact=True`` allows about a second.
+EXACT_LIMITS = {"auto": (2_000, 40_000), "requested": (30_000, 400_000)}
 
-    Under balance GLS equals OLS (col(X) is invariant under Sigma), so beta is exact first. Every group
-    has size m, and the block quadratic form (r^T r - w (1^T r)^2) / sigma^2 is linear in r^T r and
-    (1^T r)^2, so Eq. 10 summed over groups needs only R2 = sum r^2 and S1 = sum_g (1^T r_g)^2. The
-    score equations in v = sigma^2, vs = sigma_s^2 are then solved exactly; without an interior root the
-    optimum is on the boundary sigma_s^2 = 0.
+
+@functools.lru_cache(maxsize=None)
+def balanced_score_solution(reml: bool):
+    """The score equations of a balanced random-intercept model, solved once by sympy in closed form.
+
+    Every group has size m, so Sigma_g = sigma^2 I + sigma_s^2 J has two eigenvalues: v = sigma^2 (m - 1
+    times) and lambda = sigma^2 + m sigma_s^2 (once). With R2 = r^T r and S1 = sum_g (1^T r_g)^2 at the OLS
+    residuals (GLS = OLS under balance), Eq. 10 summed over the G groups is, after v_s = (lambda - v)/m,
+        log L = -n/2 log 2 pi - G/2 log|Sigma_g| - (R2 - w S1)/(2 v),   w = sigma_s^2 / lambda,
+    which separates into a function of v and one of lambda. REML adds -1/2 log|X^T Sigma^-1 X|, which
+    under balance is p_w/2 log v + p_b/2 log lambda + const (X's columns split into p_b between-group and
+    p_w within-group directions). Each score equation is then solved in its own variable. Returns
+    (v, v_s) at the interior root and v on the boundary v_s = 0, as expressions in R2, S1, n, G, m, p_w, p_b.
     """
-    if not is_balanced(design):
-        return None
-    d = derivation or derive(design)
-    X = d.X_exact
-    if X is None:
-        return None
-    y = sp.Matrix([exact_number(v) for v in design.y])
-    beta = (X.T * X).LUsolve(X.T * y)
-    r = y - X * beta
-    codes = np.asarray(design.terms[0].codes)
-    G, size = d.groups.sizes.size, int(d.groups.sizes[0])
-    R2 = sum(ri**2 for ri in r)
-    S1 = sum(sp.Add(*[r[i] for i in np.flatnonzero(codes == g)]) ** 2 for g in range(G))
-    blk = d.block
-    n, p = design.n, design.p
-    ll = (-sp.Rational(n, 2) * sp.log(2 * sp.pi) - G * blk.logdet.subs(m, size) / 2
-          - blk.quadratic.subs({blk.R2: R2, blk.Zr[0, 0]: sp.sqrt(S1), m: size}) / 2)
+    block = random_intercept_block()
+    v, lam, vs = sp.symbols("v lambda v_s", positive=True)
+    R2, S1, n, G, pw, pb = sp.symbols("R2 S1 n G p_w p_b", positive=True)
+    at = {sigma: sp.sqrt(v), sigma_s: sp.sqrt(vs)}
+    logdet = sp.expand_log(block.logdet.subs(at), force=True)
+    quad = block.quadratic.subs({block.R2: R2, block.Zr[0, 0]: sp.sqrt(S1)}).subs(at)
+    ll = -n / 2 * sp.log(2 * sp.pi) - G / 2 * logdet - quad / 2
     if reml:
-        ll += -sp.log(d.gls_information.det()) / 2 + sp.Rational(p, 2) * sp.log(2 * sp.pi)
-    v, vs = sp.symbols("v v_s", positive=True)
-    ll = sp.expand_log(ll.subs({sigma: sp.sqrt(v), sigma_s: sp.sqrt(vs)}), force=True)
-    scores = [sp.numer(sp.together(sp.diff(ll, x))) for x in (v, vs)]
-    interior = [s for s in sp.solve(scores, [v, vs], dict=True)
-                if sp.S(s.get(v, 0)).is_positive and sp.S(s.get(vs, 0)).is_positive]
-    if interior:
-        sol = interior[0]
-        return ExactOptimum(sigma2=sp.nsimplify(sol[v]), sigma_s2=sp.nsimplify(sol[vs]), beta=tuple(beta))
-    boundary = sp.numer(sp.together(sp.diff(ll.subs(vs, 0), v)))
-    roots = [root for root in sp.solve(boundary, v) if root.is_positive]
-    if not roots:
-        raise NumericalError("the score equations have no positive solution")
-    return ExactOptimum(sigma2=roots[0], sigma_s2=sp.Integer(0), beta=tuple(beta))
+        ll += pw / 2 * sp.log(v) + pb / 2 * sp.log(v + m * vs)
+    boundary_ll = ll.subs(vs, 0)
+    ll = sp.expand_log(ll.subs(vs, (lam - v) / m), force=True)
+    if sp.simplify(sp.diff(ll, v, lam)) != 0:
+        raise AssertionError("the balanced log-likelihood does not separate in v and lambda")
+    v_hat = sp.solve(sp.numer(sp.together(sp.diff(ll, v))), v)
+    lam_hat = sp.solve(sp.numer(sp.together(sp.diff(ll, lam))), lam)
+    v0 = sp.solve(sp.numer(sp.together(sp.diff(boundary_ll, v))), v)
+    if not (len(v_hat) == len(lam_hat) == len(v0) == 1):
+        raise AssertionError("the balanced score equations have no unique root")
+    symbols = (R2, S1, n, G, m, pw, pb)
+    return symbols, v_hat[0], sp.simplify((lam_hat[0] - v_hat[0]) / m), v0[0]
+
+
+def _fractions(values: np.ndarray) -> list[Fraction]:
+    """The rationals the values' decimal texts state, as :func:`exact_number` reads them (14 digits)."""
+    return [Fraction(int(v)) if v.is_integer() else Fraction(f"{v:.14g}")
+            for v in np.asarray(values, dtype=float).ravel().tolist()]
+
+
+def _digits(values: np.ndarray) -> int:
+    """About how many decimal digits the values' exact rationals hold (numerators and denominators),
+    from their sizes alone: an integer its own digits, any other value its 14 significant digits over a
+    power of ten."""
+    v = np.abs(np.asarray(values, dtype=float).ravel())
+    whole = v == np.round(v)
+    size = np.floor(np.log10(np.maximum(v, 1.0))) + 1
+    return int(np.sum(np.where(whole, size, 14 + np.maximum(0, 14 - size))))
+
+
+def _exact_sums(yq: list[Fraction], Xq: list[list[Fraction]], codes: np.ndarray, G: int):
+    """The OLS beta, R2 = r^T r and S1 = sum_g (1^T r_g)^2 in exact rationals."""
+    p = len(Xq[0])
+    XtX = sp.Matrix(p, p, lambda a, b: sp.Rational(sum(r[a] * r[b] for r in Xq)))
+    Xty = sp.Matrix(p, 1, lambda a, _: sp.Rational(sum(r[a] * yi for r, yi in zip(Xq, yq))))
+    beta = XtX.LUsolve(Xty)
+    bq = [Fraction(int(b.p), int(b.q)) for b in beta]
+    r = [yi - sum(x * b for x, b in zip(row, bq)) for row, yi in zip(Xq, yq)]
+    group_sums = [Fraction(0)] * G
+    for ri, g in zip(r, codes.tolist()):
+        group_sums[g] += ri
+    return tuple(beta), sum(ri * ri for ri in r), sum(s * s for s in group_sums)
+
+
+def exact_optimum(design: Design, reml: bool, bound: str = "auto") -> tuple[ExactOptimum | None, str | None]:
+    """The exact ML/REML estimates of a balanced random-intercept design, with the reason when there are
+    none: (ExactOptimum, None) or (None, reason).
+
+    Under balance GLS equals OLS (col(X) is invariant under Sigma), so beta, R2 and S1 are exact rationals
+    first, and :func:`balanced_score_solution` gives sigma^2 and sigma_s^2 as rational functions of them:
+    the cost is that of the rational arithmetic, decided from the data's digits before any is done.
+    Without an interior root (v_s <= 0) the optimum is on the boundary sigma_s^2 = 0.
+    """
+    if not design.is_random_intercept:
+        return None, "exact estimates are derived for one random intercept (1|g)"
+    if design.weights is not None or design.offset is not None:
+        return None, "exact estimates are not derived with prior weights or an offset"
+    if not is_balanced(design):
+        return None, ("the design is not balanced (unequal group sizes, or GLS differs from OLS): the score "
+                      "equations have no closed-form root")
+    max_values, max_digits = EXACT_LIMITS[bound]
+    values = design.n * (design.p + 1)
+    digits = _digits(design.y) + _digits(design.X)
+    if values > max_values or digits > max_digits:
+        hint = "; fit(..., exact=True) allows more" if bound == "auto" else ""
+        return None, (f"the exact step is bounded to {max_values} data values and {max_digits} digits of their "
+                      f"exact rationals; these data have {values} values and about {digits} digits{hint}")
+    codes = np.asarray(design.terms[0].codes)
+    sizes = np.bincount(codes)
+    G, size, n, p = len(sizes), int(sizes[0]), design.n, design.p
+    yq, flat = _fractions(design.y), _fractions(design.X)
+    Xq = [flat[i * p:(i + 1) * p] for i in range(n)]
+    beta, R2, S1 = _exact_sums(yq, Xq, codes, G)
+    # between-group directions of col(X): the rank of the group means of X
+    means = np.zeros((G, p))
+    np.add.at(means, codes, np.asarray(design.X, dtype=float))
+    pb = int(np.linalg.matrix_rank(means / size)) if reml else 0
+    pw = (p - pb) if reml else 0
+    symbols, v_hat, vs_hat, v_boundary = balanced_score_solution(reml)
+    values = dict(zip(symbols, (sp.Rational(R2), sp.Rational(S1), n, G, size, pw, pb)))
+    vs = sp.Rational(vs_hat.subs(values))
+    if vs > 0:
+        return ExactOptimum(sigma2=sp.Rational(v_hat.subs(values)), sigma_s2=vs, beta=beta), None
+    v0 = sp.Rational(v_boundary.subs(values))
+    if v0 <= 0:
+        return None, "the score equations have no positive solution (the response is fitted exactly)"
+    return ExactOptimum(sigma2=v0, sigma_s2=sp.Integer(0), beta=beta), None
 
 
 @dataclass(frozen=True)

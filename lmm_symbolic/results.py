@@ -9,6 +9,7 @@ conditional modes (BLUPs) u_g = w_g 1^T r_g with conditional variance sigma^2 w_
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import warnings
@@ -27,7 +28,7 @@ from .optimisation import (SINGULAR_TOL, ExactOptimum, GeneralOptimum, Optimum, 
                            optimise_general)
 from .derivation import EXACT_N
 from .progress import stage
-from .specification import Design
+from .specification import Design, whitened
 
 SINGULAR_ADVICE = ("boundary (singular) fit: the estimated random-effect variance is zero, so the groups "
                    "differ no more than the residual noise predicts; the model is over-fitted for these data "
@@ -69,6 +70,8 @@ class FitResult:
     fitted: np.ndarray = field(repr=False)
     opt: object = field(repr=False)
     messages: tuple[str, ...] = ()
+    #: why ``exact`` is None (not balanced, too many digits, not requested); None when it was derived
+    exact_reason: str | None = None
 
     # ------------------------------------------------------------------------------ accessors
     @property
@@ -365,7 +368,7 @@ def _satterthwaite_general(ob: ThetaDeviance, theta: np.ndarray, sig_w: float) -
     return df, vcov
 
 
-def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitResult:
+def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto") -> FitResult:
     """Fit a design by ML or REML (lme4's default, REML); the closed-form route for (1|g), lme4's
     general formulation for slopes and several random terms."""
     method = method.upper()
@@ -375,6 +378,8 @@ def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitR
         raise ModelError("the response is constant: there is no variance to split between groups and "
                          "residual")
     reml = method == "REML"
+    if design.weights is not None or design.offset is not None:
+        return _with_weights_and_offset(fit_design(whitened(design), method, exact=False), design)
     if design.kinship is not None:
         stats = SpectralStatistics.of(design)
         return make_kinship_result(design, stats, optimise(stats, reml), design.messages)
@@ -384,8 +389,21 @@ def fit_design(design: Design, method: str = "REML", exact: bool = True) -> FitR
     _check_group_variance_estimable(design, stats)
     with stage("optimising the profiled %s criterion over theta = sigma_s / sigma", method):
         opt = optimise(stats, reml)
-    ex = exact_optimum(design, reml) if exact and design.n <= EXACT_N else None   # exact X: n <= EXACT_N
-    return make_result(design, stats, opt, ex, design.messages)
+    ex, why = (exact_optimum(design, reml, "auto" if exact == "auto" else "requested") if exact
+               else (None, "not requested (exact=False)"))
+    return dataclasses.replace(make_result(design, stats, opt, ex, design.messages), exact_reason=why)
+
+
+def _with_weights_and_offset(fit: FitResult, design: Design) -> FitResult:
+    """A fit of the whitened design (:func:`whitened`) as the fit of ``design``: the deviance gains
+    -sum log w_i (log|Sigma| = log|Sigma*| - sum log w_i), the fitted values return to the response's
+    scale with the offset added."""
+    shift = -float(np.log(design.weights).sum()) if design.weights is not None else 0.0
+    r = np.sqrt(design.weights) if design.weights is not None else 1.0
+    fitted = np.asarray(fit.fitted) / r + (design.offset if design.offset is not None else 0.0)
+    return dataclasses.replace(fit, design=design, deviance=fit.deviance + shift, loglik=fit.loglik - shift / 2,
+                               aic=fit.aic + shift, bic=fit.bic + shift, fitted=fitted,
+                               exact_reason="exact estimates are not derived with prior weights or an offset")
 
 
 def _check_group_variance_estimable(design: Design, stats: GroupStatistics) -> None:

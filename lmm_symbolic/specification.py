@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, FormulaError, LMMWarning, ModelError
+from .formula import (Evaluated, Frame, Terms, deparse, evaluate_terms, expand_terms, missing_rows, model_matrix,
+                      names_in, response_values, split_formula, take_rows)
 
 DataLike = Union[pd.DataFrame, str, os.PathLike]
 
@@ -42,6 +44,8 @@ class RandomTerm:
     Z: np.ndarray
     codes: np.ndarray
     levels: tuple[str, ...]
+    #: Z's rows were multiplied by the square roots of prior weights (:func:`whitened`)
+    weighted: bool = False
 
     @property
     def q(self) -> int:
@@ -55,7 +59,7 @@ class RandomTerm:
     @property
     def is_intercept(self) -> bool:
         """True for ``(1|g)``: Z is the column of ones, so Z_j^T Z_j = m_j."""
-        return self.q == 1 and self.names == ("(Intercept)",)
+        return self.q == 1 and self.names == ("(Intercept)",) and not self.weighted
 
     def indicator(self) -> np.ndarray:
         """The tutorial's K for a random intercept: K[i, j] = 1 when row i belongs to level j (Eq. 3)."""
@@ -105,6 +109,21 @@ class Design:
     def is_random_intercept(self) -> bool:
         """One ``(1|g)`` term: the tutorial's model, whose Sigma is block-diagonal by g."""
         return len(self.terms) == 1 and self.terms[0].is_intercept
+
+
+def whitened(design: Design) -> Design:
+    """The design with its prior weights and offset moved into the data: with W = diag(w),
+        y* = W^(1/2) (y - o),  X* = W^(1/2) X,  Z* = W^(1/2) Z,  so  y* = X* beta + Z* u + epsilon*,
+    Var(epsilon*) = sigma^2 I, and log|Sigma| = log|Sigma*| - sum_i log w_i (Eq. 6 and 11 with
+    sigma^2 W^-1 for sigma^2 I). Every estimate of the model is that of the whitened one."""
+    import dataclasses
+
+    y = design.y - (design.offset if design.offset is not None else 0.0)
+    if design.weights is None:
+        return dataclasses.replace(design, y=y, offset=None)
+    r = np.sqrt(design.weights)
+    terms = tuple(dataclasses.replace(t, Z=t.Z * r[:, None], weighted=True) for t in design.terms)
+    return dataclasses.replace(design, y=y * r, X=design.X * r[:, None], terms=terms, weights=None, offset=None)
 
 
 def random_effects_matrix(design: Design):
@@ -533,69 +552,177 @@ def _drop_aliased(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str
     return X[:, keep], [names[k] for k in keep], dropped
 
 
-def specify(formula: str, data: DataLike, kinship=None) -> Design:
+def specify(formula: str, data: DataLike, kinship=None, weights=None, offset=None) -> Design:
     """Data + formula -> Design (Eq. 3-4): response y, fixed-effects X, random terms Z_k with groupings.
 
-    Rows with NA in any used column are dropped (and counted); aliased fixed-effect columns are dropped
-    with a message, as lme4 does. With ``kinship`` (an n x n positive semi-definite relationship matrix K
-    over the data's rows) the formula has no random term and Sigma = sigma_s^2 K + sigma^2 I. Bad input
-    raises DataError, FormulaError or ModelError.
+    The formula is read as lme4 reads it (:mod:`lmm_symbolic.formula`: R's operators, ``I(x^2)``,
+    ``factor(x)``, ``poly``, ``scale``, ``log(y) ~ ...``, ``offset(z)``); every variable is evaluated over
+    all rows and then rows with a missing value in any used variable, weight or offset are dropped and
+    counted (model.frame's na.omit), unused factor levels with them. Aliased fixed-effect columns are
+    dropped with lme4's message. ``weights`` (a column name or n values) are lmer's prior weights,
+    Var(epsilon_i) = sigma^2 / w_i; ``offset`` (a column name or n values) is added to the linear
+    predictor, as ``offset()`` terms are. With ``kinship`` (an n x n positive semi-definite relationship
+    matrix K over the data's rows) the formula has no random term and Sigma = sigma_s^2 K + sigma^2 I.
+    Bad input raises DataError, FormulaError or ModelError.
     """
     frame = read_data(data)
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise DataError("the data are empty: no rows to fit")
-    columns = {str(c) for c in frame.columns}
-    parsed = parse_formula(formula, columns, require_random=kinship is None)
+    _check_columns(frame)
+    text = formula
+    parsed = split_formula(text)
     if kinship is not None and parsed.random:
         raise FormulaError("give either random-effect terms or a kinship matrix, not both")
-    used = _used_columns(parsed, columns)
-    messages: list[str] = []
-    sub = frame[[c for c in frame.columns if str(c) in used]]
-    na = sub.isna().any(axis=1).to_numpy()
+    if not parsed.random and kinship is None:
+        raise FormulaError(f"the formula {text!r} has no random-effect term such as (1|group); this is "
+                           "then an ordinary linear model: fit it with ordinary least squares "
+                           "(e.g. statsmodels.formula.api.ols), or add a term like (1|group)")
+    _check_response_not_predictor(parsed)
+    ev_frame = Frame(frame, text)
+    y_all = response_values(parsed.response, ev_frame)
+    fixed = evaluate_terms(parsed.fixed, ev_frame)
+    random_parts = [(evaluate_terms(t, ev_frame), group) for t, group in _random_parts(parsed, frame)]
+    w_all = _row_values(weights, frame, "weights")
+    o_all = _row_values(offset, frame, "offset")
+    if fixed.offset is not None:
+        o_all = fixed.offset if o_all is None else o_all + fixed.offset
+    if w_all is not None and np.any(w_all[~np.isnan(w_all)] <= 0):
+        raise DataError("the weights must be positive (lmer: Var(epsilon_i) = sigma^2 / w_i); remove the rows "
+                        "with zero or negative weight")
+    na = np.isnan(y_all) | missing_rows(fixed)
+    for ev, group in random_parts:
+        na |= missing_rows(ev) | _group_missing(frame, group)
+    for extra in (w_all, o_all):
+        if extra is not None:
+            na |= np.isnan(extra)
     n_dropped = int(na.sum())
+    messages: list[str] = []
     if n_dropped and kinship is not None:
         raise DataError(f"{n_dropped} row(s) have missing values; with a kinship matrix remove them from "
                         "the data and from K together")
-    if n_dropped:
-        sub = sub.loc[~na]
-        messages.append(f"{n_dropped} row(s) with missing values dropped")
-    if len(sub) == 0:
+    if n_dropped == len(na):
         raise DataError("no rows left after dropping rows with missing values")
-    sub = sub.reset_index(drop=True)
-    y = _numeric_response(sub, parsed.response)
-    for c in sub.columns:
-        if pd.api.types.is_numeric_dtype(sub[c]) and not pd.api.types.is_bool_dtype(sub[c]):
-            if not np.all(np.isfinite(sub[c].to_numpy(dtype=float))):
-                raise DataError(f"column {c!r} holds an infinite value; remove or correct those rows")
-    fixed = _plain_model_matrix(parsed.fixed, sub)
-    if fixed is None:
-        fixed = _model_matrix(f"{parsed.fixed}", sub, "fixed-effects matrix X")
-    names = [("(Intercept)" if c == "Intercept" else str(c)) for c in fixed.keys()]
-    try:
-        X = _float_matrix(fixed, len(sub))
-    except (TypeError, ValueError):
-        raise DataError(f"the fixed part {parsed.fixed!r} gives non-numeric columns") from None
-    if not np.all(np.isfinite(X)):
-        raise DataError(f"the fixed part {parsed.fixed!r} gives non-finite values (log of 0 or less?)")
-    _check_magnitudes(y, X, parsed.response, names)
+    keep = np.flatnonzero(~na)
+    if n_dropped:
+        messages.append(f"{n_dropped} row(s) with missing values dropped ({len(keep)} of {len(na)} used): "
+                        f"{_missing_summary(frame, na, parsed, w_all, o_all)}")
+    sub = frame.iloc[keep].reset_index(drop=True)
+    y = y_all[keep]
+    X, names = model_matrix(take_rows(fixed, keep))
+    if not np.all(np.isfinite(y)):
+        raise DataError(f"the response {deparse(parsed.response)!r} holds non-finite (infinite) values (log of "
+                        "0? division by 0?); remove or correct those rows")
+    for k in np.flatnonzero(~np.isfinite(X).all(axis=0)):
+        raise DataError(f"the fixed-effect column {names[k]!r} holds non-finite (infinite) values (log of 0? "
+                        "division by 0? overflow?); remove or correct those rows")
+    w = None if w_all is None else w_all[keep]
+    o = None if o_all is None else o_all[keep]
+    if o is not None and not np.all(np.isfinite(o)):
+        raise DataError("the offset holds infinite values")
+    if w is not None and not np.all(np.isfinite(w)):
+        raise DataError("the weights hold infinite values")
+    _check_magnitudes(y, X, deparse(parsed.response), names)
     X, names, dropped = _drop_aliased(X, names)
     if X.shape[1] == 0:
         raise ModelError(f"the formula {formula!r} has no fixed effects (the intercept is removed and no "
                          "other term is left); keep the intercept, as in "
-                         f"'{parsed.response} ~ 1 + (1|group)'")
+                         f"'{deparse(parsed.response)} ~ 1 + (1|group)'")
     if dropped:
-        messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
-                        f"column(s): {', '.join(dropped)}")
-    terms = tuple(_random_term(expr, group, sub) for expr, group in parsed.random)
+        s_ = "" if len(dropped) == 1 else "s"
+        messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column{s_} / "
+                        f"coefficient{s_} ({', '.join(dropped)})")
+    terms = tuple(_random_term(ev, group, keep, sub) for ev, group in random_parts)
     _check_identifiable(terms, len(y))
     K = None if kinship is None else _check_kinship(kinship, len(y))
     for msg in messages:
         warnings.warn(msg, LMMWarning, stacklevel=2)
-    for arr in (y, X):
-        arr.setflags(write=False)
-    return Design(formula=formula, response=parsed.response, y=y, X=X, fixed_names=tuple(names),
+    for arr in (y, X, w, o):
+        if arr is not None:
+            arr.setflags(write=False)
+    return Design(formula=formula, response=deparse(parsed.response), y=y, X=X, fixed_names=tuple(names),
                   terms=terms, frame=sub, messages=tuple(messages), dropped_columns=tuple(dropped),
-                  n_dropped_rows=n_dropped, kinship=K)
+                  n_dropped_rows=n_dropped, kinship=K, weights=w, offset=o)
+
+
+def _check_columns(frame: pd.DataFrame) -> None:
+    names = [str(c) for c in frame.columns]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise DataError(f"the data have more than one column named {', '.join(map(repr, repeated))}; give "
+                        "every column its own name")
+
+
+def _check_response_not_predictor(parsed) -> None:
+    response = parsed.response
+    if response.kind != "name":
+        return
+    used = set().union(*(names_in(v) for v in parsed.fixed.variables), set())
+    for part in parsed.random:
+        used |= names_in(part.expr)
+    if response.value in used:
+        raise FormulaError(f"the response {response.value!r} also appears on the right-hand side of "
+                           f"{parsed.text!r}; a variable cannot predict itself: remove it from the terms")
+
+
+def _random_parts(parsed, frame: pd.DataFrame) -> list[tuple[Terms, str]]:
+    """Each ``(expr|group)`` as Terms and a grouping: ``a/b`` as ``b:a`` and ``a``, ``(x||g)`` as one
+    uncorrelated term per column, as lme4's findbars and expandDoubleVerts do."""
+    out = []
+    for part in parsed.random:
+        terms = expand_terms(part.expr, parsed.text)
+        groups = _expand_group(deparse(part.group).replace(" ", ""), parsed.text)
+        if part.correlated:
+            pieces = [terms]
+        else:
+            pieces = ([Terms(terms.variables, (), True)] if terms.intercept else [])
+            pieces += [Terms(terms.variables, (t,), False) for t in terms.terms]
+        for g in groups:
+            for cols in g.split(":"):
+                if cols not in frame.columns:
+                    raise DataError(f"unknown column {cols!r} as grouping factor in {parsed.text!r}; the data "
+                                    f"has columns {', '.join(sorted(map(str, frame.columns)))}")
+            out += [(t, g) for t in pieces]
+    return out
+
+
+def _group_missing(frame: pd.DataFrame, group: str) -> np.ndarray:
+    return frame[group.split(":")].isna().any(axis=1).to_numpy()
+
+
+def _row_values(values, frame: pd.DataFrame, what: str) -> np.ndarray | None:
+    """``weights`` or ``offset``: a column name or n numbers, as floats (NaN where missing)."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        if values not in frame.columns:
+            raise DataError(f"unknown column {values!r} given as {what}; the data has columns "
+                            f"{', '.join(sorted(map(str, frame.columns)))}")
+        values = frame[values]
+    try:
+        arr = np.asarray(pd.to_numeric(pd.Series(np.asarray(values).ravel()), errors="raise"), dtype=float)
+    except (TypeError, ValueError):
+        raise DataError(f"the {what} must be numbers") from None
+    if arr.shape != (len(frame),):
+        raise DataError(f"the {what} have {arr.size} values but the data have {len(frame)} rows")
+    return arr
+
+
+def _missing_summary(frame: pd.DataFrame, na: np.ndarray, parsed, w, o) -> str:
+    """Which variables were missing in the dropped rows, as R users read it."""
+    columns = set()
+    for v in parsed.fixed.variables + (parsed.response,):
+        columns |= names_in(v)
+    for part in parsed.random:
+        columns |= names_in(part.expr) | names_in(part.group)
+    counts = []
+    for c in sorted(c for c in columns if c in frame.columns):
+        k = int(frame[c].isna().to_numpy()[na].sum())
+        if k:
+            counts.append(f"{c} missing in {k}")
+    for name, v in (("weights", w), ("offset", o)):
+        if v is not None and np.isnan(v[na]).any():
+            counts.append(f"{name} missing in {int(np.isnan(v[na]).sum())}")
+    return "; ".join(counts) or "a transformation is undefined there (e.g. log of a negative number)"
 
 
 def _check_kinship(kinship, n: int) -> np.ndarray:
@@ -625,18 +752,20 @@ def _used_columns(parsed: ParsedFormula, columns: set[str]) -> set[str]:
     return {name for name in re.findall(r"[A-Za-z_.][\w.]*", text) if name in columns}
 
 
-def _random_term(expr: str, group: str, frame: pd.DataFrame) -> RandomTerm:
-    Zf = _plain_model_matrix(expr, frame)
-    if Zf is None:
-        Zf = _model_matrix(expr, frame, f"random-effects matrix of ({expr}|{group})")
-    if len(Zf.keys()) == 0:
+def _random_term(ev: Evaluated, group: str, keep: np.ndarray, frame: pd.DataFrame) -> RandomTerm:
+    """One random term: its model matrix Z (R's coding and names) and the grouping's level codes."""
+    Z, names = model_matrix(take_rows(ev, keep))
+    label = " + ".join(ev.terms.labels) or "1"
+    expr = label if ev.terms.intercept or not ev.terms.terms else f"0 + {label}"
+    if Z.shape[1] == 0:
         raise FormulaError(f"random-effect term ({expr}|{group}) has no columns")
-    names = tuple("(Intercept)" if c == "Intercept" else str(c) for c in Zf.keys())
+    if not np.all(np.isfinite(Z)):
+        raise DataError(f"the random-effect term ({expr}|{group}) gives infinite values")
     codes, levels = _grouping(frame, group)
-    Z = _float_matrix(Zf, len(frame))
+    Z = np.asfortranarray(Z)
     for arr in (Z, codes):
         arr.setflags(write=False)
-    return RandomTerm(expr=expr, group=group, names=names, Z=Z, codes=codes, levels=levels)
+    return RandomTerm(expr=expr, group=group, names=tuple(names), Z=Z, codes=codes, levels=levels)
 
 
 def _check_identifiable(terms: tuple[RandomTerm, ...], n: int) -> None:

@@ -26,9 +26,9 @@ import pandas as pd
 
 from .errors import DataError, FormulaError, LMMWarning, ModelError
 from .progress import logger, stage
-from .specification import (_IN_C, Design, RandomTerm, _check_identifiable, _float_matrix, _group_values,
-                            _numeric_response, _plain_model_matrix, _sorted_codes, _used_columns,
-                            parse_formula)
+from .formula import Frame, Node, Terms, evaluate_terms, model_matrix, names_in, response_values, split_formula
+from .specification import (Design, RandomTerm, _check_identifiable, _check_response_not_predictor, _group_values,
+                            _random_parts, _sorted_codes)
 
 #: rows per block of the one pass (at least 16 rows per group, so each G-sized bincount is amortised)
 CHUNK_ROWS = 1 << 17
@@ -421,7 +421,20 @@ def is_dask_dataframe(data) -> bool:
     return mod.split(".")[0] == "dask" and hasattr(data, "npartitions") and hasattr(data, "to_delayed")
 
 
-_STATEFUL = re.compile(r"\b(center|scale|poly)\s*\(")
+#: transformations that need a whole column at once (not a partition)
+_STATEFUL = frozenset({"scale", "poly"})
+#: calls that make a factor of their column
+_FACTOR_CALLS = frozenset({"factor", "as.factor", "ordered", "as.ordered", "C"})
+
+
+def _calls(node: Node) -> list[Node]:
+    """Every function call in an expression."""
+    out = [node] if node.kind == "call" else []
+    for a in node.args:
+        out += _calls(a)
+    for _, v in node.kwargs:
+        out += _calls(v)
+    return out
 
 
 #: the models a Dask DataFrame can be fitted with (from per-group statistics)
@@ -434,20 +447,20 @@ class _Plan:
     """What each partition needs to become rows of y, X, Z and group codes (picklable for the workers)."""
 
     columns: tuple
-    response: str
-    fixed: str
+    formula: str
+    response: Node
+    fixed: Terms
     group: str
     categories: dict          # column -> its global (sorted) categories
     levels: tuple = ()        # the grouping factor's values, in level order
     names: tuple = ()         # X's columns as built (before aliased ones are dropped)
-    model_spec: object = None  # formulaic's ModelSpec, or None for a plain sum of numeric columns
     keep: tuple | None = None  # X's columns kept after the rank check
-    random: tuple = ()        # (expr, ModelSpec or None, Z's column names) of each random term
+    random: tuple = ()        # (Terms, Z's column names) of each random term
 
     @property
     def intercept_only(self) -> bool:
         """One (1|g) term: the per-group sums of :class:`GroupStatistics`, else :class:`BlockStatistics`."""
-        return len(self.random) == 1 and self.random[0][2] == ("Intercept",)
+        return len(self.random) == 1 and self.random[0][1] == ("(Intercept)",)
 
 
 def _clean(part: pd.DataFrame, plan: _Plan) -> pd.DataFrame:
@@ -482,36 +495,39 @@ def _merge_moments(a: tuple, b: tuple) -> tuple:
 def _scan(part: pd.DataFrame, plan: _Plan, numeric: tuple, unknown: tuple) -> dict:
     """First pass over a partition: rows, the response's moments, infinite values, distinct labels."""
     n_raw = len(part)
+    na = {str(c): int(k) for c, k in part[list(plan.columns)].isna().sum().items() if k}
     part = _clean(part, plan)
     infinite = tuple(c for c in numeric
                      if not np.all(np.isfinite(part[c].to_numpy(dtype=float))))
-    return {"n_raw": n_raw, "n": len(part), "moments": _moments(part[plan.response].to_numpy(dtype=float)),
+    return {"n_raw": n_raw, "n": len(part), "na": na, "moments": _moments(_response(part, plan)),
             "infinite": infinite, "groups": pd.Series(_group_values(part, plan.group).unique()),
             "labels": {c: pd.Series(part[c].unique()) for c in unknown}}
 
 
-def _matrix_block(part: pd.DataFrame, text: str, model_spec, names: tuple) -> np.ndarray:
-    """A model matrix (X, or a random term's Z) of a cleaned partition, built as in memory."""
-    if model_spec is None:
-        columns = _plain_model_matrix(text, part)
-    else:
-        columns = pd.DataFrame(model_spec.get_model_matrix(part, na_action="raise"))
-        if tuple(str(c) for c in columns.columns) != names:
-            raise DataError(f"the partitions of the Dask DataFrame give different columns for {text!r} "
-                            f"({list(columns.columns)} vs {list(names)}); give categorical columns "
-                            "known categories (ddf.categorize())")
-    return _float_matrix(columns, len(part))
+def _matrix_block(part: pd.DataFrame, terms: Terms, names: tuple | None, formula: str) -> tuple[np.ndarray, tuple]:
+    """A model matrix (X, or a random term's Z) of a cleaned partition, built as in memory
+    (:func:`lmm_symbolic.formula.model_matrix`, factors with their global levels)."""
+    X, built = model_matrix(evaluate_terms(terms, Frame(part, formula)))
+    if names is not None and tuple(built) != names:
+        raise DataError(f"the partitions of the Dask DataFrame give different columns for {formula!r} "
+                        f"({list(built)} vs {list(names)}); give categorical columns known categories "
+                        "(ddf.categorize())")
+    return X, tuple(built)
+
+
+def _response(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
+    return response_values(plan.response, Frame(part, plan.formula))
 
 
 def _fixed_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
     """X of a cleaned partition, with the columns the plan keeps."""
-    X = _matrix_block(part, plan.fixed, plan.model_spec, plan.names)
+    X = _matrix_block(part, plan.fixed, plan.names, plan.formula)[0]
     return X if plan.keep is None else X[:, list(plan.keep)]
 
 
 def _random_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
     """Z = [Z_1 ... Z_K] of a cleaned partition, the terms' columns side by side (q columns in all)."""
-    return np.hstack([_matrix_block(part, expr, spec, names) for expr, spec, names in plan.random])
+    return np.hstack([_matrix_block(part, terms, names, plan.formula)[0] for terms, names in plan.random])
 
 
 def _codes_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
@@ -531,7 +547,7 @@ def _partition_sums(part: pd.DataFrame, plan: _Plan, shift: float, scale: float,
     G = len(plan.levels)
     X = _fixed_block(part, plan)
     codes = _codes_block(part, plan)
-    y = part[plan.response].to_numpy(dtype=float)
+    y = _response(part, plan)
     p = X.shape[1]
     if plan.intercept_only:
         sums = (_block_sums(y, X, codes, G, shift, scale, ones),)
@@ -576,7 +592,7 @@ def _kept_columns(stats: GroupStatistics | BlockStatistics, keep: list[int],
 
 
 def _response_block(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
-    return _clean(part, plan)[plan.response].to_numpy(dtype=float)
+    return _response(_clean(part, plan), plan)
 
 
 def _fixed_rows(part: pd.DataFrame, plan: _Plan) -> np.ndarray:
@@ -606,24 +622,6 @@ def _level_values(values: pd.Series) -> list:
     if isinstance(values.dtype, pd.CategoricalDtype):
         return list(values.cat.remove_unused_categories().cat.categories)
     return _sorted_codes(values.reset_index(drop=True))[1]
-
-
-def _model_spec(spec: str, part: pd.DataFrame, what: str) -> tuple:
-    """formulaic's ModelSpec of a model matrix (X, or a random term's Z) built on one partition, and its
-    column names (None for the plain fast path)."""
-    plain = _plain_model_matrix(spec, part)
-    if plain is not None:
-        return None, tuple(plain.keys())
-    from formulaic import model_matrix
-    from formulaic.errors import FormulaicError
-
-    try:
-        mm = model_matrix(spec, part, na_action="raise")
-    except FormulaicError as exc:
-        raise FormulaError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"cannot build the {what} from {spec!r}: {str(exc).splitlines()[0]}") from None
-    return mm.model_spec, tuple(str(c) for c in mm.columns)
 
 
 def _drop_aliased_gram(XtX: np.ndarray, n: int, absmax: float, names: list[str]) -> list[int]:
@@ -659,33 +657,41 @@ def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
     if kinship is not None:
         raise ModelError(f"a kinship matrix needs the data in memory (ddf.compute()); a Dask DataFrame "
                          f"supports {DASK_MODELS}")
-    columns = {str(c) for c in ddf.columns}
-    parsed = parse_formula(formula, columns)
-    groups = list(dict.fromkeys(g for _, g in parsed.random))
+    parsed = split_formula(formula)
+    if not parsed.random:
+        raise FormulaError(f"the formula {formula!r} has no random-effect term such as (1|group)")
+    if parsed.fixed.offsets:
+        raise ModelError("offsets are not supported with a Dask DataFrame yet; compute the data into pandas "
+                         "first")
+    _check_response_not_predictor(parsed)
+    random_parts = _random_parts(parsed, ddf._meta)
+    groups = list(dict.fromkeys(g for _, g in random_parts))
     if len(groups) != 1:
         raise ModelError(f"a Dask DataFrame is fitted from per-group statistics, which need {DASK_MODELS}; "
                          f"this formula's random terms group by {', '.join(groups)} (crossed or nested "
                          "factors): fit it in memory (ddf.compute())")
     group = groups[0]
-    exprs = tuple(e for e, _ in parsed.random)
-    model_text = " ".join((parsed.fixed,) + exprs)
-    if _STATEFUL.search(model_text):
-        raise ModelError("center(), scale() and poly() need a whole column at once; with a Dask DataFrame "
-                         "compute the transformed column first")
-    used = _used_columns(parsed, columns)
+    exprs = tuple(t for t, _ in random_parts)
+    nodes = list(parsed.fixed.variables) + [v for t in exprs for v in t.variables] + [parsed.response]
+    calls = [c for node in nodes for c in _calls(node)]
+    if any(c.value in _STATEFUL for c in calls):
+        raise ModelError("scale() and poly() need a whole column at once; with a Dask DataFrame compute the "
+                         "transformed column first")
+    used = set().union(*(names_in(v) for v in nodes), set(group.split(":")))
     cols = tuple(c for c in ddf.columns if str(c) in used)
     meta = ddf._meta[list(cols)]
-    _numeric_response(meta, parsed.response)
-    in_c = set(_IN_C.findall(model_text))
+    in_c = {str(a.value) for c in calls if c.value in _FACTOR_CALLS for a in c.args[:1] if a.kind == "name"}
     group_cols = set(group.split(":"))
-    factor_cols = [c for c in cols if str(c) != parsed.response and str(c) not in group_cols
+    response_cols = names_in(parsed.response)
+    factor_cols = [c for c in cols if str(c) not in response_cols and str(c) not in group_cols
                    and (str(c) in in_c or not pd.api.types.is_numeric_dtype(meta[c]))]
     known = {c: list(meta[c].cat.categories) for c in factor_cols
              if isinstance(meta[c].dtype, pd.CategoricalDtype) and len(meta[c].cat.categories)}
     unknown = tuple(c for c in factor_cols if c not in known)
     numeric = tuple(c for c in cols if pd.api.types.is_numeric_dtype(meta[c])
                     and not pd.api.types.is_bool_dtype(meta[c]))
-    plan = _Plan(columns=cols, response=parsed.response, fixed=parsed.fixed, group=group, categories={})
+    plan = _Plan(columns=cols, formula=formula, response=parsed.response, fixed=parsed.fixed, group=group,
+                 categories={})
     parts = ddf.to_delayed()
     npart = len(parts)
 
@@ -714,22 +720,22 @@ def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
     first = next(i for i, s in enumerate(scans) if s["n"])
     plan = replace(plan, categories=categories, levels=levels)
     sample = _clean(parts[first].compute(), plan)
-    model_spec, names = _model_spec(parsed.fixed, sample, "fixed-effects matrix X")
-    random = tuple((e, *_model_spec(e, sample, f"random-effects matrix of ({e}|{group})")) for e in exprs)
-    for e, _, z_names in random:
+    names = _matrix_block(sample, parsed.fixed, None, formula)[1]
+    random = tuple((t, _matrix_block(sample, t, None, formula)[1]) for t in exprs)
+    for t, z_names in random:
         if not z_names:
-            raise FormulaError(f"random-effect term ({e}|{group}) has no columns")
-    q = sum(len(z_names) for _, _, z_names in random)
+            raise FormulaError(f"a random-effect term of {group!r} in {formula!r} has no columns")
+    q = sum(len(z_names) for _, z_names in random)
     if q > BLOCK_Q:
         raise ModelError(f"a Dask DataFrame is fitted from per-group statistics, which need {DASK_MODELS}; "
                          f"this formula has {q} random effects per level of {group!r}: fit it in memory "
                          "(ddf.compute())")
-    plan = replace(plan, names=names, model_spec=model_spec, random=random)
+    plan = replace(plan, names=names, random=random)
 
     # pass 2: the per-group sums, added up in a tree. The response is centred when the constant lies in
     # col(X): always with an intercept column; for cell-means coding when the first partition says so,
     # checked on the whole X^T X afterwards (and the pass repeated without the shift if it fails)
-    ones = tuple(k for k, name in enumerate(names) if name == "Intercept")
+    ones = tuple(k for k, name in enumerate(names) if name == "(Intercept)")
     spans = bool(ones) or spans_constant(_fixed_block(sample, plan))
     scale = math.sqrt(moments[2] / n) or 1.0
     p_all = len(names)
@@ -745,7 +751,7 @@ def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
 
     shift = moments[1] if spans else 0.0
     raw, m, Xt1, XtX, lo, hi, absmax = group_sums(shift)
-    fixed_names = [("(Intercept)" if c == "Intercept" else c) for c in names]
+    fixed_names = list(names)
     keep = _drop_aliased_gram(XtX, n, absmax, fixed_names)
     A, b = XtX[np.ix_(keep, keep)], Xt1.sum(0)[keep]
     if ones:
@@ -761,11 +767,17 @@ def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
     stats = _kept_columns(raw, keep, shift * delta)
     messages: list[str] = []
     if n_raw > n:
-        messages.append(f"{n_raw - n} row(s) with missing values dropped")
+        na = {}
+        for sc in scans:
+            for c, k in sc["na"].items():
+                na[c] = na.get(c, 0) + k
+        detail = "; ".join(f"{c} missing in {na[c]}" for c in sorted(na))
+        messages.append(f"{n_raw - n} row(s) with missing values dropped ({n} of {n_raw} used): {detail}")
     dropped = [fixed_names[k] for k in range(p_all) if k not in keep]
     if dropped:
-        messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
-                        f"column(s): {', '.join(dropped)}")
+        s_ = "" if len(dropped) == 1 else "s"
+        messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column{s_} / "
+                        f"coefficient{s_} ({', '.join(dropped)})")
         plan = replace(plan, keep=tuple(keep))
     means = Xt1[:, keep] / m[:, None]
     within = np.all(np.isclose(lo[:, keep], means) & np.isclose(hi[:, keep], means), axis=0)
@@ -778,16 +790,17 @@ def specify_dask(formula: str, ddf, kinship=None) -> DaskDesign:
     y, codes = rows(_response_block, (), float), rows(_codes_rows, (), np.intp)
     X, Z = rows(_fixed_rows, (len(keep),), float), rows(_random_rows, (q,), float)
     terms, col = [], 0
-    for expr, _, z_names in random:
+    for t, z_names in random:
+        label = " + ".join(t.labels) or "1"
+        expr = label if t.intercept or not t.terms else f"0 + {label}"
         terms.append(RandomTerm(expr=expr, group=group, codes=codes, levels=tuple(str(v) for v in levels),
-                                names=tuple("(Intercept)" if c == "Intercept" else c for c in z_names),
-                                Z=Z[:, col:col + len(z_names)]))
+                                names=tuple(z_names), Z=Z[:, col:col + len(z_names)]))
         col += len(z_names)
     _check_identifiable(tuple(terms), n)
     for msg in messages:
         warnings.warn(msg, LMMWarning, stacklevel=3)
     logger.info("Dask design: %d rows, %d fixed effects, %d groups, q = %d", n, len(keep), len(levels), q)
-    return DaskDesign(formula=formula, response=parsed.response, y=y, X=X,
+    return DaskDesign(formula=formula, response=str(parsed.response), y=y, X=X,
                       fixed_names=tuple(fixed_names[k] for k in keep), terms=tuple(terms), frame=ddf[list(cols)],
                       messages=tuple(messages), dropped_columns=tuple(dropped), n_dropped_rows=n_raw - n,
                       statistics=stats, within_constant=within, has_constant=spans,

@@ -102,8 +102,8 @@ BAD_INPUTS = [
     BadInput("unknown grouping column", _good, "y ~ x + (1|k)", DataError, ("unknown column 'k'", "g, h")),
     BadInput("unknown random-slope column", _good, "y ~ x + (w|g)", DataError, ("unknown column 'w'",)),
     BadInput("unknown response", _good, "yy ~ x + (1|g)", DataError, ("unknown column 'yy'", "columns")),
-    BadInput("response is an expression", _good, "log(y) ~ x + (1|g)", DataError,
-             ("must be a column", "add it")),
+    BadInput("response is an expression of no column", _good, "log(z) ~ x + (1|g)", DataError,
+             ("unknown column 'z'",)),
     # formulas
     BadInput("no random term", _good, "y ~ x", FormulaError, ("no random-effect term", "least squares")),
     BadInput("empty formula", _good, "", FormulaError, ("empty", "resp ~ treat + (1|ind)")),
@@ -118,7 +118,7 @@ BAD_INPUTS = [
     BadInput("double bar", _good, "y ~ x + (1|g|h)", FormulaError, ("more than one bar",)),
     BadInput("bar outside parentheses", _good, "y ~ x | g", FormulaError, ("parentheses", "(1|group)")),
     BadInput("bad nesting", _good, "y ~ x + (1|g/)", FormulaError, ("grouping factor", "a/b")),
-    BadInput("dangling power", _good, "y ~ x** + (1|g)", FormulaError, ("cannot build", "x**")),
+    BadInput("dangling power", _good, "y ~ x** + (1|g)", FormulaError, ("empty term", "'^'")),
     BadInput("bad term argument", _good, "y ~ C(x, 'zz') + (1|g)", FormulaError, ("cannot build", "argument")),
     BadInput("response also a predictor", _good, "y ~ y + (1|g)", FormulaError,
              ("right-hand side", "remove it")),
@@ -232,7 +232,7 @@ def test_hostile_formulas_never_reach_formulaic(monkeypatch):
         with pytest.raises(FormulaError):
             lmm.specify(case.formula, frame())
     for formula in ("y ~ eval('x') + (1|g)", "y ~ open('/etc/passwd') + (1|g)", "y ~ globals() + (1|g)",
-                    "y ~ x + (1|g.__class__)", "y ~ I(x).real + (1|g)", "y ~ `x` + (1|g)",
+                    "y ~ x + (1|g.__class__)", "y ~ I(x).real + (1|g)", "y ~ `__import__`('os') + (1|g)",
                     "y ~ I((9**99)**99) + (1|g)", "y ~ I(x**(9**9)) + (1|g)", "y ~ x + (1|g) + \"\"*9"):
         with pytest.raises(LMMError):
             lmm.specify(formula, frame())
@@ -241,7 +241,8 @@ def test_hostile_formulas_never_reach_formulaic(monkeypatch):
 def test_powers_and_strings_that_formulas_need_still_work():
     df = frame()
     for formula in ("y ~ I(x**2) + (1|g)", "y ~ I(2**x) + (1|g)", "y ~ I(x**-1) + (1|g)",
-                    "y ~ (x + h)**2 + (1|g)", "y ~ C(h, Treatment('q')) + (1|g)"):
+                    "y ~ (x + h)**2 + (1|g)", "y ~ I(x^2) + (1|g)", "y ~ (x + h)^2 + (1|g)",
+                    "y ~ C(h, contr.poly) + (1|g)", "y ~ factor(h) + (1|g)"):
         assert lmm.specify(formula, df).p >= 2, formula
 
 
@@ -276,12 +277,12 @@ def test_rank_deficient_x_drops_the_later_aliased_column_by_name():
         result = lmm.fit("y ~ x + x2 + x3 + (1|g)", df)
     assert result.design.dropped_columns == ("x2", "x3")
     assert list(result.params.index) == ["(Intercept)", "x"]
-    assert any("dropping 2 column(s): x2, x3" in m for m in result.messages)
+    assert any("dropping 2 columns / coefficients (x2, x3)" in m for m in result.messages)
     plain = lmm.fit("y ~ x + (1|g)", df)
     np.testing.assert_allclose(result.params, plain.params, rtol=1e-10)
     assert result.loglik == pytest.approx(plain.loglik, rel=1e-12)
     # the earlier column is kept: with x2 first, x is the one dropped (lme4 keeps the pivot order)
-    with pytest.warns(LMMWarning, match="x$"):
+    with pytest.warns(LMMWarning, match=r"\(x\)$"):
         assert lmm.specify("y ~ x2 + x + (1|g)", df).fixed_names == ("(Intercept)", "x2")
 
 

@@ -261,16 +261,18 @@ def test_between_group_columns_and_implicit_intercepts():
 
 # ------------------------------------------------------------------------------------ the fit path
 def test_exact_estimates_are_not_attempted_on_large_balanced_data(monkeypatch, frame):
-    import lmm_symbolic.results as results
+    """The bound is decided from the data's size before any exact arithmetic (no Fraction is made)."""
+    import lmm_symbolic.optimisation as optimisation
 
     def refuse(*args, **kwargs):
-        raise AssertionError("exact_optimum called on a large design")
+        raise AssertionError("exact arithmetic on a large design")
 
-    monkeypatch.setattr(results, "exact_optimum", refuse)
-    g = np.repeat(np.arange(600), 10)  # balanced, 6000 rows > EXACT_N
+    monkeypatch.setattr(optimisation, "_fractions", refuse)
+    g = np.repeat(np.arange(600), 10)  # balanced, 6000 rows
     rng = np.random.default_rng(2)
     data = pd.DataFrame({"y": rng.normal(size=6000) + rng.normal(size=600)[g], "g": g})
-    assert lmm.fit("y ~ 1 + (1|g)", data).exact is None
+    fit = lmm.fit("y ~ 1 + (1|g)", data)
+    assert fit.exact is None and "bounded to 2000 data values" in fit.exact_reason
 
 
 @pytest.fixture
