@@ -403,8 +403,8 @@ def expand_terms(node: Node, text: str, intercept: bool = True) -> Terms:
             if op == ":":
                 return product(walk(a), walk(b))
             if op == "%in%":
-                outer = frozenset().union(*walk(b))
-                return product(walk(a), [outer])
+                inner = walk(a)
+                return product(inner, [frozenset().union(*walk(b))])
             if op == "/":
                 ta = walk(a)
                 outer = frozenset().union(*ta) if ta else frozenset()

@@ -155,6 +155,13 @@ def read_data(data: DataLike) -> pd.DataFrame:
         raise DataError(f"data file not found: {path!r}; give the path of a CSV file")
     if os.path.isdir(path):
         raise DataError(f"{path!r} is a directory; give the path of a CSV file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path!r} is not a regular file (a pipe, socket or device is not read, since it may "
+                        "never end); save the data to a CSV file")
+    size = os.path.getsize(path)
+    if size > MAX_CSV_BYTES:
+        raise DataError(f"{path!r} holds {size / 2**20:.0f} MiB, more than the {MAX_CSV_BYTES // 2**20} MiB a CSV "
+                        "file may hold here; use a Dask DataFrame (dask.dataframe.read_csv) for larger data")
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
@@ -163,8 +170,12 @@ def read_data(data: DataLike) -> pd.DataFrame:
                         "and that you may read it") from None
     if b"\x00" in head:
         raise DataError(f"{path!r} is not a text CSV file (it holds binary data); export the data as CSV")
+    header = head.split(b"\n", 1)[0]
+    if header.count(b",") + header.count(b";") + header.count(b"\t") >= MAX_COLUMNS:
+        raise DataError(f"{path!r} has more than {MAX_COLUMNS} columns, more than a model's data may have here")
     try:
-        frame = pd.read_csv(path, **_csv_dialect(head))
+        # as R's read.csv: only empty cells and NA are missing (a level called "None" or "null" is data)
+        frame = pd.read_csv(path, keep_default_na=False, na_values=["", "NA"], **_csv_dialect(path, head))
     except pd.errors.EmptyDataError:
         raise DataError(f"the data file {path!r} is empty; it needs a header line and rows of data") from None
     except UnicodeDecodeError as exc:
@@ -173,17 +184,42 @@ def read_data(data: DataLike) -> pd.DataFrame:
     except (pd.errors.ParserError, OSError, ValueError) as exc:
         raise DataError(f"cannot read {path!r} as CSV: {str(exc).splitlines()[0]}; check the file is "
                         "comma-separated with one header line") from None
+    return _numeric_text_columns(frame)
+
+
+#: the largest CSV file read into memory, and the most columns
+MAX_CSV_BYTES = 4 * 2**30
+MAX_COLUMNS = 10_000
+
+
+def _numeric_text_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """A text column whose every value is a number, NaN or Inf becomes numeric (R's read.csv reads "NaN"
+    and "Inf" in a numeric column as numbers); any other text column stays text."""
+    for c in frame.columns:
+        col = frame[c]
+        if col.dtype == object or pd.api.types.is_string_dtype(col):
+            numbers = pd.to_numeric(col, errors="coerce")
+            text = col.astype(str).str.strip().str.lower()
+            if numbers.notna().sum() and (numbers.notna() | col.isna() | text.isin(["nan", "-nan"])).all():
+                frame[c] = numbers.astype(float)
     return frame
 
 
-def _csv_dialect(head: bytes) -> dict:
-    """Comma-, semicolon- or tab-separated, by the header line; a semicolon file is read with decimal
-    commas, as spreadsheets write it where the comma is the decimal mark."""
+def _csv_dialect(path: str, head: bytes) -> dict:
+    """Comma-, semicolon- or tab-separated, by the header line. A semicolon file is read with decimal
+    commas when its numbers have them (as spreadsheets write where the comma is the decimal mark), with
+    decimal points otherwise."""
     header = head.split(b"\n", 1)[0]
     sep = max((b",", b";", b"\t"), key=header.count)
     if not header.count(sep) or sep == b",":
         return {}
-    return {"sep": sep.decode(), **({"decimal": ","} if sep == b";" else {})}
+    if sep == b";":
+        with open(path, "rb") as fh:
+            body = fh.read(1 << 16)
+        commas = len(re.findall(rb"(?:^|;)-?\d+,\d+(?=;|\r?$)", body, re.M))
+        points = len(re.findall(rb"(?:^|;)-?\d*\.\d+(?=;|\r?$)", body, re.M))
+        return {"sep": ";", **({"decimal": ","} if commas >= points and commas else {})}
+    return {"sep": sep.decode()}
 
 
 # ------------------------------------------------------------------------------------------ formula
