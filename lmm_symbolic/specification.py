@@ -565,26 +565,30 @@ def _check_magnitudes(y: np.ndarray, X: np.ndarray, response: str, names: list[s
                             "sums of squares hold in double precision; rescale it (e.g. to other units)")
 
 
-def _drop_aliased(X: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
-    """Keep earlier columns and drop each later column that is a linear combination of them (lme4)."""
-    keep: list[int] = []
-    # each column on its own scale (R's qr judges a column against its own norm): a predictor in small
-    # units (x * 1e-8) is not mistaken for an aliased one
-    scale = np.abs(X).max(axis=0) if X.size else np.ones(X.shape[1])
-    scale = np.where(scale > 0, scale, 1.0)     # an all-zero column is aliased whatever its scale
+def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7) -> tuple[np.ndarray, list[str], list[str]]:
+    """Drop each column that is a linear combination of the earlier kept ones, as R's qr (dqrdc2, which
+    lme4's check.rankX uses): a column goes when its norm after projecting out the kept columns is below
+    ``tol`` times its own norm. Near-collinear columns above that (x2 = x1 + 1e-6 noise) stay, as in lme4."""
     n, p = X.shape
-    if 0 < p <= n:
-        # full rank by the Gram matrix's eigenvalues (one pass over X): then every leading set of columns
-        # has its smallest singular value above the tolerance too, and the loop below would keep them all
-        tol = 1e-7 * n
-        lam = np.linalg.eigvalsh((X.T @ X) / np.outer(scale, scale))
-        if np.all(np.isfinite(lam)) and lam[0] > 4 * tol**2 + 1e-12 * lam[-1]:
+    norms = np.sqrt((X * X).sum(axis=0)) if X.size else np.zeros(p)
+    zero = norms == 0
+    scaled = X / np.where(zero, 1.0, norms)
+    if 0 < p <= n and not zero.any():
+        # full rank by the normalised Gram matrix: each column's relative residual is >= sqrt(lambda_min)
+        lam = np.linalg.eigvalsh(scaled.T @ scaled)
+        if np.all(np.isfinite(lam)) and lam[0] > 1e-8:
             return X, list(names), []
-    for k in range(X.shape[1]):
-        trial = X[:, keep + [k]] / scale[keep + [k]]
-        if np.linalg.matrix_rank(trial, tol=1e-7 * max(trial.shape)) == len(keep) + 1:
-            keep.append(k)
-    dropped = [names[k] for k in range(X.shape[1]) if k not in keep]
+    keep = [k for k in range(p) if not zero[k]]
+    while keep:
+        R = np.linalg.qr(scaled[:, keep], mode="r")
+        small = np.flatnonzero(np.abs(np.diag(R)) < tol) if R.shape[0] >= len(keep) else np.array([], int)
+        if R.shape[0] < len(keep):            # more columns than rows: the later ones are combinations
+            small = np.array([np.flatnonzero(np.abs(np.diag(R)) < tol)[0] if (np.abs(np.diag(R)) < tol).any()
+                              else R.shape[0]])
+        if not len(small):
+            break
+        del keep[int(small[0])]
+    dropped = [names[k] for k in range(p) if k not in keep]
     return X[:, keep], [names[k] for k in keep], dropped
 
 

@@ -152,3 +152,16 @@ def test_deep_or_repeated_formulas_are_bounded(text):
         lmm.specify(text, df)
     except lmm.LMMError as exc:
         assert "nested more than" in str(exc) or "unknown column" in str(exc) or "terms" in str(exc)
+
+
+def test_near_collinear_columns_are_kept_as_lme4_keeps_them():
+    """x2 = x1 + 1e-6 noise is not aliased for R's qr (tolerance 1e-7 of the column's own norm): lme4 keeps
+    it, and dropping it had left the fit 1.1 (ML) and 13 (REML) log-likelihood units below lme4's."""
+    from lmm_symbolic.specification import _drop_aliased
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    X = np.column_stack([np.ones(50), x, 2 * x, x + 1, x + 1e-6 * rng.normal(size=50), np.zeros(50)])
+    assert _drop_aliased(X, list("abcdef"))[1:] == (["a", "b", "e"], ["c", "d", "f"])
+    V = np.column_stack([np.ones(3), [1, 2, 3.0], [1, 4, 9.0], [1, 8, 27.0], [2, 3, 4.0]])
+    assert _drop_aliased(V, list("abcde"))[1:] == (["a", "b", "c"], ["d", "e"])
