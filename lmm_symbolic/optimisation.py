@@ -323,6 +323,15 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
         if inward is None:
             break
         res = search(inward)
+    standard = _standardising_map(objective)
+    if standard is not None and (np.any(np.asarray(res.x) <= lower + 1e-12) or not res.success
+                                 or standard.poorly_centred):
+        # a second start, in the coordinates of centred and scaled slope columns: a slope whose covariate
+        # sits far from 0 (or on another scale) makes lme4's theta badly conditioned
+        second = standard.minimise(objective, theta0, bounds, path)
+        if second is not None and objective(second) < objective(np.asarray(res.x)):
+            res = scipy.optimize.OptimizeResult(x=second, success=True, message=f"{res.message}; second start "
+                                                "in centred and scaled slope coordinates")
     theta = _polish_general(objective, np.array(res.x), lower)
     st = objective.state(theta)
     grad = objective.gradient(st)
@@ -342,6 +351,82 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
     return GeneralOptimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
                           beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
                           summary=summary, objective=objective, state=st)
+
+
+@dataclass(frozen=True)
+class StandardisingMap:
+    """theta of the slope columns centred and scaled, as a map to lme4's theta.
+
+    For a term (1 + z | g), Z' = Z A with z' = (z - mean z) / sd z gives the same model with b = A b', so
+    Cov(b) = sigma^2 (A T')(A T')^T and lme4's T is the lower Cholesky factor of that: theta = chol(...)
+    entries. The deviance is unchanged; only the optimiser's coordinates are better conditioned."""
+
+    A: tuple                         # per term: A (q x q), or None for the identity
+    layouts: tuple
+    poorly_centred: bool
+
+    def theta(self, phi: np.ndarray) -> np.ndarray:
+        out, k = [], 0
+        for A, lay in zip(self.A, self.layouts):
+            width = len(lay.theta_index)
+            block = phi[k:k + width]
+            k += width
+            if A is None:
+                out.append(block)
+                continue
+            T1 = np.zeros((lay.q, lay.q))
+            for v, (r, c) in zip(block, lay.theta_index):
+                T1[r, c] = v
+            R = np.linalg.qr((A @ T1).T, mode="r")           # (A T')^T = Q R  ->  (A T')(A T')^T = R^T R
+            T = R.T * np.where(np.diag(R) < 0, -1.0, 1.0)    # the lower factor with a non-negative diagonal
+            out.append(np.array([T[r, c] for r, c in lay.theta_index]))
+        return np.concatenate(out)
+
+    def jacobian(self, phi: np.ndarray) -> np.ndarray:
+        """d theta / d phi by central differences of the (cheap, smooth) map."""
+        h = 1e-7 * np.maximum(1.0, np.abs(phi))
+        cols = [(self.theta(phi + h[i] * e) - self.theta(phi - h[i] * e)) / (2 * h[i])
+                for i, e in enumerate(np.eye(len(phi)))]
+        return np.column_stack(cols)
+
+    def minimise(self, objective, phi0: np.ndarray, bounds, path: list) -> np.ndarray | None:
+        def fun(phi):
+            th = self.theta(phi)
+            path.append(th)
+            try:
+                f, g = objective.value_and_gradient(th)
+            except NumericalError:
+                return np.inf, np.zeros_like(phi)
+            return f, self.jacobian(phi).T @ g
+
+        try:
+            res = scipy.optimize.minimize(fun, x0=phi0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                          options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 2000})
+        except (NumericalError, np.linalg.LinAlgError):
+            return None
+        return self.theta(np.asarray(res.x)) if np.isfinite(res.fun) else None
+
+
+def _standardising_map(objective: ThetaDeviance) -> StandardisingMap | None:
+    """The map for the terms with an intercept and slope columns (None when no term has one)."""
+    mats, poor = [], False
+    for term, lay in zip(objective.design.terms, objective.layouts):
+        Z = term.Z
+        if lay.q < 2 or term.names[0] != "(Intercept)" or not isinstance(Z, np.ndarray):
+            mats.append(None)
+            continue
+        mean, sd = Z.mean(axis=0), Z.std(axis=0)
+        if np.any(sd[1:] <= 0) or np.any(np.abs(Z[:, 0] - 1.0) > 0):
+            mats.append(None)
+            continue
+        A = np.eye(lay.q)
+        A[0, 1:] = -mean[1:] / sd[1:]
+        A[np.arange(1, lay.q), np.arange(1, lay.q)] = 1.0 / sd[1:]
+        poor |= bool(np.any(np.abs(mean[1:]) > 10 * sd[1:]) or np.any((sd[1:] > 1e3) | (sd[1:] < 1e-3)))
+        mats.append(A)
+    if all(A is None for A in mats):
+        return None
+    return StandardisingMap(A=tuple(mats), layouts=objective.layouts, poorly_centred=poor)
 
 
 def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray, steps: int = 10) -> np.ndarray:

@@ -12,6 +12,7 @@ write.csv(alf, file.path(here, "Alfalfa.csv"), row.names = FALSE)
 alf <- read.csv(file.path(here, "Alfalfa.csv"), stringsAsFactors = TRUE)
 cake <- read.csv(file.path(here, "cake.csv"), stringsAsFactors = TRUE)
 cake$temperature <- factor(cake$temperature, levels = levels(lme4::cake$temperature), ordered = TRUE)
+opt <- read.csv(file.path(here, "optimum_cases.csv")); opt$g <- factor(opt$g)   # simulated: see test_formula.py
 sleep$w <- rep(c(1, 2, 3), 60)
 sleep$Days2 <- sleep$Days; sleep$Days2[c(3, 50)] <- NA
 cases <- list(
@@ -34,17 +35,21 @@ cases <- list(
   list(id = "missing", data = "sleep", formula = "Reaction ~ Days2 + (1|Subject)"),
   list(id = "cake_ordered", data = "cake", formula = "angle ~ recipe * temperature + (1|recipe:replicate)"),
   list(id = "cake_numeric_temp", data = "cake", formula = "angle ~ recipe + temp + (1|replicate)"),
-  list(id = "alfalfa_none_level", data = "alf", formula = "Yield ~ Date + Variety + (1|Block)")
+  list(id = "alfalfa_none_level", data = "alf", formula = "Yield ~ Date + Variety + (1|Block)"),
+  # lme4 stops short of these optima (short = TRUE): the tests ask for a log-likelihood at least lme4's
+  list(id = "near_collinear", data = "opt", formula = "y ~ x1 + x2 + (1|g)", short = TRUE),
+  list(id = "slope_far_from_zero", data = "opt", formula = "y ~ x1 + (z|g)", short = TRUE),
+  list(id = "slope_log_covariate", data = "opt", formula = "y2 ~ log(u) + (log(u)|g)")
 )
 res <- list()
 for (cs in cases) {
-  d <- switch(cs$data, sleep = sleep, cake = cake, alf = alf)
+  d <- switch(cs$data, sleep = sleep, cake = cake, alf = alf, opt = opt)
   for (reml in c(FALSE, TRUE)) {
     f <- as.formula(cs$formula)
     m <- if (is.null(cs$weights)) lmer(f, d, REML = reml) else lmer(f, d, REML = reml, weights = d[[cs$weights]])
     vc <- as.data.frame(VarCorr(m))
     res[[paste0(cs$id, if (reml) "_reml" else "_ml")]] <- list(
-      data = cs$data, formula = cs$formula, weights = if (is.null(cs$weights)) NULL else cs$weights,
+      data = cs$data, formula = cs$formula, short = isTRUE(cs$short), weights = if (is.null(cs$weights)) NULL else cs$weights,
       method = if (reml) "REML" else "ML", n_obs = nobs(m), loglik = as.numeric(logLik(m)),
       fixef_names = names(fixef(m)), fixef = unname(fixef(m)), se = unname(sqrt(diag(as.matrix(vcov(m))))),
       sd = vc$sdcor[is.na(vc$var2)], theta = unname(getME(m, "theta")))
