@@ -92,14 +92,20 @@ def compare(ref: dict, ours: dict) -> dict:
     if ours["status"] != "ok":
         return out
     names = list(ref["fixed"])
-    if sorted(ours["params"]) != sorted(names):
+    ours_names = list(ours["params"])
+    if len(ours_names) != len(names):
         out["status"] = "mismatch"
-        out["message"] = f"coefficient names differ: ours {list(ours['params'])} lme4 {names}"
-    else:
-        out["d_fixed"] = _rel([ours["params"][k] for k in names], [ref["fixed"][k] for k in names])
-        out["d_se"] = _rel([ours["bse"][k] for k in names], [ref["se"][k] for k in names])
-        if ref.get("df_satterthwaite"):
-            out["d_df"] = _rel([ours["df"][k] for k in names], [ref["df_satterthwaite"][k] for k in names])
+        out["message"] = f"{len(ours_names)} coefficients, lme4 has {len(names)}: ours {ours_names}"
+    else:                                             # compared in order; names recorded when they differ
+        if ours_names != names:
+            out["names_differ"] = f"ours {ours_names[:4]}... lme4 {names[:4]}..."
+        pick = lambda d: [d[k] for k in ours_names]  # noqa: E731
+        out["d_fixed"] = _rel(pick(ours["params"]), list(ref["fixed"].values()))
+        out["d_se"] = _rel(pick(ours["bse"]), list(ref["se"].values()))
+        dfs = ref.get("df_satterthwaite")
+        if dfs is not None:
+            dfs = list(dfs.values()) if isinstance(dfs, dict) else (dfs if isinstance(dfs, list) else [dfs])
+            out["d_df"] = _rel(pick(ours["df"]), dfs)
     sds = [v["sdcor"] for v in ref["varcorr"] if v["var2"] is None]
     cors = [v["sdcor"] for v in ref["varcorr"] if v["var2"] is not None]
     out["d_sd"] = _rel(sorted(ours["sds"]), sorted(sds))
@@ -139,7 +145,7 @@ def main() -> None:
     for fid, r in results.items():
         lines.append(f"| {fid} | {r['status']} | " + " | ".join(g(r, k) for k in
                      ("d_fixed", "d_se", "d_sd", "d_corr", "d_df", "d_loglik", "time", "time_lme4", "ratio"))
-                     + f" | {r.get('message', '')[:100].replace('|', '/')} |")
+                     + f" | {(r.get('message') or r.get('names_differ') or '')[:100].replace('|', '/')} |")
     counts = pd.Series([r["status"] for r in results.values()]).value_counts().to_dict()
     (path.with_suffix(".md")).write_text(f"# lme4 battery\n\nCounts: {counts}\n\n" + "\n".join(lines) + "\n")
     print(counts)
