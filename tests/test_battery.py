@@ -17,12 +17,16 @@ runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
 
 
+CORE = {"sleep_slope", "cake_nested", "dyestuff", "pastes_nested", "penicillin_crossed", "machines_nested",
+        "rail", "alfalfa", "gcsemv_na", "orange", "sleep_I2"}
+
+
 def _params():
     for fid, case in REF.items():
         if "error" in case:
             continue
         marks = []
-        if case["n_obs"] > 5000:   # InstEval, Chem97, egsingle, MathAchieve, Hsb82
+        if case["n_obs"] > 5000 or case["model"] not in CORE:   # the whole battery takes ~3 min: slow
             marks.append(pytest.mark.slow)
         rec = RECORDED.get(fid)
         if rec is None and case["dataset"] == "InstEval":
