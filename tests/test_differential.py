@@ -1,0 +1,151 @@
+"""Differential testing against lme4 on seeded random designs (issue 18 item 1) and invariances (item 2).
+
+Regression seeds: tests/differential/seeds/*.csv with lme4's answers in lme4_seeds.json (no R needed).
+Live (R present, slow): a fresh batch of seeds generated, fitted by lme4 in one Rscript call, compared.
+Requires logLik never below lme4's by more than 1e-6 relative, identical n_obs, and an LMMError where lme4
+refuses. Failures name the seed. Fits use exact=False (the exact step can hang: issue 12 item 1).
+"""
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmm_symbolic as lmm
+
+HERE = Path(__file__).parent / "differential"
+sys.path.insert(0, str(HERE))
+import generate  # noqa: E402
+
+REF = json.loads((HERE / "lme4_seeds.json").read_text())
+
+
+def _read(path):
+    d = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    for c in ("g", "h", "f"):
+        if c in d:
+            d[c] = d[c].astype(str).astype("category")
+    return d
+
+
+def check(ref, data, weights):
+    tag = f"seed {ref['seed']} ({ref['family']}, {ref['formula']}, {ref['method']})"
+    kw = {"method": ref["method"], "exact": False}
+    if weights:
+        kw["weights"] = data[weights].to_numpy(float)
+    if "error" in ref:
+        with pytest.raises(lmm.LMMError):
+            lmm.fit(ref["formula"], data, **kw)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = lmm.fit(ref["formula"], data, **kw)
+    assert f.n_obs == ref["n_obs"], tag
+    assert f.loglik >= ref["loglik"] - 1e-6 * abs(ref["loglik"]), f"{tag}: logLik {f.loglik} < lme4 {ref['loglik']}"
+
+
+def _xfail_known(ref):
+    marks = []
+    if ref["family"] == "weights":
+        marks.append(pytest.mark.xfail(strict=False, reason="fit() has no weights= yet (issue 12 item 2)"))
+    if ref["family"] == "collinear":
+        marks.append(pytest.mark.xfail(strict=False, reason="x2 = x + 1 + 1e-6 noise dropped as rank deficient "
+                                       "(lme4 keeps it): logLik up to 0.7 below lme4 (issue 12 item 4)"))
+    return marks
+
+
+@pytest.mark.parametrize("key", [pytest.param(k, marks=_xfail_known(v), id=k) for k, v in REF.items()])
+def test_regression_seed_reaches_lme4(key):
+    ref = REF[key]
+    w = "w" if ref["family"] == "weights" else None
+    check(ref, _read(HERE / "seeds" / f"seed{ref['seed']}.csv"), w)
+
+
+@pytest.mark.slow
+def test_live_random_designs_against_lme4(tmp_path):
+    if shutil.which("Rscript") is None:
+        pytest.skip("R not installed")
+    seeds = range(1000, 1100)
+    generate.write_batch(seeds, tmp_path)
+    subprocess.run(["Rscript", str(HERE / "fit_lme4.R"), str(tmp_path), str(tmp_path / "out.json")], check=True,
+                   timeout=300)
+    fresh = json.loads((tmp_path / "out.json").read_text())
+    failures = []
+    for ref in fresh.values():
+        if ref["family"] == "weights":
+            continue                                          # no weights= yet
+        try:
+            check(ref, _read(tmp_path / f"seed{ref['seed']}.csv"), None)
+        except Exception as e:  # noqa: BLE001 -- collected with the seed
+            failures.append(f"seed {ref['seed']} {ref['method']}: {type(e).__name__}: {str(e)[:150]}")
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------ invariances (issue 18 item 2)
+def _fit(d, formula="y ~ x + (1 | g)", method="ML"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lmm.fit(formula, d, method=method, exact=False)
+
+
+@pytest.fixture(scope="module")
+def base():
+    d, _, _, _ = generate.design(14)                          # unbalanced, random intercept
+    d["g"] = d["g"].astype("category")
+    return d
+
+
+def test_row_order(base):
+    a, b = _fit(base), _fit(base.sample(frac=1, random_state=1).reset_index(drop=True))
+    assert b.loglik == pytest.approx(a.loglik, rel=1e-9)
+    np.testing.assert_allclose(b.params.values, a.params.values, rtol=1e-6)
+
+
+def test_renamed_levels(base):
+    d = base.copy()
+    d["g"] = d["g"].cat.rename_categories(lambda s: "L" + s[::-1])
+    a, b = _fit(base), _fit(d)
+    assert b.loglik == pytest.approx(a.loglik, rel=1e-9)
+    assert b.sigma_s == pytest.approx(a.sigma_s, rel=1e-6)
+
+
+@pytest.mark.parametrize("c", [1e-3, 7.0, 1e4])
+def test_response_times_c(base, c):
+    d = base.copy()
+    d["y"] = d["y"] * c
+    a, b = _fit(base), _fit(d)
+    np.testing.assert_allclose(b.params.values, a.params.values * c, rtol=1e-5)
+    assert b.sigma == pytest.approx(a.sigma * c, rel=1e-5)
+    assert b.loglik == pytest.approx(a.loglik - a.n_obs * np.log(c), rel=1e-8, abs=1e-6)
+
+
+def test_response_plus_c(base):
+    d = base.copy()
+    d["y"] = d["y"] + 1000
+    a, b = _fit(base), _fit(d)
+    assert b.params["(Intercept)"] == pytest.approx(a.params["(Intercept)"] + 1000, rel=1e-8)
+    assert b.params["x"] == pytest.approx(a.params["x"], rel=1e-5)
+    assert b.loglik == pytest.approx(a.loglik, rel=1e-8)
+
+
+_SHIFT = pytest.mark.xfail(strict=False, reason="(x | g) with x shifted far from 0: ML logLik 0.075-0.08 below "
+                           "the unshifted fit (issue 12 item 4, slope covariate near 1000)")
+
+
+@pytest.mark.parametrize("scale,shift", [(3.0, 0.0), pytest.param(1.0, 1000.0, marks=_SHIFT),
+                                         pytest.param(0.01, -50.0, marks=_SHIFT)])
+def test_covariate_affine_keeps_fitted_values(base, scale, shift):
+    d = base.copy()
+    d["x"] = d["x"] * scale + shift
+    for formula in ("y ~ x + (1 | g)", "y ~ x + (x | g)"):
+        a, b = _fit(base, formula), _fit(d, formula)
+        if "(x | g)" in formula:
+            assert b.loglik >= a.loglik - 1e-6 * abs(a.loglik)
+        else:
+            np.testing.assert_allclose(b.fitted, a.fitted, rtol=1e-5, atol=1e-6)
+            assert b.loglik == pytest.approx(a.loglik, rel=1e-8)
