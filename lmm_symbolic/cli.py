@@ -54,7 +54,22 @@ def _data(arg: str):
     return datasets.load(arg) if arg in datasets.names() else arg
 
 
+def _expression_arguments(argv: list[str]) -> list[str]:
+    """``--expr -2*log(2*pi) ...`` is the expression, not an option: joined as ``--expr=-2*...``."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--expr" and i + 1 < len(argv) and argv[i + 1].startswith("-") and \
+                argv[i + 1] not in ("--latex", "--json", "--quantity", "-h", "--help"):
+            out.append("--expr=" + argv[i + 1])
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _expression_arguments(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LMMWarning)

@@ -147,7 +147,7 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
     if expected is None:
         raise ModelError(f"{key} is written out only for designs of at most {INVERSE_N} observations "
                          f"(this one has {der.design.n})")
-    names = der.symbols.by_name()
+    names = symbol_table(der)
     given = parse_expression(expression, names, syntax)
     order = _symbol_order(names)
     if isinstance(expected, MatrixBase):
@@ -159,6 +159,29 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
     if isinstance(given, MatrixBase):
         raise ExpressionError(f"{key} is a scalar, but the expression is a matrix")
     return _compare_scalar(given, expected, key, order)
+
+
+def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
+    """Every name the derivation shows, by its plain name: ``der.symbols.by_name()``, the variance
+    parameters (sigma_g_Intercept, rho_..., and any short aliases the derivation registers) and every
+    symbol its quantities hold -- taken from the derivation, never from a list kept here."""
+    names = dict(der.symbols.by_name())
+    for s in getattr(der, "variance_symbols", ()):
+        names.setdefault(s.name, s)
+    for attr in ("symbol_aliases", "aliases"):
+        extra = getattr(der, attr, None) or getattr(der.symbols, attr, None)
+        if isinstance(extra, dict):
+            for k, v in extra.items():
+                names.setdefault(str(k), v)
+    for attr in ("det", "quadratic_form"):
+        try:
+            value = getattr(der, attr)
+        except Exception:  # noqa: BLE001 - a quantity that is not written out holds no names
+            continue
+        for s in getattr(value, "free_symbols", ()):
+            if isinstance(s, sp.Symbol) and not isinstance(s, sp.Dummy):
+                names.setdefault(s.name, s)
+    return names
 
 
 def _symbol_order(names: dict) -> dict:
@@ -327,6 +350,20 @@ def _differ(g: sp.Expr, e: sp.Expr) -> bool | None:
         return None
 
 
+def _differ_exactly(g: sp.Expr, e: sp.Expr) -> bool:
+    """True when two numbers at an exact rational point provably differ: the difference evaluated by
+    sympy's adaptive-precision evalf (working precision raised up to 5000 digits against cancellation)
+    has significant digits and is not 0."""
+    d = g - e
+    if d.is_Rational:
+        return d != 0
+    try:
+        v = d.evalf(30, maxn=5000)
+    except (TypeError, ValueError, ArithmeticError):  # pragma: no cover - defensive
+        return False
+    return bool(v.is_Number and v != 0 and getattr(v, "_prec", 0) > 10 and abs(v) > sp.Float("1e-4000"))
+
+
 def _value(v: sp.Expr):
     """A number for the JSON: a float when it is a finite real, else its decimal text."""
     try:
@@ -387,6 +424,12 @@ def _compare_scalar(given: sp.Expr, expected: sp.Expr, quantity: str, order: dic
     proof = _is_zero(given - expected)
     if proof:
         return Verdict(True, "0", None, None, quantity=quantity, status="equal")
+    for point in _points(symbols, TRIES):   # a near miss (off by 1e-30): exact points, adaptive precision
+        g, e = _at(given, point), _at(expected, point)
+        if g is not None and e is not None and _differ_exactly(g, e):
+            diff = _simplified(given - expected)
+            return Verdict(False, sp.sstr(diff), _counterexample(point, e, g, order),
+                           _scalar_hint(given, expected, diff), quantity=quantity, status="different")
     return _unproven(sp.sstr(_normal(given - expected)), agree, proof is None, quantity)
 
 
