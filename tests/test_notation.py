@@ -1,0 +1,85 @@
+"""Issue 15: what people type -- Unicode pasted from a PDF, implicit products, Rational(a, b), the
+names of slope models, near misses and a leading minus on the command line."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import sympy as sp
+
+from lmm_symbolic import datasets
+from lmm_symbolic.cli import main
+from lmm_symbolic.derivation import derive
+from lmm_symbolic.specification import specify
+from lmm_symbolic.verification import symbol_table, verify
+
+DET = "4*sigma_s**4*sigma**4 + 4*sigma_s**2*sigma**6 + sigma**8"
+
+
+@pytest.fixture(scope="module")
+def der():
+    return derive(specify("Resp ~ Treat + (1|Ind)", datasets.load("toy")))
+
+
+@pytest.mark.parametrize("text", [
+    "σ⁴(σ²+2σs²)²", "σ⁴·(σ² + 2·σ_s²)²", "σ⁴ × (σ² + 2 σs²)²", "sigma^4 (sigma^2 + 2 sigma_s^2)^2",
+    "sigma^4 (sigma^2 + 2sigma_s^2)(sigma^2 + 2 sigma_s^2)", "σ⁸ + 4σ⁶σs² + 4σ⁴σs⁴",
+    "sigma^8 + 4 sigma^6 sigma_s^2 + Rational(4, 1) sigma^4 sigma_s^4",
+    r"\sigma^4\left(σ²+2σs²\right)^2", r"σ⁴ \cdot (σ^2 + 2 \sigma_s^2)^2",
+])
+def test_pasted_and_implicit_forms_are_read(der, text):
+    assert verify(der, "det", text).equal
+
+
+@pytest.mark.parametrize("text", [
+    "σ⁴(σ²+σs²)²", "sigma^4 (sigma^2 + 3 sigma_s^2)^2", "σ⁸ − 4σ⁶σs² + 4σ⁴σs⁴", r"σ⁴\left(σ²+σs²\right)^2",
+])
+def test_pasted_wrong_forms_get_a_counterexample(der, text):
+    v = verify(der, "det", text)
+    assert v.equal is False and v.counterexample is not None
+
+
+def test_rational_and_minus_sign(der):
+    rest = sp.sstr(der.loglik + 2 * sp.log(2 * sp.pi))
+    assert verify(der, "loglik", f"Rational(-4, 2)*log(2*pi) + {rest}").equal
+    assert verify(der, "loglik", f"−2·log(2π) + {rest}").equal
+    assert verify(der, "loglik", f"Rational(-3, 2)*log(2*pi) + {rest}").counterexample
+
+
+def test_a_near_miss_gets_a_counterexample(der):
+    v = verify(der, "loglik", sp.sstr(der.loglik) + " + 1e-30*log(3)")
+    assert v.equal is False and v.status == "different" and v.counterexample is not None
+
+
+def test_leading_minus_on_the_command_line(capsys):
+    ll = sp.sstr(derive(specify("Resp ~ Treat + (1|Ind)", datasets.load("toy"))).loglik)
+    assert ll.startswith("-")
+    assert main(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "loglik", "--expr", ll]) == 0
+    assert main(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "loglik", f"--expr={ll}"]) == 0
+    assert main(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "loglik", "--expr", ll + "+1"]) == 1
+    assert "equal" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def slope():
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"g": np.repeat(list("abc"), 4), "x": np.tile([0.0, 1, 2, 3], 3)})
+    df["y"] = rng.normal(size=12)
+    return derive(specify("y ~ x + (x|g)", df))
+
+
+def test_every_name_derive_shows_is_accepted(slope):
+    names = symbol_table(slope)
+    for s in slope.variance_symbols:
+        assert s.name in names
+    assert verify(slope, "det", sp.sstr(slope.det)).equal
+    wrong = verify(slope, "det", sp.sstr(slope.det) + " + sigma_g_Intercept")
+    assert wrong.equal is False and "sigma_g_Intercept" in wrong.counterexample
+
+
+def test_slope_kinship_is_z_z_transpose(slope):
+    Z = sp.Matrix(slope.Z.toarray().astype(int))
+    assert slope.kinship == Z * Z.T
+    assert slope.kinship != sp.Matrix((slope.Z.toarray() != 0).astype(int)) * \
+        sp.Matrix((slope.Z.toarray() != 0).astype(int)).T
+    assert verify(slope, "kinship", sp.sstr((Z * Z.T).tolist())).equal
