@@ -266,7 +266,18 @@ class _Builder:
             raise _too_big()
         return sp.Rational(Fraction(dec))
 
+    def resolve(self, name: str) -> str:
+        """The known name ``name`` stands for: itself, or y_11 for y_1_1 (y_{1,1}) when that is unique."""
+        if name in self.names or "_" not in name:
+            return name
+        base, _, sub = name.partition("_")
+        key = base + "_" + sub.replace("_", "")
+        hits = [k for k in self.names if k.partition("_")[0] == base and
+                base + "_" + k.partition("_")[2].replace("_", "") == key]
+        return hits[0] if len(hits) == 1 else name
+
     def symbol(self, name: str) -> sp.Expr:
+        name = self.resolve(name)
         if name in self.names:
             return self.names[name]
         if name in CONSTANTS:
@@ -577,7 +588,9 @@ _MULOPS = {"cdot": "*", "times": "*", "div": "/"}
 _FRACS = {"frac", "dfrac", "tfrac"}
 _MATRIX_ENVS = {"matrix", "pmatrix", "bmatrix", "Bmatrix", "smallmatrix"}
 _CLOSER = {"(": ")", "[": "]", "{": "}", "\\{": "\\}", "|": "|", "\\|": "\\|", ".": None}
-_SKIP_CMDS = {"quad", "qquad", "displaystyle"}
+_SKIP_CMDS = {"quad", "qquad", "displaystyle", "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr",
+              "biggl", "biggr", "Biggl", "Biggr", "bigm", "Bigm"}
+_TEXT_CMDS = {"mathrm", "text", "textrm", "mathit", "rm", "mathsf", "textit"}
 
 
 class _Tok:
@@ -757,7 +770,7 @@ class _LatexParser:
         if sub is None and t.kind == "letter" and base == "e":
             value = sp.E
         else:
-            name = base if sub is None else f"{base}_{sub}"
+            name = self.b.resolve(base if sub is None else f"{base}_{sub}")
             if name not in self.b.names:
                 if t.kind == "letter" and sub is None and sup is None:
                     self._spelled_word(t)
@@ -783,6 +796,16 @@ class _LatexParser:
                 u = self.next()
                 if u.kind in ("num", "letter"):
                     parts.append(u.text)
+                elif u.kind == "cmd" and u.text in _TEXT_CMDS:   # \sigma_{\mathrm{s}}, \sigma_{\text{s}}
+                    self.expect_op("{")
+                    while not self.is_op("}"):
+                        w = self.next()
+                        if w.kind in ("num", "letter"):
+                            parts.append(w.text)
+                        elif not (w.kind == "op" and w.text in "()"):
+                            raise ExpressionError(f"\\{u.text}{{...}} in a subscript may hold only letters and "
+                                                  f"digits, not {w.show()}")
+                    self.next()
                 elif u.kind == "op" and u.text == ",":
                     parts.append("_")
                 else:
@@ -889,6 +912,18 @@ class _LatexParser:
                     self.expect_op("]")
                 arg = self.argument()
                 return self.b.function("sqrt", arg) if index is None else self.b.root(arg, index)
+            if name == "operatorname":
+                self.expect_op("{")
+                word = ""
+                while not self.is_op("}"):
+                    w = self.next()
+                    if w.kind != "letter" or len(word) > 20:
+                        raise ExpressionError("\\operatorname{...} takes a function name, e.g. \\operatorname{log}")
+                    word += w.text
+                self.next()
+                if word not in _FUNCTIONS:
+                    raise ExpressionError(f"\\operatorname{{{word}}} is not allowed; functions: log, ln, exp")
+                return self.function(_FUNCTIONS[word])
             if name in _FUNCTIONS:
                 return self.function(_FUNCTIONS[name])
             if name == "left":

@@ -83,3 +83,28 @@ def test_slope_kinship_is_z_z_transpose(slope):
     assert slope.kinship != sp.Matrix((slope.Z.toarray() != 0).astype(int)) * \
         sp.Matrix((slope.Z.toarray() != 0).astype(int)).T
     assert verify(slope, "kinship", sp.sstr((Z * Z.T).tolist())).equal
+
+
+@pytest.mark.parametrize("text", [
+    r"\sigma^4\bigl(\sigma^2+2\sigma_{\mathrm{s}}^2\bigr)^2",
+    r"\sigma^4\Bigl(\sigma^2+2\sigma_{\text{s}}^2\Bigr)^2",
+    r"\exp\left(\operatorname{log}(\sigma^4)\right)\biggl(\sigma^2+2\sigma_s^2\biggr)^2",
+])
+def test_latex_decorations_are_read(der, text):
+    assert verify(der, "det", text).equal
+    wrong = verify(der, "det", text.replace("+2", "+3"))
+    assert wrong.equal is False and wrong.counterexample is not None
+
+
+def test_comma_subscripts_name_the_observation(der):
+    q = sp.sstr(der.quadratic_form)
+    assert verify(der, "quadratic_form", q.replace("y_11", "y_1_1")).equal
+    tex = sp.latex(der.quadratic_form).replace("y_{11}", "y_{1,1}")
+    assert "y_{1,1}" in tex and verify(der, "quadratic_form", tex).equal
+    assert verify(der, "quadratic_form", q.replace("y_11", "y_1_2")).counterexample is not None
+
+
+def test_operatorname_refuses_other_functions(der):
+    from lmm_symbolic.errors import ExpressionError
+    with pytest.raises(ExpressionError, match="operatorname"):
+        verify(der, "det", r"\operatorname{eval}(\sigma)")
