@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("formula")
     v.add_argument("--quantity", required=True,
                    choices=["det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"])
-    v.add_argument("--expr", required=True, help="the expression, plain (sigma**2) or LaTeX (\\sigma^2)")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--expr", help="the expression, plain (sigma**2) or LaTeX (\\sigma^2); "
+                     "one starting with '-' is read too (--expr -2*log(2*pi) ...)")
+    src.add_argument("--steps", metavar="FILE", help="a derivation, one expression a line: which lines equal "
+                     "the quantity and the first step that breaks the chain")
     v.add_argument("--latex", action="store_true", help="read --expr as LaTeX")
     v.add_argument("--json", action="store_true")
     sub.add_parser("demo", help="the tutorial on its toy data, in the terminal")
@@ -156,7 +160,14 @@ def _matrix_csv(path: str):
 
 def _verify(args) -> int:
     from . import derive
-    from .verification import verify
+    from .verification import verify, verify_steps
+    if args.steps:
+        with open(args.steps, encoding="utf-8") as fh:
+            lines = [line for line in fh.read(1_000_000).splitlines() if line.strip()]
+        report = verify_steps(derive(args.formula, _data(args.data)), args.quantity, lines,
+                              syntax="latex" if args.latex else None)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
+        return 0 if report.first_break is None else 1
     verdict = verify(derive(args.formula, _data(args.data)), args.quantity, args.expr,
                      syntax="latex" if args.latex else None)
     print(json.dumps(verdict.to_dict(), indent=2) if args.json else str(verdict))

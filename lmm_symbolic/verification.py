@@ -560,3 +560,69 @@ def _matrix_hint(given, expected, D, quantity: str, der: Derivation) -> str | No
     text = f"{len(wrong)} of {D.shape[0] * D.shape[1]} entries differ, the first at row {i + 1}, column {j + 1}"
     inner = _scalar_hint(given[i, j], expected[i, j], D[i, j])
     return f"{text}; there {inner}" if inner else text
+
+
+# ------------------------------------------------------------------------------------ step by step
+@dataclass(frozen=True)
+class StepReport:
+    """The answer of :func:`verify_steps`: a verdict per line against the quantity (``lines``), which
+    lines equal it (``equal_lines``, 1-based), and the first line that does not follow from the one
+    before (``first_break``, 1-based, None when the chain holds) with that step's verdict (``step``)."""
+
+    quantity: str
+    lines: tuple[Verdict, ...]
+    equal_lines: tuple[int, ...]
+    first_break: int | None
+    step: Verdict | None
+
+    def to_dict(self) -> dict:
+        return {"quantity": self.quantity, "equal_lines": list(self.equal_lines), "first_break": self.first_break,
+                "step": None if self.step is None else self.step.to_dict(),
+                "lines": [v.to_dict() for v in self.lines]}
+
+    def __str__(self) -> str:
+        out = []
+        for k, v in enumerate(self.lines, 1):
+            mark = "equal" if v.equal else ("not proven" if v.status == "unproven" else "not equal")
+            out.append(f"line {k}: {mark}")
+        if self.first_break is None:
+            out.append("every step follows from the one before")
+        else:
+            out.append(f"first broken step: line {self.first_break - 1} -> line {self.first_break}")
+            out.extend("  " + line for line in str(self.step).splitlines()[1:])
+        return "\n".join(out)
+
+
+def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> StepReport:
+    """Check a derivation written over several lines: each line against ``quantity`` (as :func:`verify`)
+    and each line against the one before it; the first step whose two lines differ is the break, with a
+    counterexample between them."""
+    lines = [str(x) for x in lines if str(x).strip()]
+    if not lines:
+        raise ExpressionError("no lines to check")
+    if len(lines) > 200:
+        raise ExpressionError("too many lines (at most 200)")
+    der = model if isinstance(model, Derivation) else derive(model) if isinstance(model, Design) else None
+    if der is None:
+        raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
+    verdicts = tuple(verify(der, quantity, text, syntax) for text in lines)
+    names = symbol_table(der)
+    order = _symbol_order(names)
+    first, step = None, None
+    previous = parse_expression(lines[0], names, syntax)
+    for k, text in enumerate(lines[1:], 2):
+        current = parse_expression(text, names, syntax)
+        if isinstance(current, MatrixBase) or isinstance(previous, MatrixBase):
+            v = _compare_matrix(current, previous, quantity, der, order) if \
+                isinstance(current, MatrixBase) and isinstance(previous, MatrixBase) and \
+                current.shape == previous.shape else Verdict(False, "shape", None, "a matrix and a scalar",
+                                                             quantity=quantity, status="different")
+        else:
+            v = _compare_scalar(current, previous, f"line {k - 1}", order)
+        if not v.equal:
+            first, step = k, v
+            break
+        previous = current
+    if first is None and not verdicts[0].equal:
+        first, step = 1, verdicts[0]
+    return StepReport(quantity, verdicts, tuple(k for k, v in enumerate(verdicts, 1) if v.equal), first, step)

@@ -108,3 +108,26 @@ def test_operatorname_refuses_other_functions(der):
     from lmm_symbolic.errors import ExpressionError
     with pytest.raises(ExpressionError, match="operatorname"):
         verify(der, "det", r"\operatorname{eval}(\sigma)")
+
+
+STEPS = ["σ⁴(σ²+2σs²)²", "sigma^4 (sigma^4 + 4 sigma^2 sigma_s^2 + 4 sigma_s^4)",
+         "sigma^8 + 4 sigma^6 sigma_s^2 + 2 sigma^4 sigma_s^4", "sigma^8 + 4 sigma^6 sigma_s^2 + 2 sigma^4 sigma_s^4"]
+
+
+def test_verify_steps_finds_the_first_broken_step(der):
+    from lmm_symbolic import verify_steps
+    r = verify_steps(der, "det", STEPS)
+    assert r.equal_lines == (1, 2) and r.first_break == 3
+    assert r.step.counterexample is not None and "should be" in r.step.hint
+    ok = verify_steps(der, "det", STEPS[:2] + [r"\sigma^8 + 4\sigma^6\sigma_s^2 + 4\sigma^4\sigma_s^4"])
+    assert ok.first_break is None and ok.equal_lines == (1, 2, 3)
+
+
+def test_steps_from_the_command_line(tmp_path, capsys):
+    f = tmp_path / "steps.txt"
+    f.write_text("\n".join(STEPS) + "\n", encoding="utf-8")
+    code = main(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--steps", str(f)])
+    out = capsys.readouterr().out
+    assert code == 1 and "first broken step: line 2 -> line 3" in out
+    f.write_text("\n".join(STEPS[:2]) + "\n", encoding="utf-8")
+    assert main(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--steps", str(f), "--json"]) == 0
