@@ -46,6 +46,13 @@ QUANTITIES = {
     "reml_loglik": "reml_loglik",
     "sigma": "sigma_matrix",
     "kinship": "kinship",
+    "gls_information": "gls_information",
+    "gls_estimator": "gls_estimator",
+    "beta_covariance": "beta_covariance",
+    "profiled_loglik": "profiled_loglik",
+    "deviance": "deviance",
+    "reml_criterion": "reml_criterion",
+    "likelihood": "likelihood",
 }
 TITLES = {
     "det": "|Sigma| (Eq. 11)",
@@ -56,8 +63,16 @@ TITLES = {
     "reml_loglik": "the restricted (REML) log-likelihood",
     "sigma": "Sigma (Eq. 8)",
     "kinship": "K K^T (Eq. 7)",
+    "gls_information": "X^T Sigma^-1 X",
+    "gls_estimator": "the GLS estimator beta_hat(sigma, sigma_s) (a column)",
+    "beta_covariance": "var(beta_hat) = (X^T Sigma^-1 X)^-1",
+    "profiled_loglik": "the profiled log-likelihood (beta = beta_hat)",
+    "deviance": "the deviance -2 log L",
+    "reml_criterion": "the REML criterion -2 log L_R",
+    "likelihood": "the likelihood L (Eq. 9)",
 }
-_ALIASES = {"sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship"}
+_ALIASES = {"beta_hat": "gls_estimator", "xtsx": "gls_information", "var_beta_hat": "beta_covariance",
+            "L": "likelihood", "remlcrit": "reml_criterion", "sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship"}
 
 #: random points tried before the exact proof
 TRIES = 6
@@ -141,9 +156,9 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
         raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
     key = str(quantity).strip()
     key = _ALIASES.get(key.lower(), key if key in QUANTITIES else key.lower())
-    if key not in QUANTITIES:
+    if key not in QUANTITIES and not key.startswith("score_"):
         raise ExpressionError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}")
-    expected = getattr(der, QUANTITIES[key])
+    expected = derived_quantity(der, key)
     if expected is None:
         raise ModelError(f"{key} is written out only for designs of at most {INVERSE_N} observations "
                          f"(this one has {der.design.n})")
@@ -626,3 +641,51 @@ def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> Step
     if first is None and not verdicts[0].equal:
         first, step = 1, verdicts[0]
     return StepReport(quantity, verdicts, tuple(k for k, v in enumerate(verdicts, 1) if v.equal), first, step)
+
+
+# ------------------------------------------------------------------------- the quantities derived next
+def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
+    """X^T Sigma^-1 X and X^T Sigma^-1 Y from Eq. 12 by sympy: Q(beta) = c - 2 b^T beta + beta^T A beta,
+    so A = Hessian/2 and b = -grad Q(0)/2 (the block forms of the derivation, differentiated)."""
+    Q = der.quadratic_form
+    beta = list(der.symbols.beta)
+    zero = {b: 0 for b in beta}
+    A = sp.Matrix(len(beta), len(beta), lambda i, j: sp.cancel(sp.diff(Q, beta[i], beta[j]).xreplace(zero) / 2))
+    b = sp.Matrix([sp.cancel(-sp.diff(Q, bk).xreplace(zero) / 2) for bk in beta])
+    return A, b
+
+
+def derived_quantity(der: Derivation, key: str):
+    """The quantity ``key`` of the derivation: an attribute (det, loglik, ...) or one derived here by
+    sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...)."""
+    if key in ("det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"):
+        return getattr(der, QUANTITIES[key])
+    if key == "deviance":
+        return -2 * der.loglik
+    if key == "reml_criterion":
+        return -2 * der.reml_loglik
+    if key == "likelihood":
+        return sp.exp(der.loglik)
+    if key.startswith("score_"):
+        name = key[len("score_"):]
+        names = symbol_table(der)
+        if name.endswith("2") and name[:-1] in names and names[name[:-1]].is_positive:   # d/d sigma^2
+            s = names[name[:-1]]
+            return sp.diff(der.loglik, s) / (2 * s)
+        if name not in names:
+            raise ExpressionError(f"score_{name}: unknown symbol {name!r}")
+        return sp.diff(der.loglik, names[name])
+    if not der.symbolic_y:
+        raise ModelError(f"{key} is written out only for designs with symbolic responses")
+    A, b = _gls_parts(der)
+    if key == "gls_information":
+        return A
+    Ainv = A.inv(method="ADJ").applyfunc(sp.factor) if A.shape[0] <= 4 else A.inv()
+    if key == "beta_covariance":
+        return Ainv
+    beta_hat = (Ainv * b).applyfunc(sp.factor)
+    if key == "gls_estimator":
+        return beta_hat
+    if key == "profiled_loglik":
+        return der.loglik.xreplace(dict(zip(der.symbols.beta, beta_hat)))
+    raise ExpressionError(f"unknown quantity {key!r}")  # pragma: no cover

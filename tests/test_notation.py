@@ -131,3 +131,37 @@ def test_steps_from_the_command_line(tmp_path, capsys):
     assert code == 1 and "first broken step: line 2 -> line 3" in out
     f.write_text("\n".join(STEPS[:2]) + "\n", encoding="utf-8")
     assert main(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--steps", str(f), "--json"]) == 0
+
+
+# ------------------------------------------------------------------- the quantities derived next
+BETA_HAT = "[[(y_11+y_12)/2], [(y_21+y_22-y_11-y_12)/2]]"
+BETA_HAT_TEX = (r"\begin{pmatrix} \frac{y_{11}+y_{12}}{2} \\ \frac{y_{21}+y_{22}-y_{11}-y_{12}}{2} "
+                r"\end{pmatrix}")
+
+
+@pytest.mark.parametrize("text", [BETA_HAT, BETA_HAT_TEX])
+def test_gls_estimator_on_the_toy_data(der, text):
+    assert verify(der, "gls_estimator", text).equal
+    assert verify(der, "beta_hat", text.replace("y_21+", "y_21-").replace("y_{21}+", "y_{21}-")).counterexample
+
+
+def test_gls_information_covariance_deviance_score_likelihood(der):
+    from lmm_symbolic.verification import derived_quantity
+    s, ss = sp.Symbol("sigma", positive=True), sp.Symbol("sigma_s", positive=True)
+    info = derived_quantity(der, "gls_information")
+    # X^T Sigma^-1 X cross-checked against dense sympy
+    X = der.X_exact
+    dense = (X.T * der.sigma_matrix.inv() * X).applyfunc(sp.simplify)
+    assert (info - dense).applyfunc(sp.simplify) == sp.zeros(2, 2)
+    assert verify(der, "gls_information", sp.sstr(dense.tolist())).equal
+    assert verify(der, "beta_covariance", sp.sstr(dense.inv().tolist())).equal
+    assert verify(der, "beta_covariance", sp.sstr(dense.tolist())).equal is False
+    assert verify(der, "deviance", sp.sstr(-2 * der.loglik)).equal
+    assert verify(der, "deviance", sp.sstr(-der.loglik)).counterexample
+    assert verify(der, "reml_criterion", sp.sstr(-2 * der.reml_loglik)).equal
+    assert verify(der, "score_sigma_s", sp.sstr(sp.diff(der.loglik, ss))).equal
+    assert verify(der, "score_sigma2", sp.sstr(sp.diff(der.loglik, s) / (2 * s))).equal
+    assert verify(der, "score_sigma", sp.sstr(sp.diff(der.loglik, ss))).counterexample
+    assert verify(der, "likelihood", "exp(" + sp.sstr(der.loglik) + ")").equal
+    assert verify(der, "likelihood", "exp(" + sp.sstr(der.loglik) + " + 1)").counterexample
+    assert verify(der, "profiled_loglik", sp.sstr(derived_quantity(der, "profiled_loglik"))).equal
