@@ -14,6 +14,7 @@ from .results import FitResult, fit_design, likelihood_ratio_test
 from .progress import stage
 from .specification import Design, specify
 from .statistics import is_dask_dataframe, specify_dask
+from .exercises import Exercise, exercise
 from .verification import StepReport, Verdict, verify, verify_steps
 
 __version__ = "0.1.0"
@@ -42,6 +43,6 @@ def fit(formula: str, data, method: str = "REML", exact: bool = True, kinship=No
     return fit_design(design, method=method, exact=exact)
 
 
-__all__ = ["DataError", "Derivation", "Design", "Equation", "ExpressionError", "FitResult", "FormulaError",
+__all__ = ["DataError", "Derivation", "Design", "Equation", "Exercise", "exercise", "ExpressionError", "FitResult", "FormulaError",
            "LMMError", "LMMWarning", "ModelError", "NumericalError", "datasets", "derive", "derive_design",
            "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "StepReport", "Verdict", "verify", "verify_steps", "within_centred"]

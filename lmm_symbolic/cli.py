@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                      "the quantity and the first step that breaks the chain")
     v.add_argument("--latex", action="store_true", help="read --expr as LaTeX")
     v.add_argument("--json", action="store_true")
+    x = sub.add_parser("exercise", help="a small random design, questions and worked solutions")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--groups", type=int, default=2)
+    x.add_argument("--sizes", type=int, nargs="+")
+    x.add_argument("--out", default="exercise", help="file stem: STEM.tex, STEM.ipynb, STEM.csv")
     sub.add_parser("demo", help="the tutorial on its toy data, in the terminal")
     return p
 
@@ -194,7 +199,20 @@ def _demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"derive": _derive, "fit": _fit, "verify": _verify, "demo": _demo}
+def _exercise(args) -> int:
+    import nbformat
+
+    from .exercises import exercise
+    ex = exercise(args.seed, args.groups, args.sizes)
+    ex.data.to_csv(f"{args.out}.csv", index=False)
+    with open(f"{args.out}.tex", "w", encoding="utf-8") as fh:
+        fh.write(ex.to_latex())
+    nbformat.write(ex.to_notebook(), f"{args.out}.ipynb")
+    print(f"wrote {args.out}.csv, {args.out}.tex, {args.out}.ipynb")
+    return 0
+
+
+_COMMANDS = {"exercise": _exercise, "derive": _derive, "fit": _fit, "verify": _verify, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover
