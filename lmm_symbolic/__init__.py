@@ -14,7 +14,8 @@ from .results import FitResult, fit_design, likelihood_ratio_test
 from .progress import stage
 from .specification import Design, specify
 from .statistics import is_dask_dataframe, specify_dask
-from .verification import Verdict, verify
+from .exercises import Exercise, exercise
+from .verification import StepReport, Verdict, verify, verify_steps
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,6 @@ def fit(formula: str, data, method: str = "REML", exact: bool | str = "auto", ki
     return fit_design(design, method=method, exact=exact)
 
 
-__all__ = ["DataError", "Derivation", "Design", "Equation", "ExpressionError", "FitResult", "FormulaError",
+__all__ = ["DataError", "Derivation", "Design", "Equation", "Exercise", "exercise", "ExpressionError", "FitResult", "FormulaError",
            "LMMError", "LMMWarning", "ModelError", "NumericalError", "datasets", "derive", "derive_design",
-           "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "Verdict", "verify", "within_centred"]
+           "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "StepReport", "Verdict", "verify", "verify_steps", "within_centred"]

@@ -41,10 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("data")
     v.add_argument("formula")
     v.add_argument("--quantity", required=True,
-                   choices=["det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"])
-    v.add_argument("--expr", required=True, help="the expression, plain (sigma**2) or LaTeX (\\sigma^2)")
+                   help="det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma, kinship, "
+                   "gls_information, gls_estimator, beta_covariance, profiled_loglik, deviance, reml_criterion, "
+                   "likelihood, score_<symbol> (score_sigma2 for d/d sigma^2)")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--expr", help="the expression, plain (sigma**2) or LaTeX (\\sigma^2); "
+                     "one starting with '-' is read too (--expr -2*log(2*pi) ...)")
+    src.add_argument("--steps", metavar="FILE", help="a derivation, one expression a line: which lines equal "
+                     "the quantity and the first step that breaks the chain")
     v.add_argument("--latex", action="store_true", help="read --expr as LaTeX")
     v.add_argument("--json", action="store_true")
+    x = sub.add_parser("exercise", help="a small random design, questions and worked solutions")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--groups", type=int, default=2)
+    x.add_argument("--sizes", type=int, nargs="+")
+    x.add_argument("--out", default="exercise", help="file stem: STEM.tex, STEM.ipynb, STEM.csv")
     sub.add_parser("demo", help="the tutorial on its toy data, in the terminal")
     return p
 
@@ -54,7 +65,22 @@ def _data(arg: str):
     return datasets.load(arg) if arg in datasets.names() else arg
 
 
+def _expression_arguments(argv: list[str]) -> list[str]:
+    """``--expr -2*log(2*pi) ...`` is the expression, not an option: joined as ``--expr=-2*...``."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--expr" and i + 1 < len(argv) and argv[i + 1].startswith("-") and \
+                argv[i + 1] not in ("--latex", "--json", "--quantity", "-h", "--help"):
+            out.append("--expr=" + argv[i + 1])
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _expression_arguments(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LMMWarning)
@@ -141,7 +167,14 @@ def _matrix_csv(path: str):
 
 def _verify(args) -> int:
     from . import derive
-    from .verification import verify
+    from .verification import verify, verify_steps
+    if args.steps:
+        with open(args.steps, encoding="utf-8") as fh:
+            lines = [line for line in fh.read(1_000_000).splitlines() if line.strip()]
+        report = verify_steps(derive(args.formula, _data(args.data)), args.quantity, lines,
+                              syntax="latex" if args.latex else None)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
+        return 0 if report.first_break is None else 1
     verdict = verify(derive(args.formula, _data(args.data)), args.quantity, args.expr,
                      syntax="latex" if args.latex else None)
     print(json.dumps(verdict.to_dict(), indent=2) if args.json else str(verdict))
@@ -166,7 +199,20 @@ def _demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"derive": _derive, "fit": _fit, "verify": _verify, "demo": _demo}
+def _exercise(args) -> int:
+    import nbformat
+
+    from .exercises import exercise
+    ex = exercise(args.seed, args.groups, args.sizes)
+    ex.data.to_csv(f"{args.out}.csv", index=False)
+    with open(f"{args.out}.tex", "w", encoding="utf-8") as fh:
+        fh.write(ex.to_latex())
+    nbformat.write(ex.to_notebook(), f"{args.out}.ipynb")
+    print(f"wrote {args.out}.csv, {args.out}.tex, {args.out}.ipynb")
+    return 0
+
+
+_COMMANDS = {"exercise": _exercise, "derive": _derive, "fit": _fit, "verify": _verify, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

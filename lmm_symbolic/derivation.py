@@ -815,8 +815,8 @@ class GeneralDerivation(Derivation):
         """Z Z^T, which observations share a random effect (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
-        Z = self.Z.toarray()
-        return _exact_matrix((Z != 0).astype(int) @ (Z != 0).astype(int).T)
+        Z = _exact_matrix(self.Z.toarray())
+        return Z * Z.T
 
     @functools.cached_property
     def gls_information(self) -> sp.Matrix:

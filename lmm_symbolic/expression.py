@@ -67,6 +67,9 @@ def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | No
         raise ExpressionError(f"the expression must be text, not {type(text).__name__}")
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"the expression is too long ({len(text):,} characters; at most {MAX_LENGTH:,})")
+    if syntax is None:
+        syntax = detect_syntax(text)
+    text = normalise_unicode(text, str(syntax).lower() == "latex")
     bad = next((c for c in text if not (" " <= c <= "~" or c in "\t\n\r")), None)
     if bad is not None:
         raise ExpressionError(f"character {bad!r} is not allowed; write the expression in ASCII "
@@ -79,6 +82,8 @@ def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | No
     if syntax not in ("plain", "latex"):
         raise ExpressionError(f"unknown syntax {syntax!r}; use 'plain' or 'latex'")
     _check_nesting(text)
+    if syntax == "plain":
+        text = implicit_products(text, names)
     builder = _Builder(names)
     try:
         parser = _PlainParser(text, builder) if syntax == "plain" else _LatexParser(text, builder)
@@ -87,6 +92,82 @@ def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | No
     except (RecursionError, MemoryError):
         raise ExpressionError("the expression is nested too deeply or too complex to read") from None
     return value
+
+
+_GREEK_CHARS = {"σ": "sigma", "ρ": "rho", "β": "beta", "μ": "mu", "ε": "epsilon", "ϵ": "epsilon", "π": "pi",
+                "θ": "theta", "τ": "tau", "λ": "lambda", "α": "alpha", "γ": "gamma", "δ": "delta", "ω": "omega"}
+_SUPERSCRIPTS = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻", "0123456789+-"))
+_SUBSCRIPTS = dict(zip("₀₁₂₃₄₅₆₇₈₉ₛᵢⱼₖ", "0123456789sijk"))
+_OPERATOR_CHARS = {"·": "*", "⋅": "*", "∙": "*", "×": "*", "÷": "/", "−": "-", "–": "-", "\u00a0": " ",
+                   "\u2009": " ", "\u202f": " "}
+
+
+def normalise_unicode(text: str, latex: bool) -> str:
+    """Maths pasted from a PDF in ASCII: Greek letters (σ, σs for sigma_s), superscript and subscript
+    digits (σ⁴, σ₀), the product signs · and ×, and the minus sign U+2212. Only characters are rewritten;
+    the whitelist parser still reads the result."""
+    if all(c < "\x80" for c in text):
+        return text
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in _GREEK_CHARS:
+            name = _GREEK_CHARS[c]
+            # σs (not followed by a letter) is the tutorial's sigma_s
+            if c == "σ" and i + 1 < n and text[i + 1] in "sₛ" and not (i + 2 < n and text[i + 2].isalpha()):
+                name, i = "sigma_s", i + 1
+            out.append(("\\" + name.replace("_s", "_s ") + " ") if latex else name)
+            i += 1
+        elif c in _SUPERSCRIPTS or c in _SUBSCRIPTS:
+            table, mark = (_SUPERSCRIPTS, "^") if c in _SUPERSCRIPTS else (_SUBSCRIPTS, "_")
+            j = i
+            while j < n and text[j] in table:
+                j += 1
+            body = "".join(table[ch] for ch in text[i:j])
+            if mark == "_":
+                out.append("_{" + body + "}" if latex else "_" + body)
+            else:
+                out.append("^{" + body + "}" if latex else "^(" + body + ")")
+            i = j
+        elif c in _OPERATOR_CHARS:
+            op = _OPERATOR_CHARS[c]
+            out.append(" \\cdot " if latex and op == "*" else op)
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+_PLAIN_TOKEN = re.compile(r"""(?P<num>0[xXoObB][0-9a-fA-F_]+|(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?[jJ]?)
+    |(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<ws>\s+)|(?P<other>.)""", re.VERBOSE | re.DOTALL)
+
+
+def implicit_products(text: str, names: Mapping[str, sp.Symbol]) -> str:
+    """Plain text with the products people leave implicit made explicit: ``2 sigma``, ``2sigma_s``,
+    ``sigma^4 (sigma^2 + 1)``, ``(a)(b)``. Only ``*`` is inserted: what the parser accepts is unchanged."""
+    if "'" in text or '"' in text:
+        return text
+    import keyword
+    out: list[str] = []
+    prev = None   # kind of the previous significant token: "operand", "call" or None
+    for m in _PLAIN_TOKEN.finditer(text):
+        kind, tok = m.lastgroup, m.group(0)
+        if kind == "ws":
+            out.append(tok)
+            continue
+        starts = kind == "num" or (kind == "name" and not keyword.iskeyword(tok)) or tok == "("
+        if prev == "operand" and starts:
+            out.append("*")
+        out.append(tok)
+        if kind == "num" or tok in (")", "]"):
+            prev = "operand"
+        elif kind == "name" and not keyword.iskeyword(tok):
+            prev = "operand" if (tok in names or tok in CONSTANTS) else "call"
+        else:
+            prev = None
+    return "".join(out)
 
 
 def _check_nesting(text: str) -> None:
@@ -185,7 +266,18 @@ class _Builder:
             raise _too_big()
         return sp.Rational(Fraction(dec))
 
+    def resolve(self, name: str) -> str:
+        """The known name ``name`` stands for: itself, or y_11 for y_1_1 (y_{1,1}) when that is unique."""
+        if name in self.names or "_" not in name:
+            return name
+        base, _, sub = name.partition("_")
+        key = base + "_" + sub.replace("_", "")
+        hits = [k for k in self.names if k.partition("_")[0] == base and
+                base + "_" + k.partition("_")[2].replace("_", "") == key]
+        return hits[0] if len(hits) == 1 else name
+
     def symbol(self, name: str) -> sp.Expr:
+        name = self.resolve(name)
         if name in self.names:
             return self.names[name]
         if name in CONSTANTS:
@@ -442,6 +534,11 @@ class _PlainParser:
             what = f"attribute access ('.{func.attr}')" if isinstance(func, ast.Attribute) else "calling this"
             raise ExpressionError(f"{what} is not allowed; functions: {', '.join(PLAIN_FUNCTIONS)}")
         name = func.id
+        if name == "Rational" and len(node.args) == 2 and not node.keywords:
+            a, b = (self.walk(x, depth + 1) for x in node.args)
+            if not (isinstance(a, sp.Expr) and isinstance(b, sp.Expr) and a.is_Rational and b.is_Rational):
+                raise ExpressionError("Rational takes two numbers, e.g. Rational(1, 2)")
+            return self.b.mul([("*", a), ("/", b)])
         if name not in PLAIN_FUNCTIONS and name != "Matrix":
             raise ExpressionError(f"the function {name!r} is not allowed; functions: {', '.join(PLAIN_FUNCTIONS)}")
         if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
@@ -491,7 +588,9 @@ _MULOPS = {"cdot": "*", "times": "*", "div": "/"}
 _FRACS = {"frac", "dfrac", "tfrac"}
 _MATRIX_ENVS = {"matrix", "pmatrix", "bmatrix", "Bmatrix", "smallmatrix"}
 _CLOSER = {"(": ")", "[": "]", "{": "}", "\\{": "\\}", "|": "|", "\\|": "\\|", ".": None}
-_SKIP_CMDS = {"quad", "qquad", "displaystyle"}
+_SKIP_CMDS = {"quad", "qquad", "displaystyle", "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr",
+              "biggl", "biggr", "Biggl", "Biggr", "bigm", "Bigm"}
+_TEXT_CMDS = {"mathrm", "text", "textrm", "mathit", "rm", "mathsf", "textit"}
 
 
 class _Tok:
@@ -671,7 +770,7 @@ class _LatexParser:
         if sub is None and t.kind == "letter" and base == "e":
             value = sp.E
         else:
-            name = base if sub is None else f"{base}_{sub}"
+            name = self.b.resolve(base if sub is None else f"{base}_{sub}")
             if name not in self.b.names:
                 if t.kind == "letter" and sub is None and sup is None:
                     self._spelled_word(t)
@@ -697,6 +796,16 @@ class _LatexParser:
                 u = self.next()
                 if u.kind in ("num", "letter"):
                     parts.append(u.text)
+                elif u.kind == "cmd" and u.text in _TEXT_CMDS:   # \sigma_{\mathrm{s}}, \sigma_{\text{s}}
+                    self.expect_op("{")
+                    while not self.is_op("}"):
+                        w = self.next()
+                        if w.kind in ("num", "letter"):
+                            parts.append(w.text)
+                        elif not (w.kind == "op" and w.text in "()"):
+                            raise ExpressionError(f"\\{u.text}{{...}} in a subscript may hold only letters and "
+                                                  f"digits, not {w.show()}")
+                    self.next()
                 elif u.kind == "op" and u.text == ",":
                     parts.append("_")
                 else:
@@ -803,6 +912,18 @@ class _LatexParser:
                     self.expect_op("]")
                 arg = self.argument()
                 return self.b.function("sqrt", arg) if index is None else self.b.root(arg, index)
+            if name == "operatorname":
+                self.expect_op("{")
+                word = ""
+                while not self.is_op("}"):
+                    w = self.next()
+                    if w.kind != "letter" or len(word) > 20:
+                        raise ExpressionError("\\operatorname{...} takes a function name, e.g. \\operatorname{log}")
+                    word += w.text
+                self.next()
+                if word not in _FUNCTIONS:
+                    raise ExpressionError(f"\\operatorname{{{word}}} is not allowed; functions: log, ln, exp")
+                return self.function(_FUNCTIONS[word])
             if name in _FUNCTIONS:
                 return self.function(_FUNCTIONS[name])
             if name == "left":

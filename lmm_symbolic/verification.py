@@ -46,6 +46,13 @@ QUANTITIES = {
     "reml_loglik": "reml_loglik",
     "sigma": "sigma_matrix",
     "kinship": "kinship",
+    "gls_information": "gls_information",
+    "gls_estimator": "gls_estimator",
+    "beta_covariance": "beta_covariance",
+    "profiled_loglik": "profiled_loglik",
+    "deviance": "deviance",
+    "reml_criterion": "reml_criterion",
+    "likelihood": "likelihood",
 }
 TITLES = {
     "det": "|Sigma| (Eq. 11)",
@@ -56,8 +63,16 @@ TITLES = {
     "reml_loglik": "the restricted (REML) log-likelihood",
     "sigma": "Sigma (Eq. 8)",
     "kinship": "K K^T (Eq. 7)",
+    "gls_information": "X^T Sigma^-1 X",
+    "gls_estimator": "the GLS estimator beta_hat(sigma, sigma_s) (a column)",
+    "beta_covariance": "var(beta_hat) = (X^T Sigma^-1 X)^-1",
+    "profiled_loglik": "the profiled log-likelihood (beta = beta_hat)",
+    "deviance": "the deviance -2 log L",
+    "reml_criterion": "the REML criterion -2 log L_R",
+    "likelihood": "the likelihood L (Eq. 9)",
 }
-_ALIASES = {"sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship"}
+_ALIASES = {"beta_hat": "gls_estimator", "xtsx": "gls_information", "var_beta_hat": "beta_covariance",
+            "L": "likelihood", "remlcrit": "reml_criterion", "sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship"}
 
 #: random points tried before the exact proof
 TRIES = 6
@@ -141,13 +156,13 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
         raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
     key = str(quantity).strip()
     key = _ALIASES.get(key.lower(), key if key in QUANTITIES else key.lower())
-    if key not in QUANTITIES:
+    if key not in QUANTITIES and not key.startswith("score_"):
         raise ExpressionError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}")
-    expected = getattr(der, QUANTITIES[key])
+    expected = derived_quantity(der, key)
     if expected is None:
         raise ModelError(f"{key} is written out only for designs of at most {INVERSE_N} observations "
                          f"(this one has {der.design.n})")
-    names = der.symbols.by_name()
+    names = symbol_table(der)
     given = parse_expression(expression, names, syntax)
     order = _symbol_order(names)
     if isinstance(expected, MatrixBase):
@@ -159,6 +174,29 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
     if isinstance(given, MatrixBase):
         raise ExpressionError(f"{key} is a scalar, but the expression is a matrix")
     return _compare_scalar(given, expected, key, order)
+
+
+def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
+    """Every name the derivation shows, by its plain name: ``der.symbols.by_name()``, the variance
+    parameters (sigma_g_Intercept, rho_..., and any short aliases the derivation registers) and every
+    symbol its quantities hold -- taken from the derivation, never from a list kept here."""
+    names = dict(der.symbols.by_name())
+    for s in getattr(der, "variance_symbols", ()):
+        names.setdefault(s.name, s)
+    for attr in ("symbol_aliases", "aliases"):
+        extra = getattr(der, attr, None) or getattr(der.symbols, attr, None)
+        if isinstance(extra, dict):
+            for k, v in extra.items():
+                names.setdefault(str(k), v)
+    for attr in ("det", "quadratic_form"):
+        try:
+            value = getattr(der, attr)
+        except Exception:  # noqa: BLE001 - a quantity that is not written out holds no names
+            continue
+        for s in getattr(value, "free_symbols", ()):
+            if isinstance(s, sp.Symbol) and not isinstance(s, sp.Dummy):
+                names.setdefault(s.name, s)
+    return names
 
 
 def _symbol_order(names: dict) -> dict:
@@ -327,6 +365,20 @@ def _differ(g: sp.Expr, e: sp.Expr) -> bool | None:
         return None
 
 
+def _differ_exactly(g: sp.Expr, e: sp.Expr) -> bool:
+    """True when two numbers at an exact rational point provably differ: the difference evaluated by
+    sympy's adaptive-precision evalf (working precision raised up to 5000 digits against cancellation)
+    has significant digits and is not 0."""
+    d = g - e
+    if d.is_Rational:
+        return d != 0
+    try:
+        v = d.evalf(30, maxn=5000)
+    except (TypeError, ValueError, ArithmeticError):  # pragma: no cover - defensive
+        return False
+    return bool(v.is_Number and v != 0 and getattr(v, "_prec", 0) > 10 and abs(v) > sp.Float("1e-4000"))
+
+
 def _value(v: sp.Expr):
     """A number for the JSON: a float when it is a finite real, else its decimal text."""
     try:
@@ -387,6 +439,12 @@ def _compare_scalar(given: sp.Expr, expected: sp.Expr, quantity: str, order: dic
     proof = _is_zero(given - expected)
     if proof:
         return Verdict(True, "0", None, None, quantity=quantity, status="equal")
+    for point in _points(symbols, TRIES):   # a near miss (off by 1e-30): exact points, adaptive precision
+        g, e = _at(given, point), _at(expected, point)
+        if g is not None and e is not None and _differ_exactly(g, e):
+            diff = _simplified(given - expected)
+            return Verdict(False, sp.sstr(diff), _counterexample(point, e, g, order),
+                           _scalar_hint(given, expected, diff), quantity=quantity, status="different")
     return _unproven(sp.sstr(_normal(given - expected)), agree, proof is None, quantity)
 
 
@@ -517,3 +575,117 @@ def _matrix_hint(given, expected, D, quantity: str, der: Derivation) -> str | No
     text = f"{len(wrong)} of {D.shape[0] * D.shape[1]} entries differ, the first at row {i + 1}, column {j + 1}"
     inner = _scalar_hint(given[i, j], expected[i, j], D[i, j])
     return f"{text}; there {inner}" if inner else text
+
+
+# ------------------------------------------------------------------------------------ step by step
+@dataclass(frozen=True)
+class StepReport:
+    """The answer of :func:`verify_steps`: a verdict per line against the quantity (``lines``), which
+    lines equal it (``equal_lines``, 1-based), and the first line that does not follow from the one
+    before (``first_break``, 1-based, None when the chain holds) with that step's verdict (``step``)."""
+
+    quantity: str
+    lines: tuple[Verdict, ...]
+    equal_lines: tuple[int, ...]
+    first_break: int | None
+    step: Verdict | None
+
+    def to_dict(self) -> dict:
+        return {"quantity": self.quantity, "equal_lines": list(self.equal_lines), "first_break": self.first_break,
+                "step": None if self.step is None else self.step.to_dict(),
+                "lines": [v.to_dict() for v in self.lines]}
+
+    def __str__(self) -> str:
+        out = []
+        for k, v in enumerate(self.lines, 1):
+            mark = "equal" if v.equal else ("not proven" if v.status == "unproven" else "not equal")
+            out.append(f"line {k}: {mark}")
+        if self.first_break is None:
+            out.append("every step follows from the one before")
+        else:
+            out.append(f"first broken step: line {self.first_break - 1} -> line {self.first_break}")
+            out.extend("  " + line for line in str(self.step).splitlines()[1:])
+        return "\n".join(out)
+
+
+def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> StepReport:
+    """Check a derivation written over several lines: each line against ``quantity`` (as :func:`verify`)
+    and each line against the one before it; the first step whose two lines differ is the break, with a
+    counterexample between them."""
+    lines = [str(x) for x in lines if str(x).strip()]
+    if not lines:
+        raise ExpressionError("no lines to check")
+    if len(lines) > 200:
+        raise ExpressionError("too many lines (at most 200)")
+    der = model if isinstance(model, Derivation) else derive(model) if isinstance(model, Design) else None
+    if der is None:
+        raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
+    verdicts = tuple(verify(der, quantity, text, syntax) for text in lines)
+    names = symbol_table(der)
+    order = _symbol_order(names)
+    first, step = None, None
+    previous = parse_expression(lines[0], names, syntax)
+    for k, text in enumerate(lines[1:], 2):
+        current = parse_expression(text, names, syntax)
+        if isinstance(current, MatrixBase) or isinstance(previous, MatrixBase):
+            v = _compare_matrix(current, previous, quantity, der, order) if \
+                isinstance(current, MatrixBase) and isinstance(previous, MatrixBase) and \
+                current.shape == previous.shape else Verdict(False, "shape", None, "a matrix and a scalar",
+                                                             quantity=quantity, status="different")
+        else:
+            v = _compare_scalar(current, previous, f"line {k - 1}", order)
+        if not v.equal:
+            first, step = k, v
+            break
+        previous = current
+    if first is None and not verdicts[0].equal:
+        first, step = 1, verdicts[0]
+    return StepReport(quantity, verdicts, tuple(k for k, v in enumerate(verdicts, 1) if v.equal), first, step)
+
+
+# ------------------------------------------------------------------------- the quantities derived next
+def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
+    """X^T Sigma^-1 X and X^T Sigma^-1 Y from Eq. 12 by sympy: Q(beta) = c - 2 b^T beta + beta^T A beta,
+    so A = Hessian/2 and b = -grad Q(0)/2 (the block forms of the derivation, differentiated)."""
+    Q = der.quadratic_form
+    beta = list(der.symbols.beta)
+    zero = {b: 0 for b in beta}
+    A = sp.Matrix(len(beta), len(beta), lambda i, j: sp.cancel(sp.diff(Q, beta[i], beta[j]).xreplace(zero) / 2))
+    b = sp.Matrix([sp.cancel(-sp.diff(Q, bk).xreplace(zero) / 2) for bk in beta])
+    return A, b
+
+
+def derived_quantity(der: Derivation, key: str):
+    """The quantity ``key`` of the derivation: an attribute (det, loglik, ...) or one derived here by
+    sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...)."""
+    if key in ("det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"):
+        return getattr(der, QUANTITIES[key])
+    if key == "deviance":
+        return -2 * der.loglik
+    if key == "reml_criterion":
+        return -2 * der.reml_loglik
+    if key == "likelihood":
+        return sp.exp(der.loglik)
+    if key.startswith("score_"):
+        name = key[len("score_"):]
+        names = symbol_table(der)
+        if name.endswith("2") and name[:-1] in names and names[name[:-1]].is_positive:   # d/d sigma^2
+            s = names[name[:-1]]
+            return sp.diff(der.loglik, s) / (2 * s)
+        if name not in names:
+            raise ExpressionError(f"score_{name}: unknown symbol {name!r}")
+        return sp.diff(der.loglik, names[name])
+    if not der.symbolic_y:
+        raise ModelError(f"{key} is written out only for designs with symbolic responses")
+    A, b = _gls_parts(der)
+    if key == "gls_information":
+        return A
+    Ainv = A.inv(method="ADJ").applyfunc(sp.factor) if A.shape[0] <= 4 else A.inv()
+    if key == "beta_covariance":
+        return Ainv
+    beta_hat = (Ainv * b).applyfunc(sp.factor)
+    if key == "gls_estimator":
+        return beta_hat
+    if key == "profiled_loglik":
+        return der.loglik.xreplace(dict(zip(der.symbols.beta, beta_hat)))
+    raise ExpressionError(f"unknown quantity {key!r}")  # pragma: no cover

@@ -93,7 +93,7 @@ def test_plain_matrices(names):
     ("'text'", "strings"),
     ("None", "None is not allowed"),
     ("", "empty"),
-    ("σ**2", "ASCII"),
+    ("☃**2", "ASCII"),
     ("1/(sigma - sigma)", "division by zero"),
     ("log(0)", "not finite"),
 ])
