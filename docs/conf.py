@@ -62,7 +62,7 @@ mathjax3_config = {
 }
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+autodoc_typehints = "signature"
 
 _LITERAL = re.compile(r"(``.+?``|:[a-z:]+:`[^`]+`)")
 _ITEM = re.compile(r"\s*([*-]|\d+\.)\s")
