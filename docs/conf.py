@@ -35,7 +35,7 @@ _copy_notebooks()
 import lmm_symbolic  # noqa: E402
 
 project = "lmm_symbolic"
-html_title = "Linear mixed models from scratch, with sympy"
+html_title = "lmm_symbolic: the course"
 author = "lmm_symbolic developers"
 copyright = "lmm_symbolic developers"
 release = version = lmm_symbolic.__version__
@@ -52,7 +52,7 @@ source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
 
 # notebooks: the outputs committed in the .ipynb files, never re-executed at build time
 nb_execution_mode = "off"
-nb_output_stderr = "remove-warn"
+nb_output_stderr = "show"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 
@@ -99,6 +99,12 @@ def plain_maths_docstring(app, what, name, obj, options, lines) -> None:
             in_run = False
             out.append("")
         prev = out[-1] if out else ""
+        if not in_run and line.strip() and not prev.strip():
+            last = next((i for i in range(len(out) - 1, -1, -1) if out[i].strip()), None)
+            if (last is not None and _indent(line) > _indent(out[last]) and out[last].rstrip().endswith(":")
+                    and not out[last].rstrip().endswith("::") and not _ITEM.match(out[last])):
+                in_run, base = True, _indent(out[last])   # an indented formula block after "...:"
+                out[last] = out[last].rstrip() + ":"
         if not in_run and line.strip() and prev.strip():
             if _ITEM.match(line) and not _ITEM.match(prev) and _indent(line) == _indent(prev):
                 out.append("")          # a list directly under a sentence
