@@ -61,6 +61,7 @@ mathjax3_config = {
     "tex": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]},
 }
 
+highlight_language = "none"  # literal blocks (the docstrings' formulas) are not code
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 
