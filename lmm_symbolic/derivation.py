@@ -45,12 +45,14 @@ class Equation:
     expr: sp.Basic
     latex: str
     note: str = ""
+    text: str = ""   #: the plain-text form print() shows (sympy's pretty form when empty)
 
     def _repr_latex_(self) -> str:
         return rf"$$\textbf{{Eq. {self.number}}}\quad {self.latex}$$"
 
     def __str__(self) -> str:
-        return f"Eq. {self.number}  {self.title}\n{sp.pretty(self.expr, use_unicode=True)}"
+        body = self.text or sp.pretty(self.expr, use_unicode=True, order="none", wrap_line=False)
+        return f"Eq. {self.number}  {self.title}\n{body}"
 
     def to_dict(self) -> dict:
         return {"number": self.number, "title": self.title, "latex": self.latex, "sympy": sp.sstr(self.expr)}
@@ -352,6 +354,100 @@ class Derivation:
             logdet_info = sp.log(sp.Determinant(info))
         return self.loglik - logdet_info / 2 + sp.Rational(p, 2) * sp.log(2 * sp.pi)
 
+    # ------------------------------------------------------------- readable forms (display only)
+    def _fixed_terms(self, coefs) -> list[tuple[sp.Expr, sp.Symbol]]:
+        return [(exact_number(c), b) for c, b in zip(coefs, self.symbols.beta) if c != 0]
+
+    def _residual_latex(self, ys: list, coefs) -> str:
+        """y_1 + ... - (fixed part): the data first, then the fixed effects, e.g. y_{21} - \\beta_{0} - \\beta_{1}."""
+        out = " + ".join(self._latex(y) for y in ys)
+        for c, b in self._fixed_terms(coefs):
+            mag = "" if abs(c) == 1 else self._latex(abs(c)) + " "
+            out += (" - " if c > 0 else " + ") + mag + self._latex(b)
+        return out
+
+    def _residual_text(self, ys: list, coefs) -> str:
+        out = " + ".join(y.name for y in ys)
+        for c, b in self._fixed_terms(coefs):
+            mag = "" if abs(c) == 1 else f"{abs(c)}*"
+            out += (" - " if c > 0 else " + ") + mag + b.name
+        return out
+
+    def _group_rows(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.groups.codes == g) for g in range(len(self.groups.sizes))]
+
+    def _readable(self) -> bool:
+        return self.symbolic_y and len(self.groups.sizes) <= 6 and self.groups.sizes.max() <= 4
+
+    def _weight_name(self, size: int) -> str:
+        return "w" if len(self.size_counts) == 1 else f"w_{{{size}}}"
+
+    def _weights_latex(self) -> str:
+        return r",\quad ".join(self._weight_name(k) + " = " + self._latex(self._weight(k)) for k in self.size_counts)
+
+    def quadratic_latex(self) -> str:
+        """Eq. 12 as a reader checks it: one aligned line per group,
+        [r_1j^2 + ... - w (r_1j + ...)^2] / sigma^2, residuals written y - X beta, w = sigma_s^2/(sigma^2 + m sigma_s^2).
+        The same expression as ``quadratic_form`` (tests check it), written for reading."""
+        if not self._readable():
+            return self._latex(self.quadratic_form)
+        X, y = self.design.X, self.symbols.y
+        lines = []
+        for rows in self._group_rows():
+            squares = " + ".join(rf"\left({self._residual_latex([y[i]], X[i])}\right)^{{2}}" for i in rows)
+            total = self._residual_latex([y[i] for i in rows], X[rows].sum(0))
+            w = self._weight_name(len(rows))
+            lines.append(rf"\frac{{1}}{{\sigma^{{2}}}}\Big[{squares} - {w}\left({total}\right)^{{2}}\Big]")
+        body = r" \\ &+ ".join(lines)
+        return (r"\begin{aligned} Q &= " + body + r" \\ &\text{with } " + self._weights_latex() + r"\end{aligned}")
+
+    def quadratic_text(self) -> str:
+        """The plain-text twin of :meth:`quadratic_latex`."""
+        if not self._readable():
+            return sp.pretty(self.quadratic_form, use_unicode=True, wrap_line=False)
+        X, y = self.design.X, self.symbols.y
+        lines = []
+        for rows in self._group_rows():
+            squares = " + ".join(f"({self._residual_text([y[i]], X[i])})^2" for i in rows)
+            total = self._residual_text([y[i] for i in rows], X[rows].sum(0))
+            w = "w" if len(self.size_counts) == 1 else f"w_{len(rows)}"
+            lines.append(f"[{squares} - {w}*({total})^2] / sigma^2")
+        ws = ",  ".join(("w" if len(self.size_counts) == 1 else f"w_{k}") + " = " + sp.sstr(self._weight(k))
+                        for k in self.size_counts)
+        return "Q =   " + "\n    + ".join(lines) + "\nwith " + ws
+
+    def _logdet_half_latex(self) -> str:
+        """-1/2 log|Sigma| as - a log sigma^2 - b log(sigma^2 + m sigma_s^2), from the group sizes (Eq. 11)."""
+        out = ""
+        for size, count in self.size_counts.items():
+            for coef, arg in ((sp.Rational(count * (size - 1), 2), sigma**2),
+                              (sp.Rational(count, 2), sigma**2 + size * sigma_s**2)):
+                if coef == 0:
+                    continue
+                c = "" if coef == 1 else (self._latex(coef) if coef.q == 1 else rf"\tfrac{{{coef.p}}}{{{coef.q}}}")
+                a = self._latex(arg) if arg == sigma**2 else rf"\left({self._latex(arg)}\right)"
+                out += rf" - {c}\log {a}"
+        return out
+
+    @staticmethod
+    def _half(k) -> str:
+        k = sp.Rational(k, 2)
+        if k == 1:
+            return ""
+        return sp.latex(k) if k.q == 1 else rf"\tfrac{{{k.p}}}{{{k.q}}}"
+
+    def loglik_latex(self) -> str:
+        """Eq. 10 with Eq. 11 and 12 in it, terms in the tutorial's order:
+        log L = -n/2 log 2 pi - (log-determinant terms) - 1/2 Q, Q as in :meth:`quadratic_latex`."""
+        n = self.design.n
+        return (rf"\log L = -{self._half(n)}\log 2\pi{self._logdet_half_latex()} - \tfrac{{1}}{{2}} Q")
+
+    def reml_latex(self) -> str:
+        """The REML criterion in the same layout: log L_R = -(n-p)/2 log 2 pi - ... - 1/2 log|X^T Sigma^-1 X| - 1/2 Q."""
+        n, p = self.design.n, self.design.p
+        return (rf"\log L_R = -{self._half(n - p)}\log 2\pi{self._logdet_half_latex()}"
+                r" - \tfrac{1}{2}\log\left|X^{T}\Sigma^{-1}X\right| - \tfrac{1}{2} Q(\hat\beta)")
+
     # -------------------------------------------------------------------------------- Eq. 1 - 12
     @functools.cached_property
     def equations(self) -> list[Equation]:
@@ -376,8 +472,10 @@ class Derivation:
         eqs = [sp.Eq(self.symbols.y[i], self._row_rhs(i), evaluate=False) for i in shown]
         lines = [sp.latex(e, symbol_names=self._names, order="none") for e in eqs] + ([r"\vdots"] if len(eqs) < n else [])
         latex = r"\begin{cases}" + r" \\ ".join(lines) + r"\end{cases}"
+        text = "\n".join(f"{e.lhs.name} = " + " + ".join(sp.sstr(a) for a in e.rhs.args) for e in eqs)
         return Equation(1, "the model, one equation per observation", sp.Tuple(*eqs), latex,
-                        note="" if len(eqs) == n else f"first {len(eqs)} of {n} observations")
+                        note="" if len(eqs) == n else f"first {len(eqs)} of {n} observations",
+                        text=text + ("\n..." if len(eqs) < n else ""))
 
     def _eq2(self) -> Equation:
         i, j = sp.symbols("i j", integer=True)
@@ -471,7 +569,8 @@ class Derivation:
     def _eq7(self) -> Equation:
         M, latex = self._dense(lambda diag, same: sp.Integer(1 if same else 0))
         return Equation(7, "the kinship matrix K K^T: 1 where two observations share a group",
-                        sp.Eq(sp.Symbol("KK^T"), M, evaluate=False), r"K K^{T} = " + latex)
+                        sp.Eq(sp.Symbol("KK^T"), M, evaluate=False), r"K K^{T} = " + latex,
+                        text="K K^T =\n" + sp.pretty(M, use_unicode=True))
 
     def _eq8(self) -> Equation:
         M, latex = self._dense(lambda diag, same: (sigma**2 if diag else 0) + (sigma_s**2 if same else 0))
@@ -498,8 +597,10 @@ class Derivation:
         n, Q, det, names = self._likelihood_parts()
         rhs = -n_obs / 2 * sp.log(2 * sp.pi) - sp.log(det) / 2 - Q / 2
         expr = sp.Eq(sp.Symbol("log L"), rhs, evaluate=False)
-        return Equation(10, "the log-likelihood", expr,
-                        r"\log L(\beta, \sigma, \sigma_{s}) = " + sp.latex(rhs, symbol_names=names),
+        latex = (r"\log L(\beta, \sigma, \sigma_{s}) = -\frac{n}{2}\log(2\pi) - \frac{1}{2}\log\left|\Sigma\right|"
+                 r" - \frac{1}{2}" + names[Q])
+        return Equation(10, "the log-likelihood", expr, latex,
+                        text="log L = -n/2 log(2 pi) - 1/2 log|Sigma| - 1/2 Q",
                         note=f"n = {n}, Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
 
     def _eq11(self) -> Equation:
@@ -512,8 +613,12 @@ class Derivation:
         n, Q, det, names = self._likelihood_parts()
         q = self.quadratic_form
         note = "" if self.symbolic_y else "the data's values substituted; groups of equal size pooled"
+        if self._readable():
+            latex = self.quadratic_latex().replace("Q &=", names[Q] + " &=", 1)
+        else:
+            latex = names[Q] + " = " + self._latex(q)
         return Equation(12, "the quadratic form (Y - X beta)^T Sigma^-1 (Y - X beta) in closed form",
-                        sp.Eq(Q, q, evaluate=False), names[Q] + " = " + self._latex(q), note=note)
+                        sp.Eq(Q, q, evaluate=False), latex, note=note, text=self.quadratic_text())
 
     # ----------------------------------------------------------------------------------- output
     def to_dict(self) -> dict:
