@@ -179,7 +179,7 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
         ax.scatter(xs, design.y, s=14, color="0.4", zorder=3, label="data")
         for j in range(term.n_levels):
             level = fitted[codes == j][0]
-            line, = ax.plot([j - 0.35, j + 0.35], [level, level], color=f"C{j % 10}", lw=2,
+            line, = ax.plot([j - 0.35, j + 0.35], [level, level], color=_colour(j), lw=2,
                             label=group_label if j == 0 else "_nolegend_")
             line.set_gid(f"group:{term.levels[j]}")
         line = ax.axhline(float(population[0]), color="black", lw=2.5, label="population mean")
@@ -192,7 +192,7 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
         for j in range(term.n_levels):
             rows = np.flatnonzero(codes == j)
             order = rows[np.argsort(xv[rows], kind="stable")]
-            line, = ax.plot(xv[order], fitted[order], color=f"C{j % 10}", lw=1, alpha=0.8,
+            line, = ax.plot(xv[order], fitted[order], color=_colour(j), lw=1, alpha=0.8,
                             label=group_label if j == 0 else "_nolegend_")
             line.set_gid(f"group:{term.levels[j]}")
         order = np.argsort(xv, kind="stable")
@@ -200,8 +200,10 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
         line.set_gid("population")
         ax.set_xlabel(x)
     ax.set_ylabel(design.response)
+    if x is not None:
+        _binary_axis(ax, design.frame[x])
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    _legend_outside(ax)
     return ax
 
 
@@ -253,9 +255,9 @@ def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0
                 ecolor="C0", capsize=2, markersize=4)
     ax.axvline(0.0, color="0.5", lw=1, ls="--")
     ax.set_yticks(pos, [str(v) for v in re.index])
-    ax.set_xlabel(f"{term}: conditional mode (BLUP)" + (f" +- {z:.2f} conditional SD" if intervals else ""))
+    ax.set_xlabel(f"{term}: conditional mode" + (f" +- {z:.2f} conditional SD" if intervals else ""))
     ax.set_ylabel(fit.group)
-    ax.set_title(f"BLUPs of the random {term} by {fit.group} ({len(re)} levels)")
+    ax.set_title(f"conditional modes of the random {term} by {fit.group} ({len(re)} levels)")
     return ax
 
 
@@ -359,8 +361,8 @@ def _draw_surface(ax, surface: _Surface, label: str) -> None:
                        linewidths=0.8)
     ax.clabel(lines, fmt={v: f"{c}%" for v, c in zip(lines.levels, coverage)}, fontsize="x-small")
     ax.figure.colorbar(filled, ax=ax, label=label)
-    ax.set_xlabel("sigma (residual SD)")
-    ax.set_ylabel("sigma_s (random-intercept SD)")
+    ax.set_xlabel(r"$\sigma$ (residual SD)")
+    ax.set_ylabel(r"$\sigma_s$ (random-intercept SD)")
 
 
 def optimiser_path(fit: FitResult, criterion: Criterion | None = None) -> np.ndarray:
@@ -395,8 +397,8 @@ def plot_loglik_surface(fit: FitResult, n: int = 45, show_path: bool = True, sig
             label=f"optimum ({fit.sigma:.4g}, {fit.sigma_s:.4g}), log L = {surface.maximum:.4f}")
     ax.set_xlim(surface.sigmas[0], surface.sigmas[-1])
     ax.set_ylim(surface.sigma_ss[0], surface.sigma_ss[-1])
-    ax.set_title(f"{what} over (sigma, sigma_s), beta at GLS")
-    ax.legend(fontsize="small", loc="upper right")
+    ax.set_title(rf"{what} over $(\sigma, \sigma_s)$, $\beta$ at GLS")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.15), borderaxespad=0.0)
     return ax
 
 
@@ -550,14 +552,14 @@ class _Explorer:
         axes[1].set_yticks(ticks, [str(t + 1) for t in ticks])
         axes[1].set_xlabel("observation j")
         axes[1].set_ylabel("observation i")
-        axes[1].set_title(f"Sigma (Eq. 8), first {len(S)} of {design.n} rows")
+        axes[1].set_title(rf"$\Sigma$ (Eq. 8), first {len(S)} of {design.n} rows")
         _draw_surface(axes[2], self.surface, "log-likelihood (beta at GLS)")
         value = self.criterion.loglik(sig, sig_s, beta)
         axes[2].plot([self.fit.sigma], [self.fit.sigma_s], "*", color="red", ms=13,
                      label=f"ML maximum, log L = {self.surface.maximum:.4f}")
-        axes[2].plot([sig], [sig_s], "o", color="orange", ms=9, label=f"sliders, log L = {value:.4f}")
-        axes[2].set_title("log L (Eq. 10): where the sliders stand")
-        axes[2].legend(fontsize="x-small", loc="upper right")
+        axes[2].plot([sig], [sig_s], "o", color="orange", ms=9, label=f"chosen values, log L = {value:.4f}")
+        axes[2].set_title("log L (Eq. 10) at the chosen values")
+        axes[2].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(0.0, -0.15))
         fig.tight_layout()
         return fig
 
