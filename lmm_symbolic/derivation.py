@@ -12,6 +12,7 @@ For a random intercept (q = 1, Z_g = 1, D = sigma_s^2) these give Eq. 11 and Eq.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -140,6 +141,8 @@ class Symbols:
     epsilon: tuple[sp.Symbol, ...]
     y_names: tuple[str, ...]
     latex_names: dict = field(default_factory=dict, compare=False, repr=False)
+    #: further names of shown symbols (a slope model's short sigma_0, sigma_1, rho and their long names)
+    aliases: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def sigma(self) -> sp.Symbol:
@@ -153,6 +156,7 @@ class Symbols:
         """Every symbol of the derivation by its plain name."""
         out = {s.name: s for s in (*self.beta, *self.y, *self.u, *self.epsilon)}
         out.update(sigma=sigma, sigma_s=sigma_s)
+        out.update(self.aliases)
         return out
 
 
@@ -489,6 +493,9 @@ class Derivation:
                              for k, (b, name) in enumerate(zip(s, d.fixed_names))])
         expr = sp.Eq(y[i, j], fixed + u[j] + e[i, j], evaluate=False)
         latex = sp.latex(expr, order="none").replace(r"{\epsilon}", r"{\varepsilon}")
+        for name in d.fixed_names:   # covariates in roman: \mathrm{Treat}_{i,j}
+            if name.isidentifier() and len(name) > 1:
+                latex = latex.replace("{" + name + "}_", r"\mathrm{" + name + "}_")
         return Equation(2, "index form: observation i of group j", expr, latex)
 
     @staticmethod
@@ -555,8 +562,8 @@ class Derivation:
         variance = sp.MatAdd(K * (sigma_s**2 * sp.Identity(G)) * K.T, sigma**2 * sp.Identity(n)).doit()
         expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
         latex = (r"\operatorname{var}(Y) = K \operatorname{var}(u) K^{T} + \operatorname{var}(\varepsilon) = "
-                 r"K \left(\sigma_{s}^{2} I\right) K^{T} + \sigma^{2} I = " + sp.latex(variance)
-                 + r" = \Sigma")
+                 rf"K \left(\sigma_{{s}}^{{2}} I_{{{G}}}\right) K^{{T}} + \sigma^{{2}} I_{{{n}}} = "
+                 + sp.latex(variance).replace(r"\mathbb{I}", rf"I_{{{n}}}") + r" = \Sigma")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
 
     def _dense(self, entry) -> tuple[sp.Matrix, str]:
@@ -714,6 +721,23 @@ class GeneralDerivation(Derivation):
 
     MAX_BLOCK = 4
 
+    @functools.cached_property
+    def equations(self) -> list[Equation]:
+        """Eq. 1-12; their plain text uses the short names of the legend."""
+        out = []
+        for e in Derivation.equations.func(self):
+            text = e.text or sp.pretty(e.expr.subs(self.short_symbols), use_unicode=True, order="none",
+                                       wrap_line=False)
+            if self.legend and e.number in (6, 8, 11, 12):
+                text += "\nwhere " + "; ".join(f"{k}: {v}" for k, v in self.legend.items())
+            out.append(dataclasses.replace(e, text=text))
+        return out
+
+    def legend_latex(self) -> str:
+        """The legend of the short symbol names, as LaTeX."""
+        return r",\quad ".join(self._names[v] + r"\ \text{" + _tex_text(self.legend[k]) + "}"
+                               for k, v in self.symbols.aliases.items() if k in self.legend)
+
     def __init__(self, design: Design):
         if not design.terms:
             raise ModelError("the design has no random-effect terms")
@@ -725,15 +749,36 @@ class GeneralDerivation(Derivation):
         self.variance_symbols, self.D_terms = self._variance_parameters()
 
     def _variance_parameters(self):
-        """SD symbols sigma_<group>_<column> and correlations rho_<group>_<a>_<b>; D_k per term."""
-        single = len(self.design.terms) == 1 and self.design.terms[0].q == 1
+        """SD symbols sigma_<group>_<column> and correlations rho_<group>_<a>_<b>; D_k per term.
+
+        They are shown by short names with a legend (``legend``): for one term sigma_0, sigma_1, ... by
+        column and rho; for several terms sigma_k (or sigma_k_c) and rho_k by term k = 1, 2, ... Both the
+        short and the long names are in ``symbols.by_name()``."""
+        terms = self.design.terms
+        single = len(terms) == 1 and terms[0].q == 1
         params, Ds = [], []
-        for term in self.design.terms:
+        self.legend: dict[str, str] = {}
+        self.short_symbols: dict[sp.Symbol, sp.Symbol] = {}
+        aliases = self.symbols.aliases
+
+        def short(sym, name, tex, meaning):
+            self._names[sym] = tex
+            alias = sp.Symbol(name, **sym.assumptions0)
+            self.short_symbols[sym] = alias
+            self.legend[name] = meaning
+            aliases[name] = sym
+            aliases[sym.name] = sym
+
+        for k, term in enumerate(terms, start=1):
             sds = []
-            for name in term.names:
+            for c, name in enumerate(term.names):
                 sym = sigma_s if single else sp.Symbol(f"sigma_{_ident(term.group)}_{_ident(name)}", positive=True)
                 if not single:
-                    self._names[sym] = rf"\sigma_{{\mathrm{{{term.group}}},\mathrm{{{name}}}}}"
+                    if len(terms) == 1:
+                        sub, tex = f"{c}", f"{c}"
+                    else:
+                        sub, tex = (f"{k}", f"{k}") if term.q == 1 else (f"{k}_{c}", f"{k},{c}")
+                    short(sym, f"sigma_{sub}", rf"\sigma_{{{tex}}}", f"SD of {term.group}'s {name}")
                 sds.append(sym)
             R = sp.eye(term.q)
             rhos = []
@@ -741,7 +786,11 @@ class GeneralDerivation(Derivation):
                 for b in range(a + 1, term.q):
                     rho = sp.Symbol(f"rho_{_ident(term.group)}_{_ident(term.names[a])}_{_ident(term.names[b])}",
                                     real=True)
-                    self._names[rho] = rf"\rho_{{\mathrm{{{term.group}}}}}"
+                    pair = "" if term.q == 2 else f"{a}{b}"
+                    sub = pair if len(terms) == 1 else f"{k}{pair}"
+                    name = f"rho_{sub}" if sub else "rho"
+                    tex = rf"\rho_{{{sub}}}" if sub else r"\rho"
+                    short(rho, name, tex, f"correlation of {term.group}'s {term.names[a]} and {term.names[b]}")
                     R[a, b] = R[b, a] = rho
                     rhos.append(rho)
             params += sds + rhos
@@ -954,7 +1003,7 @@ class GeneralDerivation(Derivation):
         s, d = self.symbols, self.design
         fixed = sp.Add(*[exact_number(v) * b for v, b in zip(d.X[i], s.beta)])
         random = [exact_number(t.Z[i, c]) * self._u(k, c, int(t.codes[i]))
-                  for k, t in enumerate(d.terms) for c in range(t.q)]
+                  for k, t in enumerate(d.terms) for c in range(t.q) if t.Z[i, c] != 0]
         return sp.Add(fixed, *random, s.epsilon[i], evaluate=False)
 
     def _eq2(self) -> Equation:
