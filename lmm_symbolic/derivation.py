@@ -566,23 +566,43 @@ class Derivation:
                  + sp.latex(variance).replace(r"\mathbb{I}", rf"I_{{{n}}}") + r" = \Sigma")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
 
+    def _shown_rows(self) -> list[int]:
+        """The rows Eq. 7 and 8 show: all of a small design; else the first rows of the first two groups,
+        so that a zero block between groups is visible."""
+        n = self.design.n
+        if n <= 12:
+            return list(range(n))
+        half = SHOWN_ROWS // 2
+        rows = [int(i) for g in range(min(2, len(self.groups.sizes)))
+                for i in np.flatnonzero(self.groups.codes == g)[:half]]
+        return rows if len(rows) > 1 else list(range(SHOWN_ROWS))
+
+    def _shown_note(self) -> str:
+        rows = self._shown_rows()
+        if len(rows) == self.design.n:
+            return ""
+        term = self.design.terms[0]
+        groups = sorted({int(self.groups.codes[i]) for i in rows})
+        names = " and ".join(f"{term.group} {term.levels[g]}" for g in groups)
+        return f"rows and columns of the first observations of {names}; Sigma = diag(Sigma_1, ..., Sigma_{len(self.groups.sizes)})"
+
     def _dense(self, entry) -> tuple[sp.Matrix, str]:
         n = self.design.n
-        rows = n if n <= 12 else SHOWN_ROWS
+        shown = self._shown_rows()
         codes = self.groups.codes
-        M = sp.Matrix(rows, rows, lambda i, j: entry(i == j, codes[i] == codes[j]))
+        M = sp.Matrix(len(shown), len(shown), lambda a, b: entry(a == b, codes[shown[a]] == codes[shown[b]]))
         return M, _matrix_latex(M, n, n, self._names)
 
     def _eq7(self) -> Equation:
         M, latex = self._dense(lambda diag, same: sp.Integer(1 if same else 0))
         return Equation(7, "the kinship matrix K K^T: 1 where two observations share a group",
                         sp.Eq(sp.Symbol("KK^T"), M, evaluate=False), r"K K^{T} = " + latex,
-                        text="K K^T =\n" + sp.pretty(M, use_unicode=True))
+                        text="K K^T =\n" + sp.pretty(M, use_unicode=True), note=self._shown_note())
 
     def _eq8(self) -> Equation:
         M, latex = self._dense(lambda diag, same: (sigma**2 if diag else 0) + (sigma_s**2 if same else 0))
         return Equation(8, "Sigma written out", sp.Eq(sp.Symbol("Sigma"), M, evaluate=False),
-                        r"\Sigma = " + latex)
+                        r"\Sigma = " + latex, note=self._shown_note())
 
     def _likelihood_parts(self):
         n = self.design.n
