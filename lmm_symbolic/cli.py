@@ -135,7 +135,8 @@ def _derive(args) -> int:
 
 def _pretty(e) -> str:
     note = f"   ({e.note})" if e.note else ""
-    return f"\nEq. {e.number}: {e.title}{note}\n{sp.pretty(e.expr, use_unicode=True, wrap_line=False)}"
+    body = e.text or sp.pretty(e.expr, use_unicode=True, order="none", wrap_line=False)
+    return f"\nEq. {e.number}: {e.title}{note}\n{body}"
 
 
 def _fit(args) -> int:

@@ -12,6 +12,7 @@ For a random intercept (q = 1, Z_g = 1, D = sigma_s^2) these give Eq. 11 and Eq.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -45,12 +46,14 @@ class Equation:
     expr: sp.Basic
     latex: str
     note: str = ""
+    text: str = ""   #: the plain-text form print() shows (sympy's pretty form when empty)
 
     def _repr_latex_(self) -> str:
         return rf"$$\textbf{{Eq. {self.number}}}\quad {self.latex}$$"
 
     def __str__(self) -> str:
-        return f"Eq. {self.number}  {self.title}\n{sp.pretty(self.expr, use_unicode=True)}"
+        body = self.text or sp.pretty(self.expr, use_unicode=True, order="none", wrap_line=False)
+        return f"Eq. {self.number}  {self.title}\n{body}"
 
     def to_dict(self) -> dict:
         return {"number": self.number, "title": self.title, "latex": self.latex, "sympy": sp.sstr(self.expr)}
@@ -138,6 +141,8 @@ class Symbols:
     epsilon: tuple[sp.Symbol, ...]
     y_names: tuple[str, ...]
     latex_names: dict = field(default_factory=dict, compare=False, repr=False)
+    #: further names of shown symbols (a slope model's short sigma_0, sigma_1, rho and their long names)
+    aliases: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def sigma(self) -> sp.Symbol:
@@ -151,6 +156,7 @@ class Symbols:
         """Every symbol of the derivation by its plain name."""
         out = {s.name: s for s in (*self.beta, *self.y, *self.u, *self.epsilon)}
         out.update(sigma=sigma, sigma_s=sigma_s)
+        out.update(self.aliases)
         return out
 
 
@@ -352,6 +358,100 @@ class Derivation:
             logdet_info = sp.log(sp.Determinant(info))
         return self.loglik - logdet_info / 2 + sp.Rational(p, 2) * sp.log(2 * sp.pi)
 
+    # ------------------------------------------------------------- readable forms (display only)
+    def _fixed_terms(self, coefs) -> list[tuple[sp.Expr, sp.Symbol]]:
+        return [(exact_number(c), b) for c, b in zip(coefs, self.symbols.beta) if c != 0]
+
+    def _residual_latex(self, ys: list, coefs) -> str:
+        """y_1 + ... - (fixed part): the data first, then the fixed effects, e.g. y_{21} - \\beta_{0} - \\beta_{1}."""
+        out = " + ".join(self._latex(y) for y in ys)
+        for c, b in self._fixed_terms(coefs):
+            mag = "" if abs(c) == 1 else self._latex(abs(c)) + " "
+            out += (" - " if c > 0 else " + ") + mag + self._latex(b)
+        return out
+
+    def _residual_text(self, ys: list, coefs) -> str:
+        out = " + ".join(y.name for y in ys)
+        for c, b in self._fixed_terms(coefs):
+            mag = "" if abs(c) == 1 else f"{abs(c)}*"
+            out += (" - " if c > 0 else " + ") + mag + b.name
+        return out
+
+    def _group_rows(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.groups.codes == g) for g in range(len(self.groups.sizes))]
+
+    def _readable(self) -> bool:
+        return self.symbolic_y and len(self.groups.sizes) <= 6 and self.groups.sizes.max() <= 4
+
+    def _weight_name(self, size: int) -> str:
+        return "w" if len(self.size_counts) == 1 else f"w_{{{size}}}"
+
+    def _weights_latex(self) -> str:
+        return r",\quad ".join(self._weight_name(k) + " = " + self._latex(self._weight(k)) for k in self.size_counts)
+
+    def quadratic_latex(self) -> str:
+        """Eq. 12 as a reader checks it: one aligned line per group,
+        [r_1j^2 + ... - w (r_1j + ...)^2] / sigma^2, residuals written y - X beta, w = sigma_s^2/(sigma^2 + m sigma_s^2).
+        The same expression as ``quadratic_form`` (tests check it), written for reading."""
+        if not self._readable():
+            return self._latex(self.quadratic_form)
+        X, y = self.design.X, self.symbols.y
+        lines = []
+        for rows in self._group_rows():
+            squares = " + ".join(rf"\left({self._residual_latex([y[i]], X[i])}\right)^{{2}}" for i in rows)
+            total = self._residual_latex([y[i] for i in rows], X[rows].sum(0))
+            w = self._weight_name(len(rows))
+            lines.append(rf"\frac{{1}}{{\sigma^{{2}}}}\Big[{squares} - {w}\left({total}\right)^{{2}}\Big]")
+        body = r" \\ &+ ".join(lines)
+        return (r"\begin{aligned} Q &= " + body + r" \\ &\text{with } " + self._weights_latex() + r"\end{aligned}")
+
+    def quadratic_text(self) -> str:
+        """The plain-text twin of :meth:`quadratic_latex`."""
+        if not self._readable():
+            return sp.pretty(self.quadratic_form, use_unicode=True, wrap_line=False)
+        X, y = self.design.X, self.symbols.y
+        lines = []
+        for rows in self._group_rows():
+            squares = " + ".join(f"({self._residual_text([y[i]], X[i])})^2" for i in rows)
+            total = self._residual_text([y[i] for i in rows], X[rows].sum(0))
+            w = "w" if len(self.size_counts) == 1 else f"w_{len(rows)}"
+            lines.append(f"[{squares} - {w}*({total})^2] / sigma^2")
+        ws = ",  ".join(("w" if len(self.size_counts) == 1 else f"w_{k}") + " = " + sp.sstr(self._weight(k))
+                        for k in self.size_counts)
+        return "Q =   " + "\n    + ".join(lines) + "\nwith " + ws
+
+    def _logdet_half_latex(self) -> str:
+        """-1/2 log|Sigma| as - a log sigma^2 - b log(sigma^2 + m sigma_s^2), from the group sizes (Eq. 11)."""
+        out = ""
+        for size, count in self.size_counts.items():
+            for coef, arg in ((sp.Rational(count * (size - 1), 2), sigma**2),
+                              (sp.Rational(count, 2), sigma**2 + size * sigma_s**2)):
+                if coef == 0:
+                    continue
+                c = "" if coef == 1 else (self._latex(coef) if coef.q == 1 else rf"\tfrac{{{coef.p}}}{{{coef.q}}}")
+                a = self._latex(arg) if arg == sigma**2 else rf"\left({self._latex(arg)}\right)"
+                out += rf" - {c}\log {a}"
+        return out
+
+    @staticmethod
+    def _half(k) -> str:
+        k = sp.Rational(k, 2)
+        if k == 1:
+            return ""
+        return sp.latex(k) if k.q == 1 else rf"\tfrac{{{k.p}}}{{{k.q}}}"
+
+    def loglik_latex(self) -> str:
+        """Eq. 10 with Eq. 11 and 12 in it, terms in the tutorial's order:
+        log L = -n/2 log 2 pi - (log-determinant terms) - 1/2 Q, Q as in :meth:`quadratic_latex`."""
+        n = self.design.n
+        return (rf"\log L = -{self._half(n)}\log 2\pi{self._logdet_half_latex()} - \tfrac{{1}}{{2}} Q")
+
+    def reml_latex(self) -> str:
+        """The REML criterion in the same layout: log L_R = -(n-p)/2 log 2 pi - ... - 1/2 log|X^T Sigma^-1 X| - 1/2 Q."""
+        n, p = self.design.n, self.design.p
+        return (rf"\log L_R = -{self._half(n - p)}\log 2\pi{self._logdet_half_latex()}"
+                r" - \tfrac{1}{2}\log\left|X^{T}\Sigma^{-1}X\right| - \tfrac{1}{2} Q(\hat\beta)")
+
     # -------------------------------------------------------------------------------- Eq. 1 - 12
     @functools.cached_property
     def equations(self) -> list[Equation]:
@@ -376,8 +476,10 @@ class Derivation:
         eqs = [sp.Eq(self.symbols.y[i], self._row_rhs(i), evaluate=False) for i in shown]
         lines = [sp.latex(e, symbol_names=self._names, order="none") for e in eqs] + ([r"\vdots"] if len(eqs) < n else [])
         latex = r"\begin{cases}" + r" \\ ".join(lines) + r"\end{cases}"
+        text = "\n".join(f"{e.lhs.name} = " + " + ".join(sp.sstr(a) for a in e.rhs.args) for e in eqs)
         return Equation(1, "the model, one equation per observation", sp.Tuple(*eqs), latex,
-                        note="" if len(eqs) == n else f"first {len(eqs)} of {n} observations")
+                        note="" if len(eqs) == n else f"first {len(eqs)} of {n} observations",
+                        text=text + ("\n..." if len(eqs) < n else ""))
 
     def _eq2(self) -> Equation:
         i, j = sp.symbols("i j", integer=True)
@@ -391,6 +493,9 @@ class Derivation:
                              for k, (b, name) in enumerate(zip(s, d.fixed_names))])
         expr = sp.Eq(y[i, j], fixed + u[j] + e[i, j], evaluate=False)
         latex = sp.latex(expr, order="none").replace(r"{\epsilon}", r"{\varepsilon}")
+        for name in d.fixed_names:   # covariates in roman: \mathrm{Treat}_{i,j}
+            if name.isidentifier() and len(name) > 1:
+                latex = latex.replace("{" + name + "}_", r"\mathrm{" + name + "}_")
         return Equation(2, "index form: observation i of group j", expr, latex)
 
     @staticmethod
@@ -457,26 +562,47 @@ class Derivation:
         variance = sp.MatAdd(K * (sigma_s**2 * sp.Identity(G)) * K.T, sigma**2 * sp.Identity(n)).doit()
         expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
         latex = (r"\operatorname{var}(Y) = K \operatorname{var}(u) K^{T} + \operatorname{var}(\varepsilon) = "
-                 r"K \left(\sigma_{s}^{2} I\right) K^{T} + \sigma^{2} I = " + sp.latex(variance)
-                 + r" = \Sigma")
+                 rf"K \left(\sigma_{{s}}^{{2}} I_{{{G}}}\right) K^{{T}} + \sigma^{{2}} I_{{{n}}} = "
+                 + sp.latex(variance).replace(r"\mathbb{I}", rf"I_{{{n}}}") + r" = \Sigma")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
+
+    def _shown_rows(self) -> list[int]:
+        """The rows Eq. 7 and 8 show: all of a small design; else the first rows of the first two groups,
+        so that a zero block between groups is visible."""
+        n = self.design.n
+        if n <= 12:
+            return list(range(n))
+        half = SHOWN_ROWS // 2
+        rows = [int(i) for g in range(min(2, len(self.groups.sizes)))
+                for i in np.flatnonzero(self.groups.codes == g)[:half]]
+        return rows if len(rows) > 1 else list(range(SHOWN_ROWS))
+
+    def _shown_note(self) -> str:
+        rows = self._shown_rows()
+        if len(rows) == self.design.n:
+            return ""
+        term = self.design.terms[0]
+        groups = sorted({int(self.groups.codes[i]) for i in rows})
+        names = " and ".join(f"{term.group} {term.levels[g]}" for g in groups)
+        return f"rows and columns of the first observations of {names}; Sigma = diag(Sigma_1, ..., Sigma_{len(self.groups.sizes)})"
 
     def _dense(self, entry) -> tuple[sp.Matrix, str]:
         n = self.design.n
-        rows = n if n <= 12 else SHOWN_ROWS
+        shown = self._shown_rows()
         codes = self.groups.codes
-        M = sp.Matrix(rows, rows, lambda i, j: entry(i == j, codes[i] == codes[j]))
+        M = sp.Matrix(len(shown), len(shown), lambda a, b: entry(a == b, codes[shown[a]] == codes[shown[b]]))
         return M, _matrix_latex(M, n, n, self._names)
 
     def _eq7(self) -> Equation:
         M, latex = self._dense(lambda diag, same: sp.Integer(1 if same else 0))
         return Equation(7, "the kinship matrix K K^T: 1 where two observations share a group",
-                        sp.Eq(sp.Symbol("KK^T"), M, evaluate=False), r"K K^{T} = " + latex)
+                        sp.Eq(sp.Symbol("KK^T"), M, evaluate=False), r"K K^{T} = " + latex,
+                        text="K K^T =\n" + sp.pretty(M, use_unicode=True), note=self._shown_note())
 
     def _eq8(self) -> Equation:
         M, latex = self._dense(lambda diag, same: (sigma**2 if diag else 0) + (sigma_s**2 if same else 0))
         return Equation(8, "Sigma written out", sp.Eq(sp.Symbol("Sigma"), M, evaluate=False),
-                        r"\Sigma = " + latex)
+                        r"\Sigma = " + latex, note=self._shown_note())
 
     def _likelihood_parts(self):
         n = self.design.n
@@ -498,8 +624,10 @@ class Derivation:
         n, Q, det, names = self._likelihood_parts()
         rhs = -n_obs / 2 * sp.log(2 * sp.pi) - sp.log(det) / 2 - Q / 2
         expr = sp.Eq(sp.Symbol("log L"), rhs, evaluate=False)
-        return Equation(10, "the log-likelihood", expr,
-                        r"\log L(\beta, \sigma, \sigma_{s}) = " + sp.latex(rhs, symbol_names=names),
+        latex = (r"\log L(\beta, \sigma, \sigma_{s}) = -\frac{n}{2}\log(2\pi) - \frac{1}{2}\log\left|\Sigma\right|"
+                 r" - \frac{1}{2}" + names[Q])
+        return Equation(10, "the log-likelihood", expr, latex,
+                        text="log L = -n/2 log(2 pi) - 1/2 log|Sigma| - 1/2 Q",
                         note=f"n = {n}, Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
 
     def _eq11(self) -> Equation:
@@ -512,8 +640,12 @@ class Derivation:
         n, Q, det, names = self._likelihood_parts()
         q = self.quadratic_form
         note = "" if self.symbolic_y else "the data's values substituted; groups of equal size pooled"
+        if self._readable():
+            latex = self.quadratic_latex().replace("Q &=", names[Q] + " &=", 1)
+        else:
+            latex = names[Q] + " = " + self._latex(q)
         return Equation(12, "the quadratic form (Y - X beta)^T Sigma^-1 (Y - X beta) in closed form",
-                        sp.Eq(Q, q, evaluate=False), names[Q] + " = " + self._latex(q), note=note)
+                        sp.Eq(Q, q, evaluate=False), latex, note=note, text=self.quadratic_text())
 
     # ----------------------------------------------------------------------------------- output
     def to_dict(self) -> dict:
@@ -609,6 +741,23 @@ class GeneralDerivation(Derivation):
 
     MAX_BLOCK = 4
 
+    @functools.cached_property
+    def equations(self) -> list[Equation]:
+        """Eq. 1-12; their plain text uses the short names of the legend."""
+        out = []
+        for e in Derivation.equations.func(self):
+            text = e.text or sp.pretty(e.expr.subs(self.short_symbols), use_unicode=True, order="none",
+                                       wrap_line=False)
+            if self.legend and e.number in (6, 8, 11, 12):
+                text += "\nwhere " + "; ".join(f"{k}: {v}" for k, v in self.legend.items())
+            out.append(dataclasses.replace(e, text=text))
+        return out
+
+    def legend_latex(self) -> str:
+        """The legend of the short symbol names, as LaTeX."""
+        return r",\quad ".join(self._names[v] + r"\ \text{" + _tex_text(self.legend[k]) + "}"
+                               for k, v in self.symbols.aliases.items() if k in self.legend)
+
     def __init__(self, design: Design):
         if not design.terms:
             raise ModelError("the design has no random-effect terms")
@@ -620,15 +769,36 @@ class GeneralDerivation(Derivation):
         self.variance_symbols, self.D_terms = self._variance_parameters()
 
     def _variance_parameters(self):
-        """SD symbols sigma_<group>_<column> and correlations rho_<group>_<a>_<b>; D_k per term."""
-        single = len(self.design.terms) == 1 and self.design.terms[0].q == 1
+        """SD symbols sigma_<group>_<column> and correlations rho_<group>_<a>_<b>; D_k per term.
+
+        They are shown by short names with a legend (``legend``): for one term sigma_0, sigma_1, ... by
+        column and rho; for several terms sigma_k (or sigma_k_c) and rho_k by term k = 1, 2, ... Both the
+        short and the long names are in ``symbols.by_name()``."""
+        terms = self.design.terms
+        single = len(terms) == 1 and terms[0].q == 1
         params, Ds = [], []
-        for term in self.design.terms:
+        self.legend: dict[str, str] = {}
+        self.short_symbols: dict[sp.Symbol, sp.Symbol] = {}
+        aliases = self.symbols.aliases
+
+        def short(sym, name, tex, meaning):
+            self._names[sym] = tex
+            alias = sp.Symbol(name, **sym.assumptions0)
+            self.short_symbols[sym] = alias
+            self.legend[name] = meaning
+            aliases[name] = sym
+            aliases[sym.name] = sym
+
+        for k, term in enumerate(terms, start=1):
             sds = []
-            for name in term.names:
+            for c, name in enumerate(term.names):
                 sym = sigma_s if single else sp.Symbol(f"sigma_{_ident(term.group)}_{_ident(name)}", positive=True)
                 if not single:
-                    self._names[sym] = rf"\sigma_{{\mathrm{{{term.group}}},\mathrm{{{name}}}}}"
+                    if len(terms) == 1:
+                        sub, tex = f"{c}", f"{c}"
+                    else:
+                        sub, tex = (f"{k}", f"{k}") if term.q == 1 else (f"{k}_{c}", f"{k},{c}")
+                    short(sym, f"sigma_{sub}", rf"\sigma_{{{tex}}}", f"SD of {term.group}'s {name}")
                 sds.append(sym)
             R = sp.eye(term.q)
             rhos = []
@@ -636,7 +806,11 @@ class GeneralDerivation(Derivation):
                 for b in range(a + 1, term.q):
                     rho = sp.Symbol(f"rho_{_ident(term.group)}_{_ident(term.names[a])}_{_ident(term.names[b])}",
                                     real=True)
-                    self._names[rho] = rf"\rho_{{\mathrm{{{term.group}}}}}"
+                    pair = "" if term.q == 2 else f"{a}{b}"
+                    sub = pair if len(terms) == 1 else f"{k}{pair}"
+                    name = f"rho_{sub}" if sub else "rho"
+                    tex = rf"\rho_{{{sub}}}" if sub else r"\rho"
+                    short(rho, name, tex, f"correlation of {term.group}'s {term.names[a]} and {term.names[b]}")
                     R[a, b] = R[b, a] = rho
                     rhos.append(rho)
             params += sds + rhos
@@ -849,7 +1023,7 @@ class GeneralDerivation(Derivation):
         s, d = self.symbols, self.design
         fixed = sp.Add(*[exact_number(v) * b for v, b in zip(d.X[i], s.beta)])
         random = [exact_number(t.Z[i, c]) * self._u(k, c, int(t.codes[i]))
-                  for k, t in enumerate(d.terms) for c in range(t.q)]
+                  for k, t in enumerate(d.terms) for c in range(t.q) if t.Z[i, c] != 0]
         return sp.Add(fixed, *random, s.epsilon[i], evaluate=False)
 
     def _eq2(self) -> Equation:

@@ -58,6 +58,26 @@ def _groups(frame: pd.DataFrame, group: str) -> list:
     return sorted(pd.unique(col), key=str)
 
 
+def _colour(index: int):
+    """One colour per individual, the same in every figure (matplotlib's tab10, then tab20)."""
+    cmap = plt.get_cmap("tab10" if index < 10 else "tab20")
+    return cmap(index % (10 if index < 10 else 20))
+
+
+def _binary_axis(ax, values) -> None:
+    """A 0/1 covariate (the tutorial's Treat) is labelled untreated/treated rather than drawn as a number."""
+    vals = set(np.unique(np.asarray(values, dtype=float)).tolist())
+    if vals <= {0.0, 1.0} and len(vals) == 2:
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["untreated (0)", "treated (1)"])
+        ax.set_xlim(-0.25, 1.25)
+
+
+def _legend_outside(ax, **kwargs) -> None:
+    """The legend beside the axes, never over the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small", **kwargs)
+
+
 def plot_data(data: DataLike, x: str, y: str, group: str, ax=None):
     """The data, one line (and marker) per individual, joined in order of x. Returns the Axes."""
     frame = read_data(data)
@@ -65,14 +85,15 @@ def plot_data(data: DataLike, x: str, y: str, group: str, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     levels = _groups(frame, group)
-    for g in levels:
+    for k, g in enumerate(levels):
         sub = frame[frame[group] == g].sort_values(x)
-        ax.plot(sub[x], sub[y], marker="o", label=str(g))
+        ax.plot(sub[x], sub[y], marker="o", label=str(g), color=_colour(k))
     ax.set_xlabel(x)
     ax.set_ylabel(y)
+    _binary_axis(ax, frame[x])
     ax.set_title(f"{y} by {x}, one line per {group} ({len(levels)} {group})")
     if len(levels) <= 10:
-        ax.legend(title=group, fontsize="small")
+        _legend_outside(ax, title=group)
     return ax
 
 
@@ -87,9 +108,9 @@ def plot_ols(data: DataLike, x: str, y: str, group: str | None = None, level: fl
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     if group:
-        for g in _groups(frame, group):
+        for k, g in enumerate(_groups(frame, group)):
             sub = frame[frame[group] == g]
-            ax.scatter(sub[x], sub[y], label=f"{group} {g}", zorder=3)
+            ax.scatter(sub[x], sub[y], label=f"{group} {g}", zorder=3, color=_colour(k))
     else:
         ax.scatter(frame[x], frame[y], color="0.3", zorder=3, label="data")
     grid = np.linspace(float(frame[x].min()), float(frame[x].max()), 100)
@@ -100,8 +121,9 @@ def plot_ols(data: DataLike, x: str, y: str, group: str | None = None, level: fl
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(f"naive OLS: slope {slope:.4g} (SE {se:.3g}, df {fit.df})")
+    _binary_axis(ax, frame[x])
     if len(ax.get_legend_handles_labels()[0]) <= 12:
-        ax.legend(fontsize="small")
+        _legend_outside(ax)
     return ax
 
 
@@ -115,13 +137,14 @@ def plot_individual_fits(data: DataLike, x: str, y: str, group: str, ncols: int 
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols + 1, 2.2 * nrows + 0.8), sharex=True,
                              sharey=True, squeeze=False)
     flat = axes.ravel()
-    for ax, g in zip(flat, levels):
+    for k, (ax, g) in enumerate(zip(flat, levels)):
         sub = frame[frame[group] == g]
-        ax.scatter(sub[x], sub[y], s=14, zorder=3)
+        ax.scatter(sub[x], sub[y], s=14, zorder=3, color=_colour(k))
+        _binary_axis(ax, frame[x])
         if sub[x].nunique() > 1:
             fit = ols(sub, x, y)
             grid = np.array([float(sub[x].min()), float(sub[x].max())])
-            ax.plot(grid, fit.predict(grid), color="C3")
+            ax.plot(grid, fit.predict(grid), color=_colour(k))
             ax.set_title(f"{group} {g}: slope {fit.params[x]:.3g}", fontsize="small")
         else:
             ax.set_title(f"{group} {g}", fontsize="small")
@@ -156,7 +179,7 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
         ax.scatter(xs, design.y, s=14, color="0.4", zorder=3, label="data")
         for j in range(term.n_levels):
             level = fitted[codes == j][0]
-            line, = ax.plot([j - 0.35, j + 0.35], [level, level], color=f"C{j % 10}", lw=2,
+            line, = ax.plot([j - 0.35, j + 0.35], [level, level], color=_colour(j), lw=2,
                             label=group_label if j == 0 else "_nolegend_")
             line.set_gid(f"group:{term.levels[j]}")
         line = ax.axhline(float(population[0]), color="black", lw=2.5, label="population mean")
@@ -169,7 +192,7 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
         for j in range(term.n_levels):
             rows = np.flatnonzero(codes == j)
             order = rows[np.argsort(xv[rows], kind="stable")]
-            line, = ax.plot(xv[order], fitted[order], color=f"C{j % 10}", lw=1, alpha=0.8,
+            line, = ax.plot(xv[order], fitted[order], color=_colour(j), lw=1, alpha=0.8,
                             label=group_label if j == 0 else "_nolegend_")
             line.set_gid(f"group:{term.levels[j]}")
         order = np.argsort(xv, kind="stable")
@@ -177,8 +200,10 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
         line.set_gid("population")
         ax.set_xlabel(x)
     ax.set_ylabel(design.response)
+    if x is not None:
+        _binary_axis(ax, design.frame[x])
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    _legend_outside(ax)
     return ax
 
 
@@ -230,9 +255,9 @@ def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0
                 ecolor="C0", capsize=2, markersize=4)
     ax.axvline(0.0, color="0.5", lw=1, ls="--")
     ax.set_yticks(pos, [str(v) for v in re.index])
-    ax.set_xlabel(f"{term}: conditional mode (BLUP)" + (f" +- {z:.2f} conditional SD" if intervals else ""))
+    ax.set_xlabel(f"{term}: conditional mode" + (f" +- {z:.2f} conditional SD" if intervals else ""))
     ax.set_ylabel(fit.group)
-    ax.set_title(f"BLUPs of the random {term} by {fit.group} ({len(re)} levels)")
+    ax.set_title(f"conditional modes of the random {term} by {fit.group} ({len(re)} levels)")
     return ax
 
 
@@ -336,8 +361,8 @@ def _draw_surface(ax, surface: _Surface, label: str) -> None:
                        linewidths=0.8)
     ax.clabel(lines, fmt={v: f"{c}%" for v, c in zip(lines.levels, coverage)}, fontsize="x-small")
     ax.figure.colorbar(filled, ax=ax, label=label)
-    ax.set_xlabel("sigma (residual SD)")
-    ax.set_ylabel("sigma_s (random-intercept SD)")
+    ax.set_xlabel(r"$\sigma$ (residual SD)")
+    ax.set_ylabel(r"$\sigma_s$ (random-intercept SD)")
 
 
 def optimiser_path(fit: FitResult, criterion: Criterion | None = None) -> np.ndarray:
@@ -372,8 +397,8 @@ def plot_loglik_surface(fit: FitResult, n: int = 45, show_path: bool = True, sig
             label=f"optimum ({fit.sigma:.4g}, {fit.sigma_s:.4g}), log L = {surface.maximum:.4f}")
     ax.set_xlim(surface.sigmas[0], surface.sigmas[-1])
     ax.set_ylim(surface.sigma_ss[0], surface.sigma_ss[-1])
-    ax.set_title(f"{what} over (sigma, sigma_s), beta at GLS")
-    ax.legend(fontsize="small", loc="upper right")
+    ax.set_title(rf"{what} over $(\sigma, \sigma_s)$, $\beta$ at GLS")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.15), borderaxespad=0.0)
     return ax
 
 
@@ -393,12 +418,72 @@ def plot_profile_sigma_s(fit: FitResult, n: int = 41, upper: float | None = None
     ax.plot(grid, values, color="C0", label="profile")
     cut = top - scipy.stats.chi2.ppf(0.95, 1) / 2
     ax.axhline(cut, color="0.4", ls="--", lw=1, label="95 % cut-off (max - 1.92)")
-    ax.plot([fit.sigma_s], [top], "o", color="red", label=f"estimate sigma_s = {fit.sigma_s:.4g}")
+    ax.plot([fit.sigma_s], [top], "o", color="red", label=rf"estimate $\hat\sigma_s$ = {fit.sigma_s:.4g}")
     what = "REML log-likelihood" if criterion.reml else "log-likelihood"
-    ax.set_xlabel("sigma_s (random-intercept SD)")
+    ax.set_xlabel(r"$\sigma_s$ (random-intercept SD)")
     ax.set_ylabel(f"profile {what}")
-    ax.set_title(f"profile {what} of sigma_s (maximised over sigma)")
-    ax.legend(fontsize="small")
+    ax.set_title(rf"{fit.method}: profile {what} of $\sigma_s$ (max over $\sigma$)", fontsize="medium")
+    ax.legend(fontsize="small", loc="lower center")
+    return ax
+
+
+def profile_interval_sigma_s(fit: FitResult, level: float = 0.95, method: str = "ML",
+                             upper: float | None = None) -> tuple[float, float]:
+    """The profile-likelihood interval of sigma_s: where the profile (max over sigma and beta) is within
+    chi^2_1(level)/2 of its maximum. ``method="ML"`` profiles the likelihood, as lme4's
+    confint(method = "profile") does even for a REML fit (the fit is redone by ML); ``"REML"`` profiles
+    the restricted likelihood. The lower end is 0 when the profile at 0 is above the cut-off."""
+    method = method.upper()
+    if method not in ("ML", "REML"):
+        raise ModelError(f"method must be 'ML' or 'REML', not {method!r}")
+    if fit.method != method:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = fit_design(fit.design, method, exact=False)
+    criterion = Criterion.of(fit)
+    top = criterion(fit.sigma, fit.sigma_s)
+    cut = top - scipy.stats.chi2.ppf(level, 1) / 2
+    gap = lambda v: criterion.profile_sigma_s(v, fit.sigma)[0] - cut  # noqa: E731
+    lo = 0.0 if gap(0.0) >= 0 else scipy.optimize.brentq(gap, 0.0, fit.sigma_s, xtol=1e-10)
+    hi_end = upper or 10 * max(fit.sigma_s, fit.sigma)
+    while gap(hi_end) > 0 and hi_end < 1e6 * max(fit.sigma, 1.0):
+        hi_end *= 4
+    hi = scipy.optimize.brentq(gap, max(fit.sigma_s, 1e-12), hi_end, xtol=1e-10)
+    return float(lo), float(hi)
+
+
+def plot_shrinkage(fit: FitResult, ax=None):
+    """Shrinkage: each group's own estimate (the mean of its residuals from the population line, what a
+    separate fit per group gives) against its conditional mode u_g. For (1|g) Eq. 12's Woodbury weight
+    gives u_g = m_g w_g (mean residual) with m_g w_g = sigma_s^2 / (sigma_s^2 + sigma^2 / m_g): the factor
+    by which a group's own estimate is pulled towards 0. Returns the Axes."""
+    _require_intercept(fit, "the shrinkage plot")
+    design = fit.design
+    term = design.terms[0]
+    codes = np.asarray(term.codes)
+    resid = design.y - design.X @ fit.params.to_numpy()
+    m_g = np.bincount(codes, minlength=term.n_levels).astype(float)
+    own = np.bincount(codes, weights=resid, minlength=term.n_levels) / m_g
+    modes = fit.random_effects["(Intercept)"].to_numpy()
+    factor = fit.sigma_s**2 / (fit.sigma_s**2 + fit.sigma**2 / m_g)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4.5))
+    lim = float(np.max(np.abs(own))) * 1.1 or 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="0.6", ls="--", lw=1, label="no shrinkage ($u_g$ = own estimate)")
+    for k in range(term.n_levels):
+        ax.plot([own[k], own[k]], [own[k], modes[k]], color=_colour(k), lw=1, alpha=0.7)
+        ax.plot([own[k]], [modes[k]], "o", color=_colour(k))
+    ax.axhline(0, color="0.85", lw=0.8)
+    ax.axvline(0, color="0.85", lw=0.8)
+    ax.set_xlabel(f"{term.group}'s own estimate: mean residual from the population line")
+    ax.set_ylabel(r"conditional mode $u_g$")
+    f = np.unique(np.round(factor, 4))
+    fac = f"{f[0]:.3g}" if len(f) == 1 else f"{f.min():.3g} to {f.max():.3g}"
+    ax.set_title(r"shrinkage: $u_g = \frac{\sigma_s^2}{\sigma_s^2 + \sigma^2/m_g}\times$ own estimate"
+                 f"  (factor {fac})", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left")
     return ax
 
 
@@ -467,14 +552,14 @@ class _Explorer:
         axes[1].set_yticks(ticks, [str(t + 1) for t in ticks])
         axes[1].set_xlabel("observation j")
         axes[1].set_ylabel("observation i")
-        axes[1].set_title(f"Sigma (Eq. 8), first {len(S)} of {design.n} rows")
+        axes[1].set_title(rf"$\Sigma$ (Eq. 8), first {len(S)} of {design.n} rows")
         _draw_surface(axes[2], self.surface, "log-likelihood (beta at GLS)")
         value = self.criterion.loglik(sig, sig_s, beta)
         axes[2].plot([self.fit.sigma], [self.fit.sigma_s], "*", color="red", ms=13,
                      label=f"ML maximum, log L = {self.surface.maximum:.4f}")
-        axes[2].plot([sig], [sig_s], "o", color="orange", ms=9, label=f"sliders, log L = {value:.4f}")
-        axes[2].set_title("log L (Eq. 10): where the sliders stand")
-        axes[2].legend(fontsize="x-small", loc="upper right")
+        axes[2].plot([sig], [sig_s], "o", color="orange", ms=9, label=f"chosen values, log L = {value:.4f}")
+        axes[2].set_title("log L (Eq. 10) at the chosen values")
+        axes[2].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(0.0, -0.15))
         fig.tight_layout()
         return fig
 

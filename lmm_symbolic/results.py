@@ -104,16 +104,75 @@ class FitResult:
         """nlme's between/within df exist (not for crossed factors or a kinship matrix)."""
         return not bool(np.isnan(self.df.to_numpy(dtype=float)).all())
 
+    @property
+    def _tvalues_nlme(self) -> pd.Series:
+        """nlme's t: for an ML fit lme scales the fixed-effects covariance by n / (n - p), so its t is
+        lme4's t times sqrt((n - p) / n); for REML the two agree. nlme's p values follow from this t."""
+        if self.method == "REML":
+            return self.tvalues
+        return self.tvalues * np.sqrt((self.design.n - self.design.p) / self.design.n)
+
     def _fixed_table(self) -> pd.DataFrame:
-        """Estimates with nlme's between/within df and p values, or Satterthwaite's where nlme's rule
-        does not apply."""
-        df, p = (self.df, self.pvalues) if self._between_within else (self.df_satterthwaite,
-                                                                         self.pvalues_satterthwaite)
-        return pd.DataFrame({"Estimate": self.params, "Std. Error": self.bse, "df": df,
-                             "t value": self.tvalues, "Pr(>|t|)": p})
+        """One row per coefficient: lme4's estimate, standard error and t; then, each with the t its p
+        follows from, Satterthwaite's df and p (lmerTest) and nlme's between/within df and p. The column
+        level 0 names the rule the df come from; nlme's block is absent where its rule does not apply
+        (crossed factors, a kinship matrix)."""
+        cols = {("lme4", "Estimate"): self.params, ("lme4", "Std. Error"): self.bse,
+                ("lme4", "t value"): self.tvalues,
+                ("Satterthwaite (lmerTest)", "df"): self.df_satterthwaite,
+                ("Satterthwaite (lmerTest)", "Pr(>|t|)"): self.pvalues_satterthwaite}
+        if self._between_within:
+            if self.method == "ML":
+                cols[("between/within (nlme)", "t value")] = self._tvalues_nlme
+            cols[("between/within (nlme)", "df")] = self.df
+            cols[("between/within (nlme)", "Pr(>|t|)")] = self.pvalues
+        return pd.DataFrame(cols)
+
+    def _fixed_lines(self) -> list[str]:
+        """The fixed-effects table as text: a header naming each df rule over its columns."""
+        table = self._fixed_table()
+        fmt = lambda v: f"{v:.6g}" if np.isfinite(v) else "Inf"  # noqa: E731
+        wn = max(len(str(n)) for n in table.index) + 1
+        cells = {c: [fmt(float(v)) for v in table[c]] for c in table.columns}
+        width = {c: max(len(c[1]), *(len(x) for x in cells[c])) + 2 for c in table.columns}
+        blocks: dict[str, list] = {}
+        for c in table.columns:
+            blocks.setdefault(c[0], []).append(c)
+        top, sub = " " * wn, " " * wn
+        for name, cs in blocks.items():
+            w = sum(width[c] for c in cs)
+            label = "" if name == "lme4" else name
+            if len(label) > w:
+                width[cs[0]] += len(label) - w
+                w = len(label)
+            top += (" | " + f"{label:^{w - 1}}") if name != "lme4" else f"{label:>{w}}"
+            sub += (" |" if name != "lme4" else "") + "".join(f"{c[1]:>{width[c]}}" for c in cs)
+        lines = [top.rstrip(), sub]
+        for k, n in enumerate(table.index):
+            row = f"{str(n):<{wn}}"
+            for name, cs in blocks.items():
+                row += (" |" if name != "lme4" else "") + "".join(f"{cells[c][k]:>{width[c]}}" for c in cs)
+            lines.append(row)
+        return lines
+
+    def _df_notes(self) -> list[str]:
+        """Where the df come from, in words, below the table."""
+        notes = ["Estimate, Std. Error, t value: lme4's. Each Pr(>|t|) = 2 P(T_df > |t|), t and df beside it.",
+                 "Satterthwaite df (lmerTest): 2 var(beta_k)^2 / var(var(beta_k))."]
+        if self._between_within:
+            notes.append("between/within df (nlme): G - 1 - p_between for a column constant within groups, "
+                         "else n - G - p_within.")
+            if self.method == "ML":
+                factor = np.sqrt(self.design.n / (self.design.n - self.design.p))
+                notes.append(f"nlme's ML t = lme4's t / sqrt(n/(n - p)) = t / {factor:.4g}: lme scales the "
+                             "standard errors by sqrt(n/(n - p)).")
+        else:
+            notes.append("nlme's between/within rule has no crossed factors or kinship: Satterthwaite's only.")
+        return notes
 
     def summary(self) -> str:
-        """lmer's summary layout, with nlme's between/within df and p values."""
+        """lmer's summary layout; fixed effects with Satterthwaite's df and p and nlme's between/within df
+        and p, each p following from the t printed beside it."""
         crit = "REML criterion at convergence" if self.method == "REML" else "Deviance"
         fit_by = "REML" if self.method == "REML" else "maximum likelihood"
         lines = [f"Linear mixed model fit by {fit_by} (lmm_symbolic)", f"Formula: {self.design.formula}"]
@@ -132,9 +191,8 @@ class FitResult:
             lines.append(f" Corr({r['term1']}, {r['term2']}) in {r['group']}: {r['corr']:.3f}")
         groups = "; ".join(f"{g}, {k}" for g, k in self.groups.items())
         lines.append(f"Number of obs: {self.n_obs}" + (f", groups:  {groups}" if groups else ""))
-        lines += ["", "Fixed effects:", self._fixed_table().to_string(float_format=lambda v: f"{v:.6g}")]
-        if not self._between_within:
-            lines.append("df: Satterthwaite's (as lmerTest): nlme's between/within rule has no crossed factors or kinship")
+        lines += ["", "Fixed effects:", *self._fixed_lines()]
+        lines += [f"  {note}" for note in self._df_notes()]
         if self.exact is not None:
             lines += ["", "Exact estimates (score equations solved with sympy):",
                       f"  sigma^2 = {self.exact.sigma2},  sigma_s^2 = {self.exact.sigma_s2}"]
@@ -148,6 +206,7 @@ class FitResult:
     def _repr_html_(self) -> str:
         vc = self.variance_components.to_html(index=False, float_format=lambda v: f"{v:.4f}")
         fx = self._fixed_table().to_html(float_format=lambda v: f"{v:.6g}")
+        fx += "<p style='font-size:smaller'>" + "<br>".join(html.escape(n) for n in self._df_notes()) + "</p>"
         head = (f"<b>Linear mixed model fit by {self.method}</b><br><code>{html.escape(self.design.formula)}"
                 f"</code><br>logLik {self.loglik:.4f}, AIC {self.aic:.2f}, BIC {self.bic:.2f}, "
                 f"n = {self.n_obs}, groups: "
@@ -163,12 +222,14 @@ class FitResult:
         return f"<div>{head}<h4>Random effects</h4>{vc}<h4>Fixed effects</h4>{fx}{extra}</div>"
 
     def to_dict(self) -> dict:
-        """The JSON of ``lmm-symbolic fit --json``; a quantity that does not exist for the model (nlme's df
+        """The JSON of ``lmm-symbolic fit --json``. Each p value names its t and df: ``p_value`` follows from
+        ``t_value_nlme`` and ``df`` (nlme), ``p_value_satterthwaite`` from ``t_value`` and
+        ``df_satterthwaite`` (lmerTest); ``df_rules`` says so in the JSON itself. A quantity that does not exist for the model (nlme's df
         for crossed factors, say) is null, so the text is standard JSON."""
         num = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
         fixed = [{"name": name, "estimate": float(self.params[name]), "std_error": float(self.bse[name]),
                   "t_value": float(self.tvalues[name]), "df": num(self.df[name]),
-                  "p_value": num(self.pvalues[name]),
+                  "t_value_nlme": float(self._tvalues_nlme[name]), "p_value": num(self.pvalues[name]),
                   "df_satterthwaite": num(self.df_satterthwaite[name]),
                   "p_value_satterthwaite": num(self.pvalues_satterthwaite[name])}
                  for name in self.params.index]
@@ -176,7 +237,9 @@ class FitResult:
                    "sd": float(r["sd"])} for _, r in self.variance_components.iterrows()]
         return {
             "formula": self.design.formula, "method": self.method, "n_obs": self.n_obs,
-            "groups": self.groups, "fixed_effects": fixed, "random_effects": random,
+            "groups": self.groups, "fixed_effects": fixed,
+            "df_rules": {"df": "between/within (nlme); p_value from t_value_nlme",
+                         "df_satterthwaite": "Satterthwaite (lmerTest); p_value_satterthwaite from t_value"}, "random_effects": random,
             "correlations": [{"group": r["group"], "term1": r["term1"], "term2": r["term2"],
                               "corr": float(r["corr"])} for _, r in self.correlations.iterrows()],
             "theta": list(self.opt.theta),

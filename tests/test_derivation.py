@@ -217,3 +217,37 @@ def test_general_loglik_matches_the_fit():
           sp.Symbol("sigma_Subject_Days", positive=True): sd["Days"],
           **dict(zip(d.symbols.beta, fit.params.values))}
     assert float(d.loglik.subs(at)) == pytest.approx(fit.loglik, rel=1e-9)
+
+
+@pytest.mark.parametrize("formula", ["Resp ~ Treat + (1|Ind)", "Resp ~ 0 + C(Treat) + (1|Ind)"])
+def test_readable_eq12_is_the_derived_quadratic_form(formula):
+    """Issue 14: Eq. 12 shown one line per group, residuals y - X beta, w collected -- and it is the same
+    expression as the derivation's quadratic form (checked by the verifier on its plain-text twin)."""
+    import lmm_symbolic as lmm
+
+    d = lmm.derive(formula, lmm.datasets.load("toy"))
+    text = d.quadratic_text()
+    body, weight = text.split("\nwith w = ")
+    lines = body.replace("Q =", "").split("\n")
+    assert len(lines) == 2 and "(y_11 - beta_" in lines[0] and "-beta" not in text   # no (-beta_0 + y_11)
+    expr = " ".join(body.replace("Q =", "").split()).replace("[", "(").replace("]", ")").replace("w*", f"({weight})*")
+    assert lmm.verify(d, "quadratic_form", expr).equal
+    latex = d.equation(12).latex
+    assert latex.count(r"\frac{1}{\sigma^{2}}\Big[") == 2 and r"\begin{aligned}" in latex
+    assert d.loglik_latex().startswith(r"\log L = -2\log 2\pi - \log \sigma^{2} - \log \left(\sigma^{2} + 2 \sigma_{s}^{2}\right)")
+    assert r"I_{2}" in d.equation(6).latex and r"\mathbb{I}" not in d.equation(6).latex
+
+
+def test_plain_text_forms_read_like_the_tutorial():
+    import lmm_symbolic as lmm
+
+    d = lmm.derive("Resp ~ 0 + C(Treat) + (1|Ind)", lmm.datasets.load("toy"))
+    assert "y_21 = beta_2 + u_1 + epsilon_21" in str(d.equation(1))
+    assert "KK__T" not in str(d.equation(7)) and "K K^T" in str(d.equation(7))
+    slope = lmm.derive("Reaction ~ Days + (Days|Subject)", lmm.datasets.load("sleepstudy"))
+    eq1 = str(slope.equation(1))
+    assert "+ 0 +" not in eq1 and "y_1_1 = beta_0 + u_0_1 + epsilon_1_1" in eq1
+    eq11 = str(slope.equation(11))
+    assert "σ₀" in eq11 and "Subject_Intercept" not in eq11.split("where")[0] and "where sigma_0: SD of Subject" in eq11
+    names = slope.symbols.by_name()
+    assert names["sigma_0"] is names["sigma_Subject_Intercept"] and names["rho"] is names["rho_Subject_Intercept_Days"]

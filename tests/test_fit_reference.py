@@ -179,9 +179,31 @@ def test_summary_html_and_json_layout():
     assert d["groups"] == {"Subject": 18}
     assert [f["name"] for f in d["fixed_effects"]] == ["(Intercept)", "Days"]
     assert set(d["fixed_effects"][0]) == {"name", "estimate", "std_error", "t_value", "df", "p_value",
-                                          "df_satterthwaite", "p_value_satterthwaite"}
+                                          "t_value_nlme", "df_satterthwaite", "p_value_satterthwaite"}
+    assert set(d["df_rules"]) == {"df", "df_satterthwaite"}
     assert d["random_effects"][-1]["group"] == "Residual" and d["random_effects"][-1]["term"] is None
     json.dumps(d)
+
+
+@pytest.mark.parametrize("method", ["ML", "REML"])
+def test_every_p_value_follows_from_the_t_and_df_beside_it(method):
+    """Issue 14: no row mixes lme4's t with nlme's df; each block's p is 2 P(T_df > |t|) of its own t."""
+    import scipy.stats
+
+    fit = lmm.fit("Resp ~ Treat + (1|Ind)", lmm.datasets.load("toy"), method=method)
+    table = fit._fixed_table()
+    for block in ("Satterthwaite (lmerTest)", "between/within (nlme)"):
+        t = table[(block, "t value")] if (block, "t value") in table else table[("lme4", "t value")]
+        expected = 2 * scipy.stats.t.sf(t.abs(), table[(block, "df")])
+        np.testing.assert_allclose(table[(block, "Pr(>|t|)")], expected, rtol=1e-12)
+    for row in fit.to_dict()["fixed_effects"]:
+        assert row["p_value"] == pytest.approx(2 * scipy.stats.t.sf(abs(row["t_value_nlme"]), row["df"]))
+        assert row["p_value_satterthwaite"] == pytest.approx(
+            2 * scipy.stats.t.sf(abs(row["t_value"]), row["df_satterthwaite"]))
+    text = fit.summary()
+    treat = next(line for line in text.splitlines() if line.startswith("Treat"))
+    assert "0.374334" in treat and treat.split("|")[0].split()[-1] == ("2.12132" if method == "ML" else "1.5")
+    assert (len(treat.split("|")[2].split()) == 3) == (method == "ML")   # nlme's own t for ML
 
 
 def test_full_loglik_gradient_vanishes_at_ml_optimum():

@@ -121,11 +121,13 @@ def test_summary_and_json_for_general_models(fitted):
     json.dumps(d)
     assert d["groups"] == {t.group: t.n_levels for t in fit.design.terms}
     assert len(d["random_effects"]) == len(case["lme4"]["random_effects"])
-    rows = text.split("Fixed effects:")[1].splitlines()[2:2 + fit.design.p]
-    shown_df = [float(line.split()[3]) for line in rows]      # Estimate, Std. Error, df, t, p
-    expected = fit.df if case["nlme"] is not None else fit.df_satterthwaite   # crossed: no nlme rule
-    np.testing.assert_allclose(shown_df, expected.values, rtol=1e-5)
-    assert ("Satterthwaite" in text) == (case["nlme"] is None)
+    rows = text.split("Fixed effects:")[1].splitlines()[3:3 + fit.design.p]
+    blocks = [row.split("|") for row in rows]               # lme4 | Satterthwaite | between/within
+    np.testing.assert_allclose([float(b[1].split()[0]) for b in blocks], fit.df_satterthwaite.values, rtol=1e-5)
+    if case["nlme"] is not None:
+        np.testing.assert_allclose([float(b[2].split()[-2]) for b in blocks], fit.df.values, rtol=1e-5)
+    assert ("between/within (nlme)" in text) == (case["nlme"] is not None)
+    assert "Satterthwaite (lmerTest)" in text
     widths = {len(line.split("(Intercept)")[0]) for line in text.splitlines() if line.startswith(" ")
               and "(Intercept)" in line and "Corr" not in line}
     assert len(widths) == 1                                    # the Name column lines up

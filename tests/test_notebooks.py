@@ -15,7 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = ["01_toy_data_and_ols", "02_model_equations", "03_maximum_likelihood", "04_paired_t_test",
-            "05_reml", "06_real_data", "07_check_your_derivation"]
+            "05_reml", "06_real_data", "07_check_your_derivation", "08_appendix_implementation"]
+#: the course notebooks (the appendix is implementation material)
+COURSE = EXPECTED[:-1]
 EQUATION = re.compile(r"Eq\.\s*(\d+)\b")
 #: each notebook must run in under a minute (kernel start included)
 BUDGET_SECONDS = 60.0
@@ -78,6 +80,76 @@ def test_notebooks_call_the_public_api_only():
         assert not re.search(r"\._[A-Za-z]", source), f"{name} uses a private name"
         assert not re.search(r"import numpy|\bnp\.", source), f"{name} computes with numpy itself"
         assert "import lmm_symbolic" in source, name
+
+
+def _sources(name: str, kind: str = "code") -> str:
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == kind)
+
+
+def test_notebooks_run_anywhere_no_repository_paths():
+    """Issue 14: the notebooks read what they print from the installed package, never from ../tests."""
+    for name in EXPECTED:
+        source = _sources(name)
+        assert "../" not in source and "tests/reference" not in source.replace("`tests/reference", ""), name
+        assert "open(" not in source, name
+
+
+def test_packaged_reference_equals_the_committed_r_output():
+    """The reference numbers shipped as package data are the R script's, case for case."""
+    import json
+
+    import lmm_symbolic as lmm
+
+    committed = json.loads((ROOT / "tests" / "reference" / "lme4_reference.json").read_text())["cases"]
+    shipped = lmm.datasets.reference()
+    assert {"toy_ml", "toy_reml", "toy_cellmeans_ml", "sleepstudy_slope_reml"} <= set(shipped)
+    for case, numbers in shipped.items():
+        assert numbers == committed[case], case
+    with pytest.raises(lmm.DataError):
+        lmm.datasets.reference("no_such_case")
+
+
+def test_each_notebook_is_a_lesson():
+    """A roadmap at the top, a 'What you learned' cell at the end; exercises checked with lmm.verify
+    from notebook 02 on; the tutorial's parametrisation first; the slips in one box."""
+    for k, name in enumerate(EXPECTED):
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        text = [c.source for c in nb.cells if c.cell_type == "markdown"]
+        assert "08_appendix_implementation.ipynb" in text[0] and "glossary" in text[0].lower(), name
+        assert text[-1].startswith("## What you learned"), name
+        if name in COURSE[1:]:
+            assert "## Your turn" in "\n".join(text), name
+            assert "lmm.verify(" in _sources(name) and "# fix me" in _sources(name), name
+    assert "## Glossary" in _sources(EXPECTED[0], "markdown")
+    assert '"Resp ~ 0 + C(Treat) + (1|Ind)", data)     # the tutorial' in _sources("02_model_equations")
+    slips = _sources("03_maximum_likelihood", "markdown")
+    for words in ("Eq. 11's typo", "constant", "signed-rank", "2 \\times 2", "-\\log L"):
+        assert words in slips, words
+    assert "Welch" in _sources("04_paired_t_test", "markdown") and "equal_var=False" in _sources("04_paired_t_test")
+    assert "sliders" not in _sources("03_maximum_likelihood", "markdown")
+    assert "LDL" not in _sources("06_real_data") and "block_forms" in _sources("08_appendix_implementation")
+
+
+def test_stored_outputs_show_consistent_inference_and_the_tutorial_numbers():
+    """The stored outputs: the ML summary's nlme block carries nlme's own t (1.5) next to df 1 and
+    p 0.374334; the Resp_std table shows Welch's p 0.3743 and Student's 0.2724; the exercises print verdicts."""
+    def text_of(name):
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        out = []
+        for o in _outputs(nb):
+            out.append(o.get("text", "") if "text" in o else "".join(o.get("data", {}).get("text/plain", "")))
+        return "\n".join(out)
+
+    nb03 = text_of("03_maximum_likelihood")
+    treat = next(line for line in nb03.splitlines() if line.startswith("Treat") and "|" in line)
+    lme4, satt, nlme = (part.split() for part in treat.split("|"))
+    assert lme4[-1] == "2.12132" and nlme == ["1.5", "1", "0.374334"]
+    assert "15.5" in nb03 and "beta_2 (treated mean)" in nb03
+    nb04 = text_of("04_paired_t_test")
+    assert "0.374334" in nb04 and "0.272393" in nb04
+    for name in COURSE[1:]:
+        assert "not equal" in text_of(name).lower(), name    # each template answer is caught
 
 
 def test_committed_notebooks_keep_their_outputs_for_github():

@@ -367,7 +367,7 @@ def test_explorer_lines_follow_the_parameters(fits, toy):
     # log L at the sliders is Eq. 10 at those values, in the legend
     legend = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
     value = plots.Criterion.of(fit).loglik(1.0, 1e6, [5.0, 10.0])
-    assert f"sliders, log L = {value:.4f}" in legend
+    assert f"chosen values, log L = {value:.4f}" in legend
 
 
 def test_explorer_takes_a_design_and_refits_reml_by_ml(toy, fits):

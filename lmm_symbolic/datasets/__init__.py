@@ -46,3 +46,18 @@ def formula(name: str) -> str:
     """The model usually fitted to a data set."""
     path(name)
     return CATALOGUE[name][1]
+
+
+def reference(case: str | None = None) -> dict:
+    """lme4's, nlme's and lmerTest's numbers for the fits the notebooks print (``data/lme4_reference.json``,
+    the notebooks' subset of tests/reference/lme4_reference.json, written by make_reference.R): every case,
+    or one case (``"toy_ml"``, ``"sleepstudy_slope_reml"``, ...)."""
+    import json
+
+    text = resources.files(__package__).joinpath("data", "lme4_reference.json").read_text()
+    cases = json.loads(text)["cases"]
+    if case is None:
+        return cases
+    if case not in cases:
+        raise DataError(f"no reference case {case!r}; choose one of {', '.join(cases)}")
+    return cases[case]
