@@ -16,7 +16,6 @@ steps for the fixed part and each random term's left-hand side:
 """
 from __future__ import annotations
 
-import keyword
 import re
 from dataclasses import dataclass, field
 
@@ -45,6 +44,12 @@ _TOKEN = re.compile(r"""
 """, re.VERBOSE)
 
 
+#: R's reserved words and the statement words of other languages: not names in a formula (backquote a
+#: column of that name, as R needs)
+_RESERVED = frozenset({"if", "else", "repeat", "while", "function", "for", "next", "break", "NULL", "in",
+                       "lambda", "import", "def", "return", "exec"})
+
+
 @dataclass(frozen=True)
 class Token:
     kind: str      # num, name, str, op, end
@@ -63,7 +68,7 @@ def tokenize(text: str) -> list[Token]:
             raise FormulaError(f"formula {text!r} contains a character formulas do not use: {text[pos]!r} "
                                f"(character {pos + 1})")
         kind = mt.lastgroup
-        if kind == "name" and (mt.group().startswith("_") or keyword.iskeyword(mt.group())):
+        if kind == "name" and (mt.group().startswith("_") or mt.group() in _RESERVED):
             raise FormulaError(f"formula {text!r}: {mt.group()!r} is not allowed in a formula (write a column "
                                "name with unusual characters in backquotes, as in R)")
         if kind == "quoted":
