@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.stats
 import sympy as sp
 
-from .compilation import LogLikelihood, ThetaDeviance, profiled_deviance, weighted_gram
+from .compilation import LogLikelihood, ProfiledDeviance, ThetaDeviance, profiled_deviance, weighted_gram
 from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
                          fitted_values, spans_constant)
 from .errors import LMMWarning, ModelError
@@ -508,3 +508,33 @@ def likelihood_ratio_test(restricted: FitResult, full: FitResult) -> dict:
 def full_loglik(fit: FitResult) -> LogLikelihood:
     """Eq. 10 compiled for this fit's data (for its gradient and Hessian at the estimates)."""
     return LogLikelihood(GroupStatistics.of(fit.design))
+
+
+def deviance_function(design: Design, method: str = "REML"):
+    """The profiled criterion of ``design`` as a function of lme4's theta, in the response's own units:
+    -2 log L (ML) or the REML criterion, with beta and sigma^2 profiled out (lme4's devfun). The function
+    takes theta as a sequence (length 1 for (1|g) and kinship) and has ``n_theta`` and ``lower_bounds``."""
+    method = method.upper()
+    reml = method == "REML"
+    if design.weights is not None or design.offset is not None:
+        inner = deviance_function(whitened(design), method)
+        shift = -float(np.log(design.weights).sum()) if design.weights is not None else 0.0
+
+        def weighted(theta):
+            return inner(theta) + shift
+        weighted.n_theta, weighted.lower_bounds = inner.n_theta, inner.lower_bounds
+        return weighted
+    if design.kinship is not None or design.is_random_intercept:
+        stats = SpectralStatistics.of(design) if design.kinship is not None else GroupStatistics.of(design)
+        ob = ProfiledDeviance(stats, reml)
+
+        def scalar(theta):
+            return ob(float(np.atleast_1d(theta)[0])) + 2 * ob.n_eff * np.log(stats.scale)
+        scalar.n_theta, scalar.lower_bounds = 1, [0.0]
+        return scalar
+    ob = profiled_deviance(design, reml)
+
+    def general(theta):
+        return ob(np.asarray(theta, dtype=float)) + 2 * ob.n_eff * np.log(ob.scale)
+    general.n_theta, general.lower_bounds = ob.n_theta, ob.lower_bounds
+    return general
