@@ -15,16 +15,15 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import DevianceState, ProfiledDeviance, ThetaDeviance, difference_hessian
-from .statistics import GroupStatistics
+from .compilation import DevianceState, ThetaDeviance, difference_hessian
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import NumericalError
 from .specification import Design
 
 #: lme4's tolerance for a singular (boundary) fit: theta below this counts as sigma_s = 0
 SINGULAR_TOL = 1e-4
-#: the derivative test for convergence (scaled response units)
-GRADIENT_TOL = 1e-6
+#: the derivative test for convergence: the projected gradient below this times max(1, |deviance|)
+GRADIENT_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -44,97 +43,6 @@ class OptSummary:
     at_boundary: bool
     message: str
     path: tuple[tuple[float, ...], ...] = field(repr=False, default=())
-
-
-@dataclass(frozen=True)
-class Optimum:
-    """The numeric optimum in the response's own units (GLS beta, sigma, sigma_s)."""
-
-    theta: float
-    sigma: float
-    sigma_s: float
-    beta: np.ndarray
-    deviance: float
-    summary: OptSummary
-    objective: ProfiledDeviance = field(repr=False)
-
-
-def optimise(stats: GroupStatistics, reml: bool, theta0: float = 1.0) -> Optimum:
-    """Minimise the profiled deviance over theta >= 0 (L-BFGS-B, analytic derivative), then polish.
-
-    At the optimum the derivative must vanish, or be >= 0 at theta = 0 (a boundary fit); otherwise the
-    fit is reported as not converged.
-    """
-    objective = ProfiledDeviance(stats, reml)
-    path: list[float] = []
-
-    def fun(x):
-        path.append(float(x[0]))
-        return objective.value_and_derivative(x)
-
-    res = scipy.optimize.minimize(fun, x0=[theta0], jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
-                                  options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500})
-    th = float(res.x[0])
-    if th <= 0.0:
-        th, res = _off_the_boundary(objective, fun, res)
-    th = _polish(objective, th)
-    st = objective.state(th)
-    grad = objective.derivative(st)
-    at_boundary = th <= 0.0
-    converged = (abs(grad) < GRADIENT_TOL * max(1.0, abs(objective.value(st)))
-                 or (at_boundary and grad >= -GRADIENT_TOL))
-    message = str(res.message) if converged else (
-        f"the optimiser stopped with derivative {grad:.3g} at theta = {th:.6g}: {res.message}")
-    summary = OptSummary(method="REML" if reml else "ML", optimizer="L-BFGS-B (scipy) + Newton polish",
-                         initial=(float(theta0),), theta=(th,), fmin=objective.value(st), gradient=grad,
-                         evaluations=len(path), converged=bool(converged), at_boundary=at_boundary,
-                         message=message, path=tuple((t,) for t in path))
-    return _in_units(objective, st, summary)
-
-
-def _off_the_boundary(objective: ProfiledDeviance, fun, res):
-    """theta = 0 is a stationary point of every profiled criterion (it depends on theta^2), so L-BFGS-B can
-    stop there although the criterion falls moving inward (0 a maximum along theta). Scan theta on a
-    log-grid; if some theta beats 0, restart from the best one."""
-    best = _inward_of_the_bound(lambda t: objective(float(t[0])), np.zeros(1), np.zeros(1),
-                                grid=np.geomspace(1e-6, 1e3, 46), rel=1e-12)
-    if best is None:
-        return 0.0, res
-    res = scipy.optimize.minimize(fun, x0=best, jac=True, method="L-BFGS-B", bounds=[(0.0, None)],
-                                  options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500})
-    th = float(res.x[0])
-    return (th, res) if objective(th) <= objective(float(best[0])) else (float(best[0]), res)
-
-
-def _polish(objective: ProfiledDeviance, th: float, steps: int = 20) -> float:
-    """Safeguarded secant steps on the derivative, to reach the optimum to machine precision."""
-    if th <= 0.0:
-        return 0.0
-    h = max(1e-6, 1e-6 * th)
-    for _ in range(steps):
-        g = objective.derivative(objective.state(th))
-        g2 = (objective.derivative(objective.state(th + h)) - g) / h
-        if not np.isfinite(g2) or g2 <= 0:
-            break
-        step = g / g2
-        new = max(th - step, 0.0)
-        if objective(new) > objective(th) + 1e-13 * max(1.0, abs(objective(th))):
-            break
-        if abs(new - th) <= 1e-14 * max(1.0, th):
-            th = new
-            break
-        th = new
-    return th
-
-
-def _in_units(objective: ProfiledDeviance, st, summary: OptSummary) -> Optimum:
-    s = objective.stats
-    sig_w = np.sqrt(st.rss / objective.n_eff)
-    sig = sig_w * s.scale
-    beta = st.beta * s.scale + s.beta_shift
-    dev = objective.value(st) + 2 * objective.n_eff * np.log(s.scale)
-    return Optimum(theta=st.theta, sigma=float(sig), sigma_s=float(st.theta * sig), beta=beta,
-                   deviance=float(dev), summary=summary, objective=objective)
 
 
 # ------------------------------------------------------------------------------ exact estimates
@@ -285,33 +193,118 @@ def exact_optimum(design: Design, reml: bool, bound: str = "auto") -> tuple[Exac
 
 
 @dataclass(frozen=True)
-class GeneralOptimum:
-    """The optimum of a model with several random terms or slopes, in the response's units."""
+class Optimum:
+    """The optimum of the profiled deviance, in the response's units: lme4's theta, sigma, the GLS beta and
+    the conditional modes b = Lambda u (all terms stacked as in Z's columns)."""
 
     theta: np.ndarray
     sigma: float
     beta: np.ndarray
-    b: np.ndarray              # conditional modes Lambda u, all terms stacked as in Z's columns
+    b: np.ndarray
     deviance: float
     summary: OptSummary
     objective: ThetaDeviance = field(repr=False)
     state: DevianceState = field(repr=False)     # the criterion at theta (scaled response units)
 
 
-def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
-    """Minimise lme4's profiled deviance over theta (L-BFGS-B, analytic gradient, lme4's bounds).
+def optimise(objective: ThetaDeviance) -> Optimum:
+    """Minimise lme4's profiled deviance over theta within lme4's bounds (diagonal entries of each T >= 0).
 
-    A diagonal theta at its bound 0 is a stationary point (the deviance is even in each column of T), so
-    a stop there is tested by moving that theta inward, and the search restarts from any better point."""
+    One theta (a random intercept, a kinship matrix, one scalar term): Newton's method on d'(theta) with the
+    analytic second derivative where the criterion has one (:meth:`InterceptDeviance.hessian`), safeguarded
+    by backtracking; several: L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal
+    theta at its bound 0 is a stationary point (the deviance is even in each column of T), so a stop there
+    is tested by moving that theta inward, and the search restarts from any better point."""
     path: list[np.ndarray] = []
+    theta0 = objective.initial()
+    lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])
+    if objective.n_theta == 1:
+        theta, message = _minimise_scalar(objective, float(theta0[0]), path)
+        optimizer = "Newton (analytic second derivative)" if hasattr(objective, "hessian") else "Newton (secant)"
+    else:
+        theta, message = _minimise_several(objective, theta0, lower, path)
+        optimizer = "L-BFGS-B (scipy) + chord-Newton polish"
+    st = objective.state(theta)
+    grad = objective.gradient(st)
+    at_bound = theta <= lower + 1e-12
+    free = np.where(at_bound, np.minimum(grad, 0.0), grad)   # a bound may hold a positive derivative
+    scale = max(1.0, abs(objective.value(st)))
+    converged = bool(np.max(np.abs(free), initial=0.0) < GRADIENT_TOL * scale)
+    if not converged:
+        message = f"the optimiser stopped with projected gradient {np.max(np.abs(free)):.3g}: {message}"
+    summary = OptSummary(method="REML" if objective.reml else "ML", optimizer=optimizer,
+                         initial=tuple(map(float, theta0)), theta=tuple(map(float, theta)),
+                         fmin=objective.value(st), gradient=float(np.max(np.abs(free), initial=0.0)),
+                         evaluations=len(path), converged=converged, at_boundary=bool(at_bound.any()),
+                         message=message, path=tuple(tuple(map(float, p)) for p in path))
+    k = objective.scale
+    dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
+    return Optimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
+                   beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
+                   summary=summary, objective=objective, state=st)
+
+
+def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np.ndarray, str]:
+    """Safeguarded Newton on d'(theta) = 0 over theta >= 0: the step -d'/d'' where d'' > 0 (else a step
+    downhill of the current size), halved until the criterion does not rise, and never past 0 (a step
+    that would cross it goes a tenth of the way there; an even criterion's quadratic model lands on 0
+    itself). At a stop on 0 the grid inward is scanned and the search restarted from any better point."""
+    hessian = getattr(objective, "hessian", None)
+
+    def evaluate(x):
+        path.append(np.array([x]))
+        st = objective.state([x])
+        return st, objective.value(st), float(objective.gradient(st)[0])
+
+    def curvature(x, st, g):
+        if hessian is not None:
+            return float(hessian(st)[0, 0])
+        h = 1e-6 * max(x, 1e-3)
+        return (float(objective.gradient(objective.state([x + h]))[0]) - g) / h
+
+    def newton(x):
+        st, f, g = evaluate(x)
+        for _ in range(100):
+            if g == 0.0:
+                return x, "converged: d'(theta) = 0"
+            h = curvature(x, st, g)
+            step = -g / h if h > 0 else -np.sign(g) * max(x, 0.1)
+            new = x + step if x + step >= 0 else (0.0 if x < 1e-10 else 0.1 * x)
+            for _ in range(40):
+                st_new, f_new, g_new = evaluate(new)
+                if f_new <= f + 1e-13 * max(1.0, abs(f)):
+                    break
+                if abs(new - x) <= 1e-9 * max(x, 1e-6):
+                    return x, "converged: the Newton step is below the criterion's rounding"
+                new = 0.5 * (x + new)
+            else:
+                return x, "no descent along the Newton direction"
+            done = abs(new - x) <= 1e-14 * max(x, 1e-6)
+            x, st, f, g = new, st_new, f_new, g_new
+            if done:
+                return x, "converged: the Newton step is at machine precision"
+        return x, "iteration limit (100 Newton steps)"
+
+    x, message = newton(t)
+    if x <= 1e-8:
+        inward = _inward_of_the_bound(objective, np.array([0.0]), np.zeros(1), grid=np.geomspace(1e-4, 1e2, 13),
+                                      rel=1e-12)
+        if inward is not None:
+            x2, message2 = newton(float(inward[0]))
+            if objective([x2]) < objective([x]):
+                x, message = x2, message2 + "; restarted inward of theta = 0"
+    return np.array([x]), message
+
+
+def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndarray, path: list):
+    """L-BFGS-B (analytic gradient, lme4's bounds), a retest of each theta stopped on its bound, a second
+    start in standardised slope coordinates where lme4's are badly conditioned, then polishing."""
 
     def fun(x):
         path.append(np.array(x))
         return objective.value_and_gradient(x)
 
-    theta0 = objective.initial()
     bounds = [(lo, None) for lo in objective.lower_bounds]
-    lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])
 
     def search(start):
         return scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B", bounds=bounds,
@@ -332,25 +325,7 @@ def optimise_general(objective: ThetaDeviance) -> GeneralOptimum:
         if second is not None and objective(second) < objective(np.asarray(res.x)):
             res = scipy.optimize.OptimizeResult(x=second, success=True, message=f"{res.message}; second start "
                                                 "in centred and scaled slope coordinates")
-    theta = _polish_general(objective, np.array(res.x), lower)
-    st = objective.state(theta)
-    grad = objective.gradient(st)
-    at_bound = theta <= lower + 1e-12
-    free = np.where(at_bound, np.minimum(grad, 0.0), grad)   # a bound may hold a positive derivative
-    scale = max(1.0, abs(objective.value(st)))
-    converged = bool(np.max(np.abs(free), initial=0.0) < 1e-4 * scale)
-    message = str(res.message) if converged else (
-        f"the optimiser stopped with projected gradient {np.max(np.abs(free)):.3g}: {res.message}")
-    summary = OptSummary(method="REML" if objective.reml else "ML", optimizer="L-BFGS-B (scipy)",
-                         initial=tuple(map(float, theta0)), theta=tuple(map(float, theta)),
-                         fmin=objective.value(st), gradient=float(np.max(np.abs(free), initial=0.0)),
-                         evaluations=len(path), converged=converged, at_boundary=bool(at_bound.any()),
-                         message=message, path=tuple(tuple(map(float, p)) for p in path))
-    k = objective.scale
-    dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
-    return GeneralOptimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
-                          beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
-                          summary=summary, objective=objective, state=st)
+    return _polish_general(objective, np.array(res.x), lower), str(res.message)
 
 
 @dataclass(frozen=True)

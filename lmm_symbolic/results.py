@@ -20,12 +20,11 @@ import pandas as pd
 import scipy.stats
 import sympy as sp
 
-from .compilation import LogLikelihood, ProfiledDeviance, ThetaDeviance, profiled_deviance, weighted_gram
+from .compilation import LogLikelihood, ThetaDeviance, profiled_deviance
 from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
                          fitted_values, spans_constant)
 from .errors import LMMWarning, ModelError
-from .optimisation import (SINGULAR_TOL, ExactOptimum, GeneralOptimum, Optimum, exact_optimum, optimise,
-                           optimise_general)
+from .optimisation import SINGULAR_TOL, ExactOptimum, Optimum, exact_optimum, optimise
 from .derivation import EXACT_N
 from .progress import stage
 from .specification import Design, whitened
@@ -63,15 +62,33 @@ class FitResult:
     deviance: float
     converged: bool
     singular: bool
-    exact: ExactOptimum | None
     random_effects: pd.DataFrame | dict = field(repr=False)
     variance_components: pd.DataFrame = field(repr=False)
     correlations: pd.DataFrame = field(repr=False)
     fitted: np.ndarray = field(repr=False)
     opt: object = field(repr=False)
     messages: tuple[str, ...] = ()
-    #: why ``exact`` is None (not balanced, too many digits, not requested); None when it was derived
-    exact_reason: str | None = None
+    #: how the exact estimates are had: ("auto" | "requested", None) derives them on first use of ``exact``
+    #: (bounded as :data:`~lmm_symbolic.optimisation.EXACT_LIMITS` says; the numeric fit never waits for
+    #: them), or (None, the reason there are none)
+    exact_request: tuple[str | None, str | None] = (None, "not requested (exact=False)")
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def exact(self) -> ExactOptimum | None:
+        """sigma^2 and sigma_s^2 that solve the score equations exactly (sympy), derived on first use for a
+        balanced random-intercept design when that is cheap; None otherwise (``exact_reason`` says why)."""
+        if "exact" not in self._memo:
+            bound, reason = self.exact_request
+            self._memo["exact"] = ((None, reason) if bound is None else
+                                   exact_optimum(self.design, self.method == "REML", bound))
+        return self._memo["exact"][0]
+
+    @property
+    def exact_reason(self) -> str | None:
+        """Why ``exact`` is None (not balanced, too many digits, not requested); None when it was derived."""
+        self.exact
+        return self._memo["exact"][1]
 
     # ------------------------------------------------------------------------------ accessors
     @property
@@ -285,27 +302,8 @@ def _between_within_df(design: Design) -> np.ndarray:
     return np.where(between, G - 1 - between_count, design.n - G - within_count).astype(float)
 
 
-def _satterthwaite(opt: Optimum) -> tuple[np.ndarray, np.ndarray]:
-    """Satterthwaite df per coefficient (lmerTest), and the covariance of beta."""
-    objective, stats = opt.objective, opt.objective.stats
-    st = objective.state(opt.theta)
-    sig_w = opt.sigma / stats.scale
-    Ainv = np.linalg.inv(st.A)
-    vcov_w = sig_w**2 * Ainv
-    H = objective.varpar_hessian(st, sig_w)
-    cov_varpar = 2.0 * np.linalg.pinv(H)
-    dA = -weighted_gram(st.dw, stats.Xt1)
-    jac = [-sig_w**2 * Ainv @ dA @ Ainv, 2.0 * sig_w * Ainv]
-    df = np.empty(stats.p)
-    for k in range(stats.p):
-        g = np.array([J[k, k] for J in jac])
-        denom = float(g @ cov_varpar @ g)
-        df[k] = 2.0 * vcov_w[k, k] ** 2 / denom if denom > 0 else np.inf
-    return df, vcov_w * stats.scale**2
-
-
 def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, df_s: np.ndarray, sigma: float,
-              sigma_s: float, deviance: float, singular: bool, summary, exact: ExactOptimum | None,
+              sigma_s: float, deviance: float, singular: bool, summary,
               variance_components: pd.DataFrame, correlations: pd.DataFrame, ranef, fitted: np.ndarray,
               messages: tuple[str, ...]) -> FitResult:
     """The inference every fit shares: t, both kinds of df and p, logLik, AIC, BIC, messages."""
@@ -335,7 +333,7 @@ def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, d
         df=series(df_bw), pvalues=series(p_bw), df_satterthwaite=series(df_s), pvalues_satterthwaite=series(p_s),
         vcov=pd.DataFrame(vcov, index=names, columns=names), sigma=float(sigma), sigma_s=float(sigma_s),
         loglik=float(loglik), aic=float(aic), bic=float(bic), deviance=float(deviance),
-        converged=summary.converged, singular=bool(singular), exact=exact, random_effects=ranef,
+        converged=summary.converged, singular=bool(singular), random_effects=ranef,
         variance_components=variance_components, correlations=correlations, fitted=fitted, opt=summary,
         messages=tuple(msgs))
 
@@ -349,44 +347,25 @@ def n_parameters(design: Design) -> int:
 _NO_CORRELATIONS = pd.DataFrame({"group": [], "term1": [], "term2": [], "corr": []})
 
 
-def make_result(design: Design, stats: GroupStatistics, opt: Optimum, exact: ExactOptimum | None,
-                messages: tuple[str, ...] = ()) -> FitResult:
-    """Everything a user reads off a random-intercept fit, computed once from the optimum."""
-    df_s, vcov = _satterthwaite(opt)
-    st = opt.objective.state(opt.theta)
-    term = design.terms[0]
-    u = st.w * st.e * stats.scale
-    cond_sd = opt.sigma * np.sqrt(st.w)
-    ranef = pd.DataFrame({"(Intercept)": u, "cond_sd": cond_sd}, index=pd.Index(term.levels, name=term.group))
-    vc = pd.DataFrame({"group": [term.group, "Residual"], "term": ["(Intercept)", ""],
-                       "variance": [opt.sigma_s**2, opt.sigma**2], "sd": [opt.sigma_s, opt.sigma]})
-    return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
-                     opt.theta < SINGULAR_TOL, opt.summary, exact, vc, _NO_CORRELATIONS, ranef,
-                     fitted_values(design, opt.beta, [u]), messages)
-
-
-def make_kinship_result(design: Design, stats: SpectralStatistics, opt: Optimum,
-                        messages: tuple[str, ...] = ()) -> FitResult:
-    """The result of Sigma = sigma_s^2 K + sigma^2 I; the conditional modes are the n genetic values
-    u = sigma_s^2 K Sigma^-1 (y - X beta), i.e. U diag(sigma_s^2 lambda / (sigma^2 + sigma_s^2 lambda)) U^T r."""
-    df_s, vcov = _satterthwaite(opt)
-    st = opt.objective.state(opt.theta)
-    u = stats.eigenvectors @ (np.sqrt(stats.m) * st.w * st.e) * stats.scale
-    ranef = pd.DataFrame({"kinship": u}, index=pd.RangeIndex(design.n, name="observation"))
-    vc = pd.DataFrame({"group": ["kinship", "Residual"], "term": ["K", ""],
-                       "variance": [opt.sigma_s**2, opt.sigma**2], "sd": [opt.sigma_s, opt.sigma]})
-    return _assemble(design, opt.summary.method, opt.beta, vcov, df_s, opt.sigma, opt.sigma_s, opt.deviance,
-                     opt.theta < SINGULAR_TOL, opt.summary, None, vc, _NO_CORRELATIONS, ranef,
-                     design.X @ opt.beta + u, messages)
-
-
-def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str, ...] = ()) -> FitResult:
-    """The result of a model with slopes or several random terms (lme4's general formulation)."""
+def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) -> FitResult:
+    """Everything a user reads off a fit, computed once from the optimum of the one profiled deviance:
+    VarCorr from the relative factors (D_k = sigma^2 T_k T_k^T), the conditional modes with their SDs,
+    Satterthwaite's df, then the inference every fit shares (:func:`_assemble`)."""
     ob = opt.objective
     sig_w = opt.sigma / ob.scale
-    df_s, vcov_w = _satterthwaite_general(ob, opt.theta, sig_w)
+    df_s, vcov_w = _satterthwaite(ob, opt.theta, sig_w)
+    variances = ob.conditional_variances(opt.state)
+    Ts = ob.terms(opt.theta)
+    if design.kinship is not None:
+        sd = opt.sigma * float(Ts[0][0, 0])
+        vc = pd.DataFrame({"group": ["kinship", "Residual"], "term": ["K", ""],
+                           "variance": [sd**2, opt.sigma**2], "sd": [sd, opt.sigma]})
+        ranef = pd.DataFrame({"kinship": opt.b}, index=pd.RangeIndex(design.n, name="observation"))
+        return _assemble(design, opt.summary.method, opt.beta, vcov_w * ob.scale**2, df_s, opt.sigma, sd,
+                         opt.deviance, float(opt.theta[0]) < SINGULAR_TOL, opt.summary, vc, _NO_CORRELATIONS,
+                         ranef, design.X @ opt.beta + opt.b, messages)
     rows, corr_rows, seen = [], [], {}
-    for term, T in zip(design.terms, ob.terms(opt.theta)):
+    for term, T in zip(design.terms, Ts):
         D = opt.sigma**2 * T @ T.T
         sd = np.sqrt(np.diag(D))
         label = term.group if term.group not in seen else f"{term.group}.{seen[term.group]}"
@@ -396,25 +375,32 @@ def make_general_result(design: Design, opt: GeneralOptimum, messages: tuple[str
                        "corr": D[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else 0.0}
                       for a in range(term.q) for b in range(a + 1, term.q)]
     rows.append({"group": "Residual", "term": "", "variance": opt.sigma**2, "sd": opt.sigma})
-    ranef: dict[str, pd.DataFrame] = {}
     modes = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
     fitted = fitted_values(design, opt.beta, modes)      # lazy for a Dask design
-    variances = ob.conditional_variances(opt.state)
+    frames: dict[str, list[pd.DataFrame]] = {}
     for term, lay, b in zip(design.terms, ob.layouts, modes):
         sd = opt.sigma * np.sqrt(variances[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q))
-        frame = pd.DataFrame(b, columns=list(term.names), index=pd.Index(term.levels, name=term.group))
-        frame = frame.join(pd.DataFrame(sd, columns=[f"cond_sd {name}" for name in term.names], index=frame.index))
-        ranef[term.group] = pd.concat([ranef[term.group], frame], axis=1) if term.group in ranef else frame
+        index = pd.Index(term.levels, name=term.group)
+        frames.setdefault(term.group, []).append((term, b, sd, index))
+    ranef: dict[str, pd.DataFrame] = {}
+    for group, parts in frames.items():
+        # the tutorial's (1|g): columns "(Intercept)", "cond_sd"; otherwise "cond_sd <name>" per column
+        short = design.is_random_intercept
+        data = {}
+        for term, b, sd, _ in parts:
+            data.update({name: b[:, c] for c, name in enumerate(term.names)})
+        for term, b, sd, _ in parts:
+            data.update({("cond_sd" if short else f"cond_sd {name}"): sd[:, c] for c, name in enumerate(term.names)})
+        ranef[group] = pd.DataFrame(data, index=parts[0][3])
     if len(ranef) == 1:
         ranef = next(iter(ranef.values()))
-    diag = [T[c, c] for T in ob.terms(opt.theta) for c in range(T.shape[0])]
-    singular = min(diag) < SINGULAR_TOL
+    diag = [T[c, c] for T in Ts for c in range(T.shape[0])]
     return _assemble(design, opt.summary.method, opt.beta, vcov_w * ob.scale**2, df_s, opt.sigma,
-                     rows[0]["sd"], opt.deviance, singular, opt.summary, None, pd.DataFrame(rows),
+                     rows[0]["sd"], opt.deviance, min(diag) < SINGULAR_TOL, opt.summary, pd.DataFrame(rows),
                      pd.DataFrame(corr_rows) if corr_rows else _NO_CORRELATIONS, ranef, fitted, messages)
 
 
-def _satterthwaite_general(ob: ThetaDeviance, theta: np.ndarray, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
+def _satterthwaite(ob: ThetaDeviance, theta: np.ndarray, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
     """lmerTest's Satterthwaite df: A = 2 H^-1 from the Hessian of the (theta, sigma) deviance, and the
     gradient of V_beta = sigma^2 (X^T V^-1 X)^-1 in closed form: dV_beta/dtheta_k = -sigma^2 A^-1 dA_k A^-1,
     dV_beta/dsigma = 2 sigma A^-1."""
@@ -432,9 +418,11 @@ def _satterthwaite_general(ob: ThetaDeviance, theta: np.ndarray, sig_w: float) -
 
 
 def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto") -> FitResult:
-    """Fit a design by ML or REML (lme4's default, REML); the closed-form route for (1|g), lme4's
-    general formulation for slopes and several random terms."""
-    method = method.upper()
+    """Fit a design by ML or REML (lme4's default, REML): the one profiled deviance in theta
+    (:func:`~lmm_symbolic.compilation.profiled_deviance`), minimised (:func:`optimise`), and the result
+    assembled (:func:`make_result`). ``exact`` ("auto", True, False): the bound of the exact estimates, which
+    are derived on first use of ``fit.exact``, never during the fit."""
+    method = method.upper() if isinstance(method, str) else method
     if method not in ("ML", "REML"):
         raise ModelError(f"method must be 'ML' or 'REML', not {method!r}")
     if constant_response(design):
@@ -443,18 +431,18 @@ def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto")
     reml = method == "REML"
     if design.weights is not None or design.offset is not None:
         return _with_weights_and_offset(fit_design(whitened(design), method, exact=False), design)
-    if design.kinship is not None:
-        stats = SpectralStatistics.of(design)
-        return make_kinship_result(design, stats, optimise(stats, reml), design.messages)
-    if not design.is_random_intercept:
-        return make_general_result(design, optimise_general(profiled_deviance(design, reml)), design.messages)
-    stats = GroupStatistics.of(design)
-    _check_group_variance_estimable(design, stats)
-    with stage("optimising the profiled %s criterion over theta = sigma_s / sigma", method):
-        opt = optimise(stats, reml)
-    ex, why = (exact_optimum(design, reml, "auto" if exact == "auto" else "requested") if exact
-               else (None, "not requested (exact=False)"))
-    return dataclasses.replace(make_result(design, stats, opt, ex, design.messages), exact_reason=why)
+    objective = profiled_deviance(design, reml)
+    if design.is_random_intercept and design.kinship is None:
+        _check_group_variance_estimable(design, objective.stats)
+    with stage("optimising the profiled %s criterion over theta", method):
+        opt = optimise(objective)
+    fit = make_result(design, opt, design.messages)
+    if not exact:
+        return fit
+    if not design.is_random_intercept or design.kinship is not None:
+        return dataclasses.replace(fit, exact_request=(None, "exact estimates are derived for one random "
+                                                             "intercept (1|g)"))
+    return dataclasses.replace(fit, exact_request=("auto" if exact == "auto" else "requested", None))
 
 
 def _with_weights_and_offset(fit: FitResult, design: Design) -> FitResult:
@@ -466,7 +454,7 @@ def _with_weights_and_offset(fit: FitResult, design: Design) -> FitResult:
     fitted = np.asarray(fit.fitted) / r + (design.offset if design.offset is not None else 0.0)
     return dataclasses.replace(fit, design=design, deviance=fit.deviance + shift, loglik=fit.loglik - shift / 2,
                                aic=fit.aic + shift, bic=fit.bic + shift, fitted=fitted,
-                               exact_reason="exact estimates are not derived with prior weights or an offset")
+                               exact_request=(None, "exact estimates are not derived with prior weights or an offset"))
 
 
 def _check_group_variance_estimable(design: Design, stats: GroupStatistics) -> None:
@@ -524,14 +512,6 @@ def deviance_function(design: Design, method: str = "REML"):
             return inner(theta) + shift
         weighted.n_theta, weighted.lower_bounds = inner.n_theta, inner.lower_bounds
         return weighted
-    if design.kinship is not None or design.is_random_intercept:
-        stats = SpectralStatistics.of(design) if design.kinship is not None else GroupStatistics.of(design)
-        ob = ProfiledDeviance(stats, reml)
-
-        def scalar(theta):
-            return ob(float(np.atleast_1d(theta)[0])) + 2 * ob.n_eff * np.log(stats.scale)
-        scalar.n_theta, scalar.lower_bounds = 1, [0.0]
-        return scalar
     ob = profiled_deviance(design, reml)
 
     def general(theta):

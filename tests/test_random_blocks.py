@@ -23,7 +23,7 @@ import lmm_symbolic as lmm
 from lmm_symbolic.compilation import (BlockDeviance, SparseDeviance, block_forms, block_symbols,
                                       profiled_deviance, relative_factor)
 from lmm_symbolic.derivation import block_identities, m, sigma
-from lmm_symbolic.optimisation import _inward_of_the_bound, optimise_general
+from lmm_symbolic.optimisation import _inward_of_the_bound, optimise
 from lmm_symbolic.specification import random_effects_matrix, specify
 from lmm_symbolic.statistics import BlockStatistics
 
@@ -221,7 +221,7 @@ def test_a_stop_at_a_bound_is_left_for_a_better_point():
     assert ob.gradient(ob.state(stuck))[0] == pytest.approx(0.0, abs=1e-12)
     better = _inward_of_the_bound(ob, stuck, lower)
     assert better is not None and better[0] > 0 and ob(better) < ob(stuck)
-    optimum = optimise_general(ob)
+    optimum = optimise(ob)
     assert optimum.summary.converged and np.all(optimum.theta > 0)
     assert _inward_of_the_bound(ob, optimum.theta, lower) is None       # nothing at its bound
     assert ob(optimum.theta) <= ob(better)
