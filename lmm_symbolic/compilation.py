@@ -348,7 +348,13 @@ class ThetaDeviance:
 
     def gradient(self, st: DevianceState) -> np.ndarray:
         """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
-        return self._combine(st, self.derivatives(st), self.n_eff / st.rss)
+        return self._combine(st, self.cached_derivatives(st), self.n_eff / st.rss)
+
+    def cached_derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`derivatives` at ``st``, computed once per state."""
+        if "derivatives" not in st.work:
+            st.work["derivatives"] = self.derivatives(st)
+        return st.work["derivatives"]
 
     def value_and_gradient(self, theta) -> tuple[float, np.ndarray]:
         st = self.state(theta)
@@ -361,23 +367,29 @@ class ThetaDeviance:
         dev = st.logdetM + st.rss / sig**2 + self.n_eff * np.log(2 * np.pi * sig**2)
         return float(dev + (st.logdetA if self.reml else 0.0))
 
-    def varpar_hessian(self, theta, sig: float) -> tuple[np.ndarray, DevianceState, np.ndarray]:
-        """The Hessian of :meth:`varpar_deviance` in (theta, sigma): the theta block by central differences
-        of its analytic gradient d log|M| + dRSS / sigma^2 (+ tr(A^-1 dA)), the sigma row in closed form
-        (-2 dRSS / sigma^3, 6 RSS / sigma^4 - 2 n_eff / sigma^2). Also the state and dA at theta."""
+    def varpar_hessian(self, theta, sig: float, hessian: np.ndarray | None = None,
+                       st: DevianceState | None = None) -> tuple[np.ndarray, DevianceState, np.ndarray]:
+        """The Hessian of :meth:`varpar_deviance` in (theta, sigma), with the state and dA at theta. The sigma
+        row is closed form: D_ts = -2 dRSS / sigma^3, D_ss = 6 RSS / sigma^4 - 2 n_eff / sigma^2. The theta
+        block: given the Hessian d'' of the profiled deviance d(theta) = min_sigma D(theta, sigma) at
+        sigma = sigma_hat(theta) (the optimiser's), by the envelope relation D_tt = d'' + D_ts D_ts^T / D_ss;
+        otherwise by central differences of the analytic gradient d log|M| + dRSS / sigma^2 (+ tr(A^-1 dA))."""
         theta = np.asarray(theta, dtype=float)
         k = self.n_theta
-
-        def grad(th):
-            st = self.state(th)
-            derivatives = self.derivatives(st)
-            return self._combine(st, derivatives, 1.0 / sig**2), st, derivatives[1], derivatives[2]
-
-        _, st, drss, dA = grad(theta)
+        st = self.state(theta) if st is None else st
+        _, drss, dA = self.cached_derivatives(st)
         H = np.empty((k + 1, k + 1))
-        H[:k, :k] = difference_hessian(lambda th: grad(th)[0], theta)
         H[:k, k] = H[k, :k] = -2.0 * drss / sig**3
         H[k, k] = 6.0 * st.rss / sig**4 - 2.0 * self.n_eff / sig**2
+        if hessian is not None:
+            H[:k, :k] = hessian + np.outer(H[:k, k], H[:k, k]) / H[k, k]
+            return H, st, dA
+
+        def grad(th):
+            s2 = self.state(th)
+            return self._combine(s2, self.cached_derivatives(s2), 1.0 / sig**2)
+
+        H[:k, :k] = difference_hessian(grad, theta)
         return H, st, dA
 
 
@@ -449,9 +461,10 @@ class InterceptDeviance(ThetaDeviance):
             h += float(np.trace(np.linalg.solve(ps.A, d2A)) - np.trace(AdA @ AdA))
         return np.array([[h]])
 
-    def varpar_hessian(self, theta, sig: float) -> tuple[np.ndarray, DevianceState, np.ndarray]:
+    def varpar_hessian(self, theta, sig: float, hessian: np.ndarray | None = None,
+                       st: DevianceState | None = None) -> tuple[np.ndarray, DevianceState, np.ndarray]:
         """lmerTest's Hessian in (theta, sigma), all in closed form (:meth:`ProfiledDeviance.varpar_hessian`)."""
-        st = self.state(theta)
+        st = self.state(theta) if st is None else st
         ps = st.work["profile"]
         return (self.profile.varpar_hessian(ps, sig), st, -weighted_gram(ps.dw, self.stats.Xt1)[None])
 
@@ -612,6 +625,94 @@ class BlockDeviance(ThetaDeviance):
         return dlogdet, drss, dA
 
 
+# ------------------------------------------------------------------------- any Z, few random effects: dense M
+#: at most this many random effects in all are evaluated with dense matrices (:class:`DenseDeviance`)
+DENSE_MAX = 400
+
+
+class DenseDeviance(ThetaDeviance):
+    """The profiled deviance for any random terms when they have few random effects in all (w <= DENSE_MAX):
+    the same M = Lambda^T Z^T Z Lambda + I and formulas as :class:`SparseDeviance`, held in dense arrays
+    (one Cholesky factor of M per evaluation, no sparse bookkeeping). With G = M^-1 Lambda^T Z^T Z,
+    v = Z^T V^-1 (y - X beta) and Q = Z^T V^-1 X, and E_k the 0/1 pattern of theta_k in Lambda:
+      dlog|M| / dtheta_k = tr(M^-1 dM_k) = 2 sum_{(i,j) in E_k} G_ji,
+      dRSS / dtheta_k = -2 sum_{(i,j) in E_k} v_i (Lambda^T v)_j,
+      dA_k = -(Q_{i.}^T (Lambda^T Q)_{j.} + its transpose) summed over (i, j) in E_k."""
+
+    def __init__(self, design: Design, reml: bool):
+        X = np.asarray(design.X, dtype=float)
+        shift, scale, beta_shift = response_scaling(design.y, X)
+        super().__init__(design, reml, shift, scale, beta_shift)
+        y = (design.y - shift) / scale
+        Z = random_effects_matrix(design)
+        self.width = Z.shape[1]
+        self.ZtZ = np.asarray((Z.T @ Z).toarray())
+        self.ZtX, self.Zty = np.asarray(Z.T @ X), np.asarray(Z.T @ y).ravel()
+        self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
+        rows, cols, which = [], [], []
+        k = 0
+        for lay in self.layouts:
+            base = lay.offset + np.arange(lay.n_levels) * lay.q
+            for r, c in lay.theta_index:
+                rows.append(base + r)
+                cols.append(base + c)
+                which.append(np.full(lay.n_levels, k))
+                k += 1
+        self._rows, self._cols, self._which = (np.concatenate(v) for v in (rows, cols, which))
+        self._eye = np.eye(self.width)
+
+    def _lambda(self, theta) -> np.ndarray:
+        L = np.zeros((self.width, self.width))
+        L[self._rows, self._cols] = np.asarray(theta, dtype=float)[self._which]
+        return L
+
+    def state(self, theta) -> DevianceState:
+        theta = np.asarray(theta, dtype=float)
+        L = self._lambda(theta)
+        ZtZL = self.ZtZ @ L
+        M = L.T @ ZtZL + self._eye
+        try:
+            R = scipy.linalg.cholesky(M, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}") from None
+        LZX, LZy = L.T @ self.ZtX, L.T @ self.Zty
+        sol = scipy.linalg.cho_solve((R, True), np.column_stack([LZX, LZy]), check_finite=False)
+        Cu, cu = sol[:, :self.p], sol[:, self.p]
+        A = self.XtX - LZX.T @ Cu
+        c = self.Xty - LZX.T @ cu
+        yVy = self.yty - float(LZy @ cu)
+        beta, rss, logdetA = self._profile(theta, A, c, yVy)
+        u = cu - Cu @ beta
+        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=2.0 * float(np.log(np.diag(R)).sum()),
+                             logdetA=logdetA, b=L @ u, work=dict(L=L, R=R, ZtZL=ZtZL))
+
+    def _minv(self, st: DevianceState) -> np.ndarray:
+        if "Minv" not in st.work:
+            st.work["Minv"] = scipy.linalg.cho_solve((st.work["R"], True), self._eye, check_finite=False)
+        return st.work["Minv"]
+
+    def conditional_variances(self, st: DevianceState) -> np.ndarray:
+        L = st.work["L"]
+        return np.einsum("ij,jk,ik->i", L, self._minv(st), L)
+
+    def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        L, ZtZL, R = st.work["L"], st.work["ZtZL"], st.work["R"]
+        Minv = self._minv(st)
+        G = Minv @ ZtZL.T                                     # M^-1 Lambda^T Z^T Z
+        k, rows, cols, which = self.n_theta, self._rows, self._cols, self._which
+        dlogdet = 2.0 * np.bincount(which, weights=G[cols, rows], minlength=k)
+        # Z^T V^-1 w = Z^T w - Z^T Z Lambda M^-1 Lambda^T Z^T w, for w = y - X beta and the columns of X
+        rhs = np.column_stack([self.Zty - self.ZtX @ st.beta, self.ZtX])
+        Zt = rhs - ZtZL @ scipy.linalg.cho_solve((R, True), L.T @ rhs, check_finite=False)
+        LtZt = L.T @ Zt
+        v, Lv = Zt[:, 0], LtZt[:, 0]
+        drss = -2.0 * np.bincount(which, weights=v[rows] * Lv[cols], minlength=k)
+        Q, LQ = Zt[:, 1:], LtZt[:, 1:]
+        dA = np.zeros((k, self.p, self.p))
+        np.add.at(dA, which, Q[rows][:, :, None] * LQ[cols][:, None, :])
+        return dlogdet, drss, -(dA + dA.transpose(0, 2, 1))
+
+
 # --------------------------------------------------------------------------- any Z: sparse Z^T Z, M by blocks
 #: at most this many random effects outside the term with the most (the dense Schur complement)
 SCHUR_MAX = 5000
@@ -643,6 +744,8 @@ class SparseDeviance(ThetaDeviance):
         big = max(self.layouts, key=lambda lay: lay.width)
         w = self.width = sum(lay.width for lay in self.layouts)
         self.q1, self.w1, self.w2 = big.q, big.width, w - big.width
+        #: the order of the dense Schur complement each evaluation factorises
+        self.dense_work = self.w2
         if self.w2 > SCHUR_MAX:
             raise ModelError(f"{self.w2} random effects outside the largest term: more than the {SCHUR_MAX} "
                              "this dense Schur complement allows")
@@ -796,10 +899,12 @@ class SparseDeviance(ThetaDeviance):
 def profiled_deviance(design: Design, reml: bool) -> ThetaDeviance:
     """lme4's profiled deviance in theta for ``design``: one criterion, evaluated the cheapest way its
     structure allows -- per-group sums and the derived (1|g) forms for a random intercept or a kinship
-    matrix, the derived q x q block forms when the terms share one factor (q <= BLOCK_Q), else the blocked
-    factorisation of M (:class:`SparseDeviance`)."""
+    matrix, the derived q x q block forms when the terms share one factor (q <= BLOCK_Q), dense M for few
+    random effects (:class:`DenseDeviance`), else the blocked factorisation of M (:class:`SparseDeviance`)."""
     if design.kinship is not None or design.is_random_intercept:
         return InterceptDeviance(design, reml)
     if single_factor(design) and sum(t.q for t in design.terms) <= BLOCK_Q:
         return BlockDeviance(design, reml)
+    if sum(t.q * t.n_levels for t in design.terms) <= DENSE_MAX and not hasattr(design, "statistics"):
+        return DenseDeviance(design, reml)
     return SparseDeviance(design, reml)

@@ -205,6 +205,9 @@ class Optimum:
     summary: OptSummary
     objective: ThetaDeviance = field(repr=False)
     state: DevianceState = field(repr=False)     # the criterion at theta (scaled response units)
+    #: the Hessian of the profiled deviance at theta (scaled units): analytic for (1|g), else central
+    #: differences of the analytic gradient taken for the final Newton steps
+    hessian: np.ndarray = field(repr=False, default=None)
 
 
 def optimise(objective: ThetaDeviance) -> Optimum:
@@ -221,10 +224,13 @@ def optimise(objective: ThetaDeviance) -> Optimum:
     if objective.n_theta == 1:
         theta, message = _minimise_scalar(objective, float(theta0[0]), path)
         optimizer = "Newton (analytic second derivative)" if hasattr(objective, "hessian") else "Newton (secant)"
+        st = objective.state(theta)
+        H = (objective.hessian(st) if hasattr(objective, "hessian")
+             else difference_hessian(lambda th: objective.gradient(objective.state(th)), theta))
     else:
-        theta, message = _minimise_several(objective, theta0, lower, path)
+        theta, message, H = _minimise_several(objective, theta0, lower, path)
         optimizer = "L-BFGS-B (scipy) + chord-Newton polish"
-    st = objective.state(theta)
+        st = objective.state(theta)
     grad = objective.gradient(st)
     at_bound = theta <= lower + 1e-12
     free = np.where(at_bound, np.minimum(grad, 0.0), grad)   # a bound may hold a positive derivative
@@ -241,7 +247,7 @@ def optimise(objective: ThetaDeviance) -> Optimum:
     dev = objective.value(st) + 2 * objective.n_eff * np.log(k)
     return Optimum(theta=theta, sigma=float(np.sqrt(st.rss / objective.n_eff) * k),
                    beta=st.beta * k + objective.beta_shift, b=st.b * k, deviance=float(dev),
-                   summary=summary, objective=objective, state=st)
+                   summary=summary, objective=objective, state=st, hessian=H)
 
 
 def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np.ndarray, str]:
@@ -325,7 +331,8 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
         if second is not None and objective(second) < objective(np.asarray(res.x)):
             res = scipy.optimize.OptimizeResult(x=second, success=True, message=f"{res.message}; second start "
                                                 "in centred and scaled slope coordinates")
-    return _polish_general(objective, np.array(res.x), lower), str(res.message)
+    theta, H = _polish_general(objective, np.array(res.x), lower)
+    return theta, str(res.message), H
 
 
 @dataclass(frozen=True)
@@ -404,23 +411,26 @@ def _standardising_map(objective: ThetaDeviance) -> StandardisingMap | None:
     return StandardisingMap(A=tuple(mats), layouts=objective.layouts, poorly_centred=poor)
 
 
-def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray, steps: int = 10) -> np.ndarray:
+def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray,
+                    steps: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Chord-Newton steps theta_f -= H_ff^-1 g_f(theta) on the thetas off their bounds, H the Hessian at the
     start (central differences of the analytic gradient, positive definite at a minimum). L-BFGS-B stops
     ~1e-8 short of the optimum, at a point that moves with the rounding of the data's sums; from there each
     step gains ~6 digits. A step is kept while |g_f| falls (there the criterion's changes, ~1e-16, are below
-    its rounding) and the criterion does not rise by more than its rounding could."""
+    its rounding) and the criterion does not rise by more than its rounding could. Returns theta and H (which
+    Satterthwaite's df reuse: it moves by less than its own differencing error over these steps)."""
+    H = difference_hessian(lambda th: objective.gradient(objective.state(th)), theta)
     free = np.flatnonzero(theta > lower + 1e-12)
     if not len(free):
-        return theta
+        return theta, H
     try:
-        H = difference_hessian(lambda th: objective.gradient(objective.state(th)), theta)[np.ix_(free, free)]
-        np.linalg.cholesky(H)
+        Hf = H[np.ix_(free, free)]
+        np.linalg.cholesky(Hf)
         st = objective.state(theta)
         f, g = objective.value(st), objective.gradient(st)[free]
         for _ in range(steps):
             new = theta.copy()
-            new[free] = np.maximum(theta[free] - np.linalg.solve(H, g), lower[free])
+            new[free] = np.maximum(theta[free] - np.linalg.solve(Hf, g), lower[free])
             st = objective.state(new)
             f_new, g_new = objective.value(st), objective.gradient(st)[free]
             if not (np.linalg.norm(g_new) < np.linalg.norm(g) and f_new <= f + 1e-10 * max(1.0, abs(f))):
@@ -428,7 +438,7 @@ def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarr
             theta, f, g = new, f_new, g_new
     except (np.linalg.LinAlgError, NumericalError):
         pass
-    return theta
+    return theta, H
 
 
 def _inward_of_the_bound(objective, theta: np.ndarray, lower: np.ndarray, grid=np.geomspace(1e-4, 10.0, 16),

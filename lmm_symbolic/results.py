@@ -9,7 +9,9 @@ conditional modes (BLUPs) u_g = w_g 1^T r_g with conditional variance sigma^2 w_
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import html
 import json
 import warnings
@@ -353,7 +355,7 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
     Satterthwaite's df, then the inference every fit shares (:func:`_assemble`)."""
     ob = opt.objective
     sig_w = opt.sigma / ob.scale
-    df_s, vcov_w = _satterthwaite(ob, opt.theta, sig_w)
+    df_s, vcov_w = _satterthwaite(ob, opt, sig_w)
     variances = ob.conditional_variances(opt.state)
     Ts = ob.terms(opt.theta)
     if design.kinship is not None:
@@ -400,11 +402,12 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
                      pd.DataFrame(corr_rows) if corr_rows else _NO_CORRELATIONS, ranef, fitted, messages)
 
 
-def _satterthwaite(ob: ThetaDeviance, theta: np.ndarray, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
-    """lmerTest's Satterthwaite df: A = 2 H^-1 from the Hessian of the (theta, sigma) deviance, and the
-    gradient of V_beta = sigma^2 (X^T V^-1 X)^-1 in closed form: dV_beta/dtheta_k = -sigma^2 A^-1 dA_k A^-1,
+def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
+    """lmerTest's Satterthwaite df: A = 2 H^-1 from the Hessian of the (theta, sigma) deviance (from the
+    optimiser's Hessian of the profiled deviance, :meth:`ThetaDeviance.varpar_hessian`), and the gradient of
+    V_beta = sigma^2 (X^T V^-1 X)^-1 in closed form: dV_beta/dtheta_k = -sigma^2 A^-1 dA_k A^-1,
     dV_beta/dsigma = 2 sigma A^-1."""
-    H, st, dA = ob.varpar_hessian(theta, sig_w)
+    H, st, dA = ob.varpar_hessian(opt.theta, sig_w, hessian=opt.hessian, st=opt.state)
     cov_varpar = 2.0 * np.linalg.pinv(H)
     Ainv = np.linalg.inv(st.A)
     vcov = sig_w**2 * Ainv
@@ -434,15 +437,30 @@ def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto")
     objective = profiled_deviance(design, reml)
     if design.is_random_intercept and design.kinship is None:
         _check_group_variance_estimable(design, objective.stats)
-    with stage("optimising the profiled %s criterion over theta", method):
+    with stage("optimising the profiled %s criterion over theta", method), _blas_threads(objective):
         opt = optimise(objective)
-    fit = make_result(design, opt, design.messages)
+        fit = make_result(design, opt, design.messages)
     if not exact:
         return fit
     if not design.is_random_intercept or design.kinship is not None:
         return dataclasses.replace(fit, exact_request=(None, "exact estimates are derived for one random "
                                                              "intercept (1|g)"))
     return dataclasses.replace(fit, exact_request=("auto" if exact == "auto" else "requested", None))
+
+
+@functools.lru_cache(maxsize=1)
+def _threadpools():
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()
+
+
+def _blas_threads(objective: ThetaDeviance):
+    """One BLAS thread while the optimiser evaluates small matrices: OpenBLAS's thread hand-offs cost more
+    than the arithmetic of a 3 x 3 solve (and L-BFGS-B's own calls), several times over on a busy machine.
+    A criterion with a large dense block (:attr:`ThetaDeviance.dense_work`) keeps the library's threads."""
+    if getattr(objective, "dense_work", 0) >= 400:
+        return contextlib.nullcontext()
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def _with_weights_and_offset(fit: FitResult, design: Design) -> FitResult:

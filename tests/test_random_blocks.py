@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lmm_symbolic as lmm
-from lmm_symbolic.compilation import (BlockDeviance, SparseDeviance, block_forms, block_symbols,
+from lmm_symbolic.compilation import (BlockDeviance, DenseDeviance, SparseDeviance, ThetaDeviance, difference_hessian, block_forms, block_symbols,
                                       profiled_deviance, relative_factor)
 from lmm_symbolic.derivation import block_identities, m, sigma
 from lmm_symbolic.optimisation import _inward_of_the_bound, optimise
@@ -124,13 +124,19 @@ def test_block_sparse_and_dense_deviances_agree(case, reml):
     data, theta = case
     design = specify("y ~ x + z + (x|g)", data)
     block, sparse = BlockDeviance(design, reml), SparseDeviance(design, reml)
+    dense = DenseDeviance(design, reml)
     ref = dense_deviance(design, theta, reml)
     assert block(theta) == pytest.approx(ref, rel=1e-9, abs=1e-9)
     assert sparse(theta) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    assert dense(theta) == pytest.approx(ref, rel=1e-9, abs=1e-9)
     gb = block.gradient(block.state(theta))
     gs = sparse.gradient(sparse.state(theta))
     np.testing.assert_allclose(gb, gs, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(dense.gradient(dense.state(theta)), gs, rtol=1e-7, atol=1e-7)
     np.testing.assert_allclose(block.state(theta).b, sparse.state(theta).b, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(dense.state(theta).b, sparse.state(theta).b, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(dense.conditional_variances(dense.state(theta)),
+                               sparse.conditional_variances(sparse.state(theta)), rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("formula,dataset,kind", [
@@ -138,12 +144,15 @@ def test_block_sparse_and_dense_deviances_agree(case, reml):
     ("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", "sleepstudy", BlockDeviance),
     ("strength ~ 1 + (1|batch/cask)", "Pastes", SparseDeviance),
     ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin", SparseDeviance),
+    ("strength ~ 1 + (1|batch/cask)", "Pastes", DenseDeviance),
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin", DenseDeviance),
 ])
 @pytest.mark.parametrize("reml", [False, True])
 def test_gradients_equal_central_differences(formula, dataset, kind, reml):
     design = specify(formula, lmm.datasets.load(dataset))
-    ob = profiled_deviance(design, reml)
-    assert isinstance(ob, kind)
+    ob = kind(design, reml)
+    # the fit's own choice: per-group blocks for one factor, dense M for few random effects
+    assert isinstance(profiled_deviance(design, reml), BlockDeviance if kind is BlockDeviance else DenseDeviance)
     rng = np.random.default_rng(1)
     for _ in range(3):
         theta = ob.initial() + rng.uniform(0.05, 0.8, size=ob.n_theta)
@@ -160,8 +169,8 @@ def test_crossed_sparse_deviance_equals_dense_on_a_random_design():
     y = 1 + 0.5 * x + rng.normal(size=25)[a] + 0.7 * rng.normal(size=12)[b] + rng.normal(size=n)
     design = specify("y ~ x + (1|a) + (x|b)", pd.DataFrame({"y": y, "x": x, "a": a, "b": b}))
     for reml in (False, True):
-        ob = profiled_deviance(design, reml)
-        assert isinstance(ob, SparseDeviance)
+        assert isinstance(profiled_deviance(design, reml), DenseDeviance)
+        ob = SparseDeviance(design, reml)
         theta = np.array([0.8, 0.6, 0.2, 0.4])
         assert ob(theta) == pytest.approx(dense_deviance(design, theta, reml), rel=1e-10)
         np.testing.assert_allclose(ob.gradient(ob.state(theta)), central_gradient(ob, theta), rtol=1e-5)
@@ -173,7 +182,7 @@ def test_more_than_three_effects_per_level_use_the_sparse_form():
     d = pd.DataFrame({"g": rng.integers(0, 10, n), "x1": rng.normal(size=n), "x2": rng.normal(size=n),
                       "x3": rng.normal(size=n)})
     d["y"] = d.x1 + rng.normal(size=10)[d.g] + rng.normal(size=n)
-    assert isinstance(profiled_deviance(specify("y ~ x1 + (x1 + x2 + x3|g)", d), True), SparseDeviance)
+    assert isinstance(profiled_deviance(specify("y ~ x1 + (x1 + x2 + x3|g)", d), True), DenseDeviance)
     assert isinstance(profiled_deviance(specify("y ~ x1 + (x1 + x2|g)", d), True), BlockDeviance)
 
 
@@ -213,6 +222,26 @@ def test_satterthwaite_hessian_equals_finite_differences(formula, dataset):
     np.testing.assert_allclose(H, ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("formula,dataset", [("Reaction ~ Days + (Days|Subject)", "sleepstudy"),
+                                             ("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin"),
+                                             ("strength ~ 1 + (1|batch/cask)", "Pastes"),
+                                             ("Reaction ~ Days + (1|Subject)", "sleepstudy")])
+@pytest.mark.parametrize("reml", [False, True])
+def test_satterthwaite_hessian_from_the_profiled_hessian_by_the_envelope(formula, dataset, reml):
+    """At sigma = sigma_hat(theta), D_tt = d'' + D_ts D_ts^T / D_ss: the optimiser's Hessian of the profiled
+    deviance gives lmerTest's (theta, sigma) Hessian without differencing again."""
+    design = specify(formula, lmm.datasets.load(dataset))
+    ob = profiled_deviance(design, reml)
+    theta = ob.initial() * 0.7 + 0.2
+    st = ob.state(theta)
+    sig = np.sqrt(st.rss / ob.n_eff)
+    d2 = (ob.hessian(st) if hasattr(ob, "hessian")
+          else difference_hessian(lambda th: ob.gradient(ob.state(th)), theta))
+    direct, _, _ = ThetaDeviance.varpar_hessian(ob, theta, sig)
+    via, _, _ = ob.varpar_hessian(theta, sig, hessian=d2, st=st)
+    np.testing.assert_allclose(via, direct, rtol=1e-6, atol=1e-6)
+
+
 def test_a_stop_at_a_bound_is_left_for_a_better_point():
     design = specify("diameter ~ 1 + (1|plate) + (1|sample)", lmm.datasets.load("Penicillin"))
     ob = profiled_deviance(design, True)
@@ -240,7 +269,7 @@ def test_blockwise_factorisation_equals_dense_m(monkeypatch, chunk):
     x = rng.normal(size=n)
     y = x + rng.normal(size=30)[a] + rng.normal(size=9)[b] + rng.normal(size=n)
     design = specify("y ~ x + (x|a) + (1|b) + (1|c)", pd.DataFrame({"y": y, "x": x, "a": a, "b": b, "c": c}))
-    ob = profiled_deviance(design, False)
+    ob = SparseDeviance(design, False)
     assert (ob.w1, ob.q1, ob.w2) == (60, 2, 13)
     theta = np.array([0.9, -0.3, 0.5, 0.7, 1.2])
     f = ob._factor(theta)
@@ -260,7 +289,7 @@ def test_too_many_effects_outside_the_largest_term_are_refused(monkeypatch):
     monkeypatch.setattr(compilation, "SCHUR_MAX", 5)
     design = specify("diameter ~ 1 + (1|plate) + (1|sample)", lmm.datasets.load("Penicillin"))
     with pytest.raises(lmm.ModelError, match="outside the largest term"):
-        profiled_deviance(design, True)
+        SparseDeviance(design, True)
 
 
 @pytest.mark.parametrize("formula,dataset,response", [
