@@ -627,7 +627,7 @@ class BlockDeviance(ThetaDeviance):
 
 # ------------------------------------------------------------------------- any Z, few random effects: dense M
 #: at most this many random effects in all are evaluated with dense matrices (:class:`DenseDeviance`)
-DENSE_MAX = 400
+DENSE_MAX = 120
 
 
 class DenseDeviance(ThetaDeviance):
@@ -859,26 +859,33 @@ class SparseDeviance(ThetaDeviance):
         return out
 
     def _inverse_on_pattern(self, f: dict) -> np.ndarray:
-        """(M^-1)_ij at every non-zero (i, j) of M's pattern, from the block inverse, the rows of the largest
-        term a chunk of levels at a time (H = F S^-1 is dense there)."""
+        """(M^-1)_ij at every non-zero (i, j) of M's pattern, from the block inverse: S^-1 on M_22's pattern,
+        -H = -F S^-1 on M_12's (H = F S^-1 from the sparse F, a chunk of levels at a time), and
+        M_11^-1 + (F S^-1 F^T)_ij on M_11's, each (H F^T)_ij summed over the non-zeros of F's row j."""
         w1, q1 = self.w1, self.q1
         rows, cols = self._rows, self._cols
         out = np.empty(len(rows))
         Sinv = scipy.linalg.cho_solve((f["RS"], True), np.eye(self.w2)) if self.w2 else np.zeros((0, 0))
         i = self._m22
         out[i] = Sinv[rows[i] - w1, cols[i] - w1]
+        F = f["F"]
         step = LEVEL_CHUNK * q1
         for start in range(0, w1, step):
             stop = min(start + step, w1)
-            Fc = f["F"][start:stop].toarray()
-            Hc = Fc @ Sinv
+            Fc = F[start:stop]
+            Hc = np.asarray(Fc @ Sinv)
             i = self._m12[(rows[self._m12] >= start) & (rows[self._m12] < stop)]
             out[i] = -Hc[rows[i] - start, cols[i] - w1]
             i = self._m21[(cols[self._m21] >= start) & (cols[self._m21] < stop)]
             out[i] = -Hc[cols[i] - start, rows[i] - w1]
             i = self._m11[(rows[self._m11] >= start) & (rows[self._m11] < stop)]
-            out[i] = (f["M11inv"][rows[i] // q1, rows[i] % q1, cols[i] % q1]
-                      + np.einsum("ij,ij->i", Hc[rows[i] - start], Fc[cols[i] - start]))
+            r, c = rows[i] - start, cols[i] - start
+            counts = np.diff(Fc.indptr)[c]
+            pair = np.repeat(np.arange(len(i)), counts)
+            first = np.repeat(Fc.indptr[c] - np.cumsum(counts) + counts, counts)
+            at = first + np.arange(len(pair))
+            quad = np.bincount(pair, weights=Fc.data[at] * Hc[r[pair], Fc.indices[at]], minlength=len(i))
+            out[i] = f["M11inv"][rows[i] // q1, rows[i] % q1, cols[i] % q1] + quad
         return out
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

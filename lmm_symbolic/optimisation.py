@@ -303,36 +303,71 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
 
 
 def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndarray, path: list):
-    """L-BFGS-B (analytic gradient, lme4's bounds), a retest of each theta stopped on its bound, a second
-    start in standardised slope coordinates where lme4's are badly conditioned, then polishing."""
+    """L-BFGS-B (analytic gradient) over unconstrained theta, then lme4's canonical form, a retest of each
+    theta on its bound, a second start in standardised slope coordinates where lme4's are badly
+    conditioned, and polishing.
+
+    The deviance depends on each T only through T T^T, which a change of sign of a whole column of T leaves
+    alone; so every lower-triangular T is admissible, the search needs no bounds (a projected search stalls
+    on a face where a diagonal theta touched 0 early), and its result is made canonical afterwards: each
+    column with a negative diagonal changes sign, and a diagonal within rounding of 0 is put on the bound
+    when the deviance does not rise (lme4's boundary fit)."""
 
     def fun(x):
         path.append(np.array(x))
         return objective.value_and_gradient(x)
 
-    bounds = [(lo, None) for lo in objective.lower_bounds]
-
     def search(start):
-        return scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B", bounds=bounds,
-                                       options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 2000})
+        res = scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B",
+                                      options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 2000})
+        return _on_the_bounds(objective, _canonical(objective, np.asarray(res.x)), lower), res
 
-    res = search(theta0)
+    theta, res = search(theta0)
     for _ in range(objective.n_theta):
-        inward = _inward_of_the_bound(objective, np.array(res.x), lower)
+        inward = _inward_of_the_bound(objective, theta, lower)
         if inward is None:
             break
-        res = search(inward)
+        theta, res = search(inward)
+    message = str(res.message)
     standard = _standardising_map(objective)
-    if standard is not None and (np.any(np.asarray(res.x) <= lower + 1e-12) or not res.success
-                                 or standard.poorly_centred):
+    if standard is not None and (np.any(theta <= lower + 1e-12) or not res.success or standard.poorly_centred):
         # a second start, in the coordinates of centred and scaled slope columns: a slope whose covariate
         # sits far from 0 (or on another scale) makes lme4's theta badly conditioned
+        bounds = [(lo, None) for lo in objective.lower_bounds]
         second = standard.minimise(objective, theta0, bounds, path)
-        if second is not None and objective(second) < objective(np.asarray(res.x)):
-            res = scipy.optimize.OptimizeResult(x=second, success=True, message=f"{res.message}; second start "
-                                                "in centred and scaled slope coordinates")
-    theta, H = _polish_general(objective, np.array(res.x), lower)
-    return theta, str(res.message), H
+        if second is not None and objective(second) < objective(theta):
+            theta, message = second, f"{message}; second start in centred and scaled slope coordinates"
+    theta, H = _polish_general(objective, theta, lower)
+    return theta, message, H
+
+
+def _canonical(objective: ThetaDeviance, theta: np.ndarray) -> np.ndarray:
+    """lme4's form of the same T T^T: each column of each T with a negative diagonal changes sign."""
+    out, k = theta.copy(), 0
+    for lay in objective.layouts:
+        idx = {rc: k + j for j, rc in enumerate(lay.theta_index)}
+        for c in range(lay.q):
+            if out[idx[c, c]] < 0:
+                for r in range(c, lay.q):
+                    out[idx[r, c]] = -out[idx[r, c]]
+        k += len(lay.theta_index)
+    return out
+
+
+def _on_the_bounds(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray, tol: float = 1e-5) -> np.ndarray:
+    """Diagonal thetas within ``tol`` of their bound 0 set on it, one at a time, where the deviance does not
+    rise beyond its rounding (an unconstrained search only approaches a boundary optimum)."""
+    near = np.flatnonzero(np.isfinite(lower) & (theta - lower < tol) & (theta != lower))
+    if not len(near):
+        return theta
+    f = objective(theta)
+    for i in near:
+        trial = theta.copy()
+        trial[i] = lower[i]
+        f_trial = objective(trial)
+        if f_trial <= f + 1e-10 * max(1.0, abs(f)):
+            theta, f = trial, f_trial
+    return theta
 
 
 @dataclass(frozen=True)

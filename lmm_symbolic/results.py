@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.special
 import scipy.stats
 import sympy as sp
 
@@ -309,15 +310,15 @@ def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, d
               variance_components: pd.DataFrame, correlations: pd.DataFrame, ranef, fitted: np.ndarray,
               messages: tuple[str, ...]) -> FitResult:
     """The inference every fit shares: t, both kinds of df and p, logLik, AIC, BIC, messages."""
-    names = list(design.fixed_names)
+    names = pd.Index(list(design.fixed_names), dtype=object)      # one index shared by every table
     reml = method == "REML"
     bse = np.sqrt(np.diag(vcov))
     t = beta / bse
     df_bw = _between_within_df(design)
     # nlme's t: for ML fits lme scales the fixed-effect covariance by n / (n - p)
     t_nlme = t if reml else t * np.sqrt((design.n - design.p) / design.n)
-    p_bw = 2 * scipy.stats.t.sf(np.abs(t_nlme), df_bw)
-    p_s = 2 * scipy.stats.t.sf(np.abs(t), df_s)
+    p_bw = 2 * scipy.special.stdtr(df_bw, -np.abs(t_nlme))      # 2 P(T_df > |t|)
+    p_s = 2 * scipy.special.stdtr(df_s, -np.abs(t))
     # log-likelihood in the response's units: the deviance is -2 log L (REML: the REML criterion)
     loglik = -deviance / 2
     k = n_parameters(design)
@@ -329,7 +330,7 @@ def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, d
     if not summary.converged:
         msgs.append(f"not converged: {summary.message}")
         warnings.warn(f"the fit did not converge: {summary.message}", LMMWarning, stacklevel=4)
-    series = lambda v: pd.Series(np.asarray(v, dtype=float), index=names)  # noqa: E731
+    series = lambda v: pd.Series(np.asarray(v, dtype=float), index=names, copy=False)  # noqa: E731
     return FitResult(
         design=design, method=method, params=series(beta), bse=series(bse), tvalues=series(t),
         df=series(df_bw), pvalues=series(p_bw), df_satterthwaite=series(df_s), pvalues_satterthwaite=series(p_s),
@@ -372,11 +373,10 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
         sd = np.sqrt(np.diag(D))
         label = term.group if term.group not in seen else f"{term.group}.{seen[term.group]}"
         seen[term.group] = seen.get(term.group, 0) + 1
-        rows += [{"group": label, "term": name, "variance": D[c, c], "sd": sd[c]} for c, name in enumerate(term.names)]
-        corr_rows += [{"group": label, "term1": term.names[a], "term2": term.names[b],
-                       "corr": D[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else 0.0}
+        rows += [(label, name, D[c, c], sd[c]) for c, name in enumerate(term.names)]
+        corr_rows += [(label, term.names[a], term.names[b], D[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else 0.0)
                       for a in range(term.q) for b in range(a + 1, term.q)]
-    rows.append({"group": "Residual", "term": "", "variance": opt.sigma**2, "sd": opt.sigma})
+    rows.append(("Residual", "", opt.sigma**2, opt.sigma))
     modes = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
     fitted = fitted_values(design, opt.beta, modes)      # lazy for a Dask design
     frames: dict[str, list[pd.DataFrame]] = {}
@@ -393,13 +393,16 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
             data.update({name: b[:, c] for c, name in enumerate(term.names)})
         for term, b, sd, _ in parts:
             data.update({("cond_sd" if short else f"cond_sd {name}"): sd[:, c] for c, name in enumerate(term.names)})
-        ranef[group] = pd.DataFrame(data, index=parts[0][3])
+        ranef[group] = pd.DataFrame(data, index=parts[0][3], copy=False)
     if len(ranef) == 1:
         ranef = next(iter(ranef.values()))
     diag = [T[c, c] for T in Ts for c in range(T.shape[0])]
+    columns = lambda rs, names: {k: [r[j] for r in rs] for j, k in enumerate(names)}  # noqa: E731
+    vc = pd.DataFrame(columns(rows, ("group", "term", "variance", "sd")))
+    corr = pd.DataFrame(columns(corr_rows, ("group", "term1", "term2", "corr"))) if corr_rows else _NO_CORRELATIONS
     return _assemble(design, opt.summary.method, opt.beta, vcov_w * ob.scale**2, df_s, opt.sigma,
-                     rows[0]["sd"], opt.deviance, min(diag) < SINGULAR_TOL, opt.summary, pd.DataFrame(rows),
-                     pd.DataFrame(corr_rows) if corr_rows else _NO_CORRELATIONS, ranef, fitted, messages)
+                     rows[0][3], opt.deviance, min(diag) < SINGULAR_TOL, opt.summary, vc, corr, ranef, fitted,
+                     messages)
 
 
 def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float) -> tuple[np.ndarray, np.ndarray]:

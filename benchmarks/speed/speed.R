@@ -34,7 +34,7 @@ per_fit <- function(f) {
 }
 out <- list()
 for (case in cases) {
-  if (!grepl(FILTER, case$id) || !is.null(case$error)) next
+  if (!grepl(FILTER, case$id, perl = TRUE) || !is.null(case$error)) next
   d <- load_data(case$dataset)
   form <- as.formula(case$formula)
   reml <- case$method == "REML"
