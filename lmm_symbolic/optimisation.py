@@ -318,8 +318,8 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
         return objective.value_and_gradient(x)
 
     def search(start):
-        res = scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B",
-                                      options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 2000})
+        res = scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B",      # polished below
+                                      options={"ftol": 1e-10, "gtol": 1e-6, "maxiter": 2000})
         return _on_the_bounds(objective, _canonical(objective, np.asarray(res.x)), lower), res
 
     theta, res = search(theta0)
