@@ -753,7 +753,11 @@ def _random_parts(parsed, frame: pd.DataFrame) -> list[tuple[Terms, str]]:
 
 
 def _group_missing(frame: pd.DataFrame, group: str) -> np.ndarray:
-    return frame[group.split(":")].isna().any(axis=1).to_numpy()
+    """Rows where a grouping column is missing (column by column: no frame is built)."""
+    missing = np.zeros(len(frame), dtype=bool)
+    for c in group.split(":"):
+        missing |= frame[c].isna().to_numpy()
+    return missing
 
 
 def _row_values(values, frame: pd.DataFrame, what: str) -> np.ndarray | None:

@@ -1,14 +1,15 @@
 # Times lme4's lmer and lmerTest (fit + Satterthwaite df) on the battery's models, on the same CSVs that
 # lmm_symbolic reads (benchmarks/lme4_battery/data, factors in R's level order from the JSON sidecars).
 #
-# Usage: Rscript benchmarks/speed/speed.R OUT.json FILTER MIN_SECONDS
-# Each model: one warm-up, then blocks of k fits (k chosen so a block takes >= MIN_SECONDS / 3), three
-# blocks; the median block time / k is the time per fit.
+# Usage: Rscript benchmarks/speed/speed.R MIN_SECONDS   (driven by run.py through stdin/stdout)
+# Reads one model id per line on stdin and answers one JSON line on stdout, so that run.py can time lme4
+# and lmm_symbolic on each model back to back (a busy machine slows both alike). Each model: one warm-up,
+# then three blocks of k fits (k chosen so a block takes >= MIN_SECONDS / 3); the median block / k is the
+# time per fit, wall clock ("elapsed") and CPU ("user" + "system").
 suppressPackageStartupMessages({ library(lme4); library(jsonlite) })
 suppressPackageStartupMessages(requireNamespace("lmerTest"))
 args <- commandArgs(TRUE)
-out_path <- args[1]; FILTER <- if (length(args) >= 2) args[2] else "."
-MIN_SECONDS <- if (length(args) >= 3) as.numeric(args[3]) else 0.6
+MIN_SECONDS <- if (length(args) >= 1) as.numeric(args[1]) else 0.6
 here <- local({
   a <- grep("^--file=", commandArgs(FALSE), value = TRUE)
   dirname(normalizePath(sub("^--file=", "", a[1])))
@@ -29,12 +30,16 @@ per_fit <- function(f) {
   f()
   t1 <- system.time(f())[["elapsed"]]
   k <- max(1L, as.integer(ceiling(MIN_SECONDS / 3 / max(t1, 1e-3))))
-  blocks <- vapply(1:3, function(i) system.time(for (j in seq_len(k)) f())[["elapsed"]] / k, 0)
-  median(blocks)
+  blocks <- lapply(1:3, function(i) system.time(for (j in seq_len(k)) f()))
+  wall <- vapply(blocks, function(b) b[["elapsed"]], 0) / k
+  cpu <- vapply(blocks, function(b) b[["user.self"]] + b[["sys.self"]], 0) / k
+  list(wall = median(wall), cpu = median(cpu))
 }
-out <- list()
-for (case in cases) {
-  if (!grepl(FILTER, case$id, perl = TRUE) || !is.null(case$error)) next
+input <- file("stdin", "r")
+repeat {
+  id <- readLines(input, n = 1)
+  if (!length(id) || id == "") break
+  case <- cases[[id]]
   d <- load_data(case$dataset)
   form <- as.formula(case$formula)
   reml <- case$method == "REML"
@@ -45,10 +50,10 @@ for (case in cases) {
     m <- if (is.null(w)) lmerTest::lmer(form, data = d, REML = reml)
          else lmerTest::lmer(form, data = d, REML = reml, weights = w)
     summary(m)$coefficients }))
-  t_lmer <- per_fit(lmer_fit)
-  t_test <- tryCatch(per_fit(lmertest_fit), error = function(e) NA_real_)
+  a <- per_fit(lmer_fit)
+  b <- tryCatch(per_fit(lmertest_fit), error = function(e) list(wall = NA_real_, cpu = NA_real_))
   ll <- as.numeric(logLik(lmer_fit()))
-  cat(sprintf("%-28s lmer %.4f s  lmerTest %.4f s\n", case$id, t_lmer, t_test))
-  out[[case$id]] <- list(lmer = t_lmer, lmerTest = t_test, loglik = ll)
+  cat(toJSON(list(id = id, lmer = a$wall, lmer_cpu = a$cpu, lmerTest = b$wall, lmerTest_cpu = b$cpu,
+                  loglik = ll), auto_unbox = TRUE, digits = NA, na = "null"), "\n", sep = "")
+  flush(stdout())
 }
-writeLines(toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE, na = "null"), out_path)
