@@ -33,8 +33,11 @@ SYMBOLIC_N = 200
 INVERSE_N = 40
 #: designs up to this many observations carry X as exact rationals (for X^T Sigma^-1 X, exact estimates)
 EXACT_N = 5000
-#: written-out matrices (Eq. 1, 3, 7, 8) show this many rows before the ellipsis
+#: written-out matrices (Eq. 1, 3) show this many rows before the ellipsis
 SHOWN_ROWS = 8
+#: ... and Eq. 3's K (or Z) this many columns; Eq. 7 and 8 show this many observations of each of two groups
+SHOWN_COLUMNS = 4
+SHOWN_PER_GROUP = 3
 
 
 @dataclass(frozen=True)
@@ -390,20 +393,25 @@ class Derivation:
         return r",\quad ".join(self._weight_name(k) + " = " + self._latex(self._weight(k)) for k in self.size_counts)
 
     def quadratic_latex(self) -> str:
-        """Eq. 12 as a reader checks it: one aligned line per group,
-        [r_1j^2 + ... - w (r_1j + ...)^2] / sigma^2, residuals written y - X beta, w = sigma_s^2/(sigma^2 + m sigma_s^2).
-        The same expression as ``quadratic_form`` (tests check it), written for reading."""
+        """Eq. 12 as a reader checks it: one aligned line per group in the residuals r_ij = y_ij - x_ij^T beta,
+        [r_1j^2 + r_2j^2 + ... - w (r_1j + r_2j + ...)^2] / sigma^2, w = sigma_s^2/(sigma^2 + m sigma_s^2);
+        then w and the residuals, one group per line. The same expression as ``quadratic_form`` (tests
+        check it through :meth:`quadratic_text`), written for reading."""
         if not self._readable():
             return self._latex(self.quadratic_form)
         X, y = self.design.X, self.symbols.y
-        lines = []
+        r = [self._latex(v).replace("y_", "r_", 1) for v in y]
+        lines, legend = [], []
         for rows in self._group_rows():
-            squares = " + ".join(rf"\left({self._residual_latex([y[i]], X[i])}\right)^{{2}}" for i in rows)
-            total = self._residual_latex([y[i] for i in rows], X[rows].sum(0))
+            squares = " + ".join(f"{r[i]}^{{2}}" for i in rows)
+            total = " + ".join(r[i] for i in rows)
             w = self._weight_name(len(rows))
             lines.append(rf"\frac{{1}}{{\sigma^{{2}}}}\Big[{squares} - {w}\left({total}\right)^{{2}}\Big]")
-        body = r" \\ &+ ".join(lines)
-        return (r"\begin{aligned} Q &= " + body + r" \\ &\text{with } " + self._weights_latex() + r"\end{aligned}")
+            legend.append(r",\quad ".join(f"{r[i]} = {self._residual_latex([y[i]], X[i])}" for i in rows))
+        body = r" \\ &\quad + ".join(lines)
+        where = r" \\ &\text{with } " + self._weights_latex() + r"\ \text{and the residuals}"
+        return (r"\begin{aligned} Q &= " + body + where
+                + "".join(r" \\ &\qquad " + line for line in legend) + r"\end{aligned}")
 
     def quadratic_text(self) -> str:
         """The plain-text twin of :meth:`quadratic_latex`."""
@@ -528,7 +536,7 @@ class Derivation:
     def _random_part(self, rows: int) -> tuple[sp.Matrix, sp.Matrix, int, str]:
         """The first rows of K (Eq. 3), the random effects they multiply, K's width and its letter."""
         G = self.design.terms[0].n_levels
-        gcols = G if G <= 12 else SHOWN_ROWS
+        gcols = G if G <= 12 else SHOWN_COLUMNS
         codes = self.groups.codes
         K = sp.Matrix(rows, gcols, lambda i, j: int(codes[i] == j))
         return K, sp.Matrix([u_symbol(j) for j in range(gcols)]), G, "K"
@@ -561,9 +569,12 @@ class Derivation:
         # var(Y) = var(K u) + var(eps) = K var(u) K^T + var(eps), var(u) = sigma_s^2 I, var(eps) = sigma^2 I
         variance = sp.MatAdd(K * (sigma_s**2 * sp.Identity(G)) * K.T, sigma**2 * sp.Identity(n)).doit()
         expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
-        latex = (r"\operatorname{var}(Y) = K \operatorname{var}(u) K^{T} + \operatorname{var}(\varepsilon) = "
-                 rf"K \left(\sigma_{{s}}^{{2}} I_{{{G}}}\right) K^{{T}} + \sigma^{{2}} I_{{{n}}} = "
-                 + sp.latex(variance).replace(r"\mathbb{I}", rf"I_{{{n}}}") + r" = \Sigma")
+        # one step per line; the random part first, as Eq. 4 orders the terms
+        terms = sorted(sp.Add.make_args(variance), key=lambda t: not t.has(K))
+        collected = " + ".join(sp.latex(t) for t in terms).replace(r"\mathbb{I}", rf"I_{{{n}}}")
+        latex = (r"\begin{aligned} \operatorname{var}(Y) &= K \operatorname{var}(u) K^{T} + \operatorname{var}(\varepsilon)"
+                 rf" \\ &= K \left(\sigma_{{s}}^{{2}} I_{{{G}}}\right) K^{{T}} + \sigma^{{2}} I_{{{n}}}"
+                 r" \\ &= " + collected + r" = \Sigma \end{aligned}")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
 
     def _shown_rows(self) -> list[int]:
@@ -572,7 +583,7 @@ class Derivation:
         n = self.design.n
         if n <= 12:
             return list(range(n))
-        half = SHOWN_ROWS // 2
+        half = SHOWN_PER_GROUP
         rows = [int(i) for g in range(min(2, len(self.groups.sizes)))
                 for i in np.flatnonzero(self.groups.codes == g)[:half]]
         return rows if len(rows) > 1 else list(range(SHOWN_ROWS))
@@ -624,8 +635,8 @@ class Derivation:
         n, Q, det, names = self._likelihood_parts()
         rhs = -n_obs / 2 * sp.log(2 * sp.pi) - sp.log(det) / 2 - Q / 2
         expr = sp.Eq(sp.Symbol("log L"), rhs, evaluate=False)
-        latex = (r"\log L(\beta, \sigma, \sigma_{s}) = -\frac{n}{2}\log(2\pi) - \frac{1}{2}\log\left|\Sigma\right|"
-                 r" - \frac{1}{2}" + names[Q])
+        latex = (r"\begin{aligned} \log L(\beta, \sigma, \sigma_{s}) &= -\frac{n}{2}\log(2\pi)"
+                 r" - \frac{1}{2}\log\left|\Sigma\right| \\ &\quad - \frac{1}{2}" + names[Q] + r" \end{aligned}")
         return Equation(10, "the log-likelihood", expr, latex,
                         text="log L = -n/2 log(2 pi) - 1/2 log|Sigma| - 1/2 Q",
                         note=f"n = {n}, Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
@@ -754,9 +765,10 @@ class GeneralDerivation(Derivation):
         return out
 
     def legend_latex(self) -> str:
-        """The legend of the short symbol names, as LaTeX."""
-        return r",\quad ".join(self._names[v] + r"\ \text{" + _tex_text(self.legend[k]) + "}"
-                               for k, v in self.symbols.aliases.items() if k in self.legend)
+        """The legend of the short symbol names, as LaTeX: one aligned line per symbol."""
+        lines = [self._names[v] + r" &\quad \text{" + _tex_text(self.legend[k]) + "}"
+                 for k, v in self.symbols.aliases.items() if k in self.legend]
+        return r"\begin{aligned}" + r" \\ ".join(lines) + r"\end{aligned}"
 
     def __init__(self, design: Design):
         if not design.terms:
@@ -1048,7 +1060,7 @@ class GeneralDerivation(Derivation):
     def _random_part(self, rows: int) -> tuple[sp.Matrix, sp.Matrix, int, str]:
         Zd = self.Z[:rows].toarray()
         width = Zd.shape[1]
-        cols = width if width <= 12 else SHOWN_ROWS
+        cols = width if width <= 12 else SHOWN_COLUMNS
         labels = [self._u(k, c, j) for k, t in enumerate(self.design.terms)
                   for j in range(t.n_levels) for c in range(t.q)]
         Z = sp.Matrix(rows, cols, lambda i, j: exact_number(Zd[i, j]))
@@ -1083,8 +1095,11 @@ class GeneralDerivation(Derivation):
         expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
         Ds = ", ".join(rf"D_{{\mathrm{{{t.group}}}}} = " + self._latex(D) for t, D in zip(self.design.terms,
                                                                                           self.D_terms))
-        latex = (r"\operatorname{var}(Y) = Z \operatorname{var}(u) Z^{T} + \operatorname{var}(\varepsilon) = "
-                 + sp.latex(variance) + r" = \Sigma,\quad D = \operatorname{diag}(I \otimes D_k),\ " + Ds)
+        terms = sorted(sp.Add.make_args(variance), key=lambda t: not t.has(Z))
+        collected = " + ".join(sp.latex(t) for t in terms).replace(r"\mathbb{I}", rf"I_{{{n}}}")
+        latex = (r"\begin{aligned} \operatorname{var}(Y) &= Z \operatorname{var}(u) Z^{T} + \operatorname{var}(\varepsilon)"
+                 r" = " + collected + r" = \Sigma \\ D &= \operatorname{diag}(I \otimes D_k),\quad " + Ds
+                 + r" \end{aligned}")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
 
     def _dense(self, matrix_of) -> tuple[sp.Matrix, str]:

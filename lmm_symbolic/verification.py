@@ -178,7 +178,7 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
 
 def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
     """Every name the derivation shows, by its plain name: ``der.symbols.by_name()``, the variance
-    parameters (sigma_g_Intercept, rho_..., and any short aliases the derivation registers) and every
+    parameters (``sigma_g_Intercept``, ``rho_...``, and any short aliases the derivation registers) and every
     symbol its quantities hold -- taken from the derivation, never from a list kept here."""
     names = dict(der.symbols.by_name())
     for s in getattr(der, "variance_symbols", ()):
