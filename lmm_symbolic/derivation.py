@@ -35,9 +35,12 @@ INVERSE_N = 40
 EXACT_N = 5000
 #: written-out matrices (Eq. 1, 3) show this many rows before the ellipsis
 SHOWN_ROWS = 8
-#: ... and Eq. 3's K (or Z) this many columns; Eq. 7 and 8 show this many observations of each of two groups
+#: ... and Eq. 3's K (or Z) this many columns; Eq. 7 and 8 this many observations of each of two groups
+#: (Sigma's entries are wide: 2 + 2 columns and the ellipsis fit a 671 px column)
 SHOWN_COLUMNS = 4
-SHOWN_PER_GROUP = 3
+SHOWN_PER_GROUP = 2
+#: a display line holds about this many characters of LaTeX source before it is broken
+LINE_CHARS = 90
 
 
 @dataclass(frozen=True)
@@ -594,8 +597,9 @@ class Derivation:
             return ""
         term = self.design.terms[0]
         groups = sorted({int(self.groups.codes[i]) for i in rows})
-        names = " and ".join(f"{term.group} {term.levels[g]}" for g in groups)
-        return f"rows and columns of the first observations of {names}; Sigma = diag(Sigma_1, ..., Sigma_{len(self.groups.sizes)})"
+        names = f"{term.group} " + " and ".join(str(term.levels[g]) for g in groups)
+        return (f"observations 1-{SHOWN_PER_GROUP} of {names}; "
+                f"Sigma = diag(Sigma_1, ..., Sigma_{len(self.groups.sizes)})")
 
     def _dense(self, entry) -> tuple[sp.Matrix, str]:
         n = self.design.n
@@ -692,6 +696,57 @@ class Derivation:
 
     def _repr_latex_(self) -> str:
         return "\n".join(e._repr_latex_() for e in self.equations)
+
+
+def _monomial_term_latex(c: sp.Expr, k: int) -> tuple[bool, str]:
+    """(negative, LaTeX) of c sigma^k: a symbolic common factor of c taken out, c's sum in parentheses."""
+    c = sp.expand(c)
+    g = sp.factor_terms(c)
+    coeff, rest = g.as_coeff_Mul()
+    factors = sp.Mul.make_args(rest)
+    monomial = sp.Mul(*[f for f in factors if not isinstance(f, sp.Add)])
+    sums = [f for f in factors if isinstance(f, sp.Add)]
+    if sums and monomial == 1 and k == 0:   # the constant term: written as it is, no parentheses
+        negative = c.could_extract_minus_sign()
+        return negative, _sum_latex(-c if negative else c)
+    if sums and monomial == 1:          # only a number came out: keep the sum as it is
+        coeff, sums = sp.Integer(1), [c]
+        if c.could_extract_minus_sign():
+            coeff, sums = sp.Integer(-1), [-c]
+    elif sums and coeff < 0:             # 825 (1 - rho^2), not -825 (rho^2 - 1)
+        coeff, sums = -coeff, [-sums[0]] + sums[1:]
+    negative = coeff < 0
+    pieces = []
+    mag = abs(coeff)
+    if mag != 1 or (monomial == 1 and not sums and k == 0):
+        pieces.append(sp.latex(mag))
+    if k:
+        pieces.append(sp.latex(sigma**k))
+    pieces += [r"\left(" + _sum_latex(a) + r"\right)" for a in sums]
+    if monomial != 1:
+        pieces.append(sp.latex(monomial))
+    return negative, " ".join(pieces)
+
+
+def _sum_latex(a: sp.Expr) -> str:
+    """A sum with its terms in lexicographic order of the SDs (sigma_0^2 + rho sigma_0 sigma_1 + sigma_1^2)."""
+    gens = sorted((s for s in a.free_symbols if s.name.startswith("sigma")), key=lambda s: s.name)
+    terms = sorted(sp.Add.make_args(a), key=lambda t: tuple(-sp.degree(t, g) for g in gens))
+    out = ""
+    for t in terms:
+        negative = t.could_extract_minus_sign()
+        text = sp.latex(-t if negative else t)
+        out += ("-" if negative else "") + text if not out else (" - " if negative else " + ") + text
+    return out
+
+
+def _falling_powers_latex(poly: sp.Expr) -> str:
+    """A polynomial in sigma in falling powers, each coefficient collected (display only)."""
+    out = ""
+    for (k,), c in sorted(sp.Poly(sp.expand(poly), sigma).terms(), reverse=True):
+        negative, text = _monomial_term_latex(c, k)
+        out += ("-" if negative else "") + text if not out else (" - " if negative else " + ") + text
+    return out
 
 
 def _tex_text(text: str) -> str:
@@ -1119,6 +1174,33 @@ class GeneralDerivation(Derivation):
         D = self._D_block(np.arange(self.Z.shape[1]))
         M, latex = self._dense(lambda Z: Z * D * Z.T + sigma**2 * sp.eye(Z.shape[0]))
         return Equation(8, "Sigma written out", sp.Eq(sp.Symbol("Sigma"), M, evaluate=False), r"\Sigma = " + latex)
+
+    def _eq11(self) -> Equation:
+        """Eq. 11 with each block's determinant written in falling powers of sigma^2, its coefficients
+        collected in the legend's short names (sigma^4 + sigma^2 (...) + 825 (1 - rho^2) sigma_0^2 sigma_1^2)."""
+        eq = super()._eq11()
+        det = self.det.subs(self.short_symbols)
+        parts, blocks = [], []
+        for f in sp.Mul.make_args(det):
+            base, power = f.as_base_exp()
+            if isinstance(base, sp.Add) and base.has(sigma) and base.is_polynomial(sigma):
+                blocks.append(_falling_powers_latex(base))
+                body = r"\left(" + blocks[-1] + r"\right)"
+            else:
+                body = sp.latex(base) if base.is_Atom else r"\left(" + sp.latex(base) + r"\right)"
+            parts.append([body, "" if power == 1 else f"^{{{sp.latex(power)}}}"])
+        lhs = eq.latex.split(" = ", 1)[0]
+        if sum(len(b) for b in blocks) <= LINE_CHARS:
+            return dataclasses.replace(eq, latex=lhs + " = " + " ".join(b + p for b, p in parts))
+        # too long for one line: each block's polynomial named Delta_k and written below
+        names = [r"\Delta" if len(blocks) == 1 else rf"\Delta_{{{k + 1}}}" for k in range(len(blocks))]
+        k = 0
+        for part in parts:
+            if part[0].startswith(r"\left(") and k < len(blocks) and part[0] == r"\left(" + blocks[k] + r"\right)":
+                part[0], k = names[k], k + 1
+        latex = (r"\begin{aligned} " + lhs + " &= " + " ".join(b + p for b, p in parts)
+                 + "".join(rf" \\ {n} &= {b}" for n, b in zip(names, blocks)) + r" \end{aligned}")
+        return dataclasses.replace(eq, latex=latex)
 
     def _eq12(self) -> Equation:
         eq = super()._eq12()

@@ -163,9 +163,18 @@ class PairedEquivalence:
         names = self.derivation._names
         lat = lambda e: sp.latex(e, symbol_names=names)  # noqa: E731
         treat = self.derivation.symbols.beta[-1]
+        # d_j = y_2j - y_1j written in that order (sympy would print -y_1j + y_2j)
+        def signed(x):
+            terms = sp.Add.make_args(x)
+            pos = [lat(t) for t in terms if not t.could_extract_minus_sign()]
+            return " + ".join(pos) + "".join(f" - {lat(-t)}" for t in terms if t.could_extract_minus_sign())
+        diffs = [signed(x) for x in self.differences]
+        mean = (rf"\tfrac{{1}}{{{G}}}\left(" + " + ".join(f"d_{{{j + 1}}}" for j in range(G)) + r"\right)"
+                if sp.expand(G * self.beta[treat] - sp.Add(*self.differences)) == 0 else lat(self.beta[treat]))
         lines = [
-            rf"\text{{{G} pairs, }} d_j = y_{{2j}} - y_{{1j}}:\ " + ", ".join(lat(x) for x in self.differences),
-            rf"\hat\beta_{{Treat}} = {lat(self.beta[treat])} = \bar d",
+            rf"\text{{{G} pairs, }} d_j = y_{{2j}} - y_{{1j}}:\ "
+            + ",\ ".join(f"d_{{{j + 1}}} = {x}" for j, x in enumerate(diffs)),
+            rf"\hat\beta_{{Treat}} = {mean} = \bar d",
             rf"\hat\sigma^2_{{REML}} - \tfrac{{1}}{{2}} s_d^2 = {lat(self.sigma2_minus_half_sd2)}",
             rf"\operatorname{{var}}(\hat\beta_{{Treat}}) = {sp.latex(self.var_treat_in_a.subs(a, sigma**2))}"
             rf",\quad \operatorname{{var}}(\hat\beta_{{Treat}}) - s_d^2/{G} = {lat(self.var_minus_sd2_over_G)}",
