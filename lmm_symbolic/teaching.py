@@ -174,11 +174,11 @@ class PairedEquivalence:
         lines = [
             rf"\text{{{G} pairs, }} d_j = y_{{2j}} - y_{{1j}}:\ "
             + ",\ ".join(f"d_{{{j + 1}}} = {x}" for j, x in enumerate(diffs)),
-            rf"\hat\beta_{{Treat}} = {mean} = \bar d",
-            rf"\hat\sigma^2_{{REML}} - \tfrac{{1}}{{2}} s_d^2 = {lat(self.sigma2_minus_half_sd2)}",
-            rf"\operatorname{{var}}(\hat\beta_{{Treat}}) = {sp.latex(self.var_treat_in_a.subs(a, sigma**2))}"
-            rf",\quad \operatorname{{var}}(\hat\beta_{{Treat}}) - s_d^2/{G} = {lat(self.var_minus_sd2_over_G)}",
-            rf"t_{{REML}} - t_{{paired}} = {lat(self.difference)}",
+            rf"\hat\beta_{{\mathrm{{Treat}}}} = {mean} = \bar d",
+            rf"\hat\sigma^2_{{\mathrm{{REML}}}} - \tfrac{{1}}{{2}} s_d^2 = {lat(self.sigma2_minus_half_sd2)}",
+            rf"\operatorname{{var}}(\hat\beta_{{\mathrm{{Treat}}}}) = {sp.latex(self.var_treat_in_a.subs(a, sigma**2))}"
+            rf",\quad \operatorname{{var}}(\hat\beta_{{\mathrm{{Treat}}}}) - s_d^2/{G} = {lat(self.var_minus_sd2_over_G)}",
+            rf"t_{{\mathrm{{REML}}}} - t_{{\mathrm{{paired}}}} = {lat(self.difference)}",
         ]
         return r"$$\begin{aligned}" + r" \\ ".join("&" + s for s in lines) + r"\end{aligned}$$"
 
@@ -257,13 +257,13 @@ class GeneralPairedEquivalence:
         lines = [
             r"|\Sigma_j| = " + sp.latex(self.pair_det),
             r"(r_j)^T \Sigma_j^{-1} r_j = " + sp.latex(self.pair_quadratic),
-            r"\ell_{REML}(a, b) = " + _collected_latex(self.reml_loglik, (sp.log(a), sp.log(b)),
+            r"\ell_{\mathrm{REML}}(a, b) = " + _collected_latex(self.reml_loglik, (sp.log(a), sp.log(b)),
                                                          2 * sp.pi),
-            r"\hat\sigma^2_{ML} = " + sp.latex(self.sigma2_ml) + r",\quad \hat\sigma^2_{REML} = "
+            r"\hat\sigma^2_{\mathrm{ML}} = " + sp.latex(self.sigma2_ml) + r",\quad \hat\sigma^2_{\mathrm{REML}} = "
             + sp.latex(self.sigma2_reml),
-            r"\operatorname{var}(\hat\beta_{Treat}) = " + sp.latex(self.var_treat),
-            r"t_{REML} = " + sp.latex(self.t_reml) + r",\quad t_{paired} = " + sp.latex(self.t_paired),
-            r"t_{REML} - t_{paired} = " + sp.latex(self.difference),
+            r"\operatorname{var}(\hat\beta_{\mathrm{Treat}}) = " + sp.latex(self.var_treat),
+            r"t_{\mathrm{REML}} = " + sp.latex(self.t_reml) + r",\quad t_{\mathrm{paired}} = " + sp.latex(self.t_paired),
+            r"t_{\mathrm{REML}} - t_{\mathrm{paired}} = " + sp.latex(self.difference),
         ]
         return r"$$\begin{aligned}" + r" \\ ".join("&" + s for s in lines) + r"\end{aligned}$$"
 
