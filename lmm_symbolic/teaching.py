@@ -173,7 +173,7 @@ class PairedEquivalence:
                 if sp.expand(G * self.beta[treat] - sp.Add(*self.differences)) == 0 else lat(self.beta[treat]))
         lines = [
             rf"\text{{{G} pairs, }} d_j = y_{{2j}} - y_{{1j}}:\ "
-            + ",\ ".join(f"d_{{{j + 1}}} = {x}" for j, x in enumerate(diffs)),
+            + r",\ ".join(f"d_{{{j + 1}}} = {x}" for j, x in enumerate(diffs)),
             rf"\hat\beta_{{\mathrm{{Treat}}}} = {mean} = \bar d",
             rf"\hat\sigma^2_{{\mathrm{{REML}}}} - \tfrac{{1}}{{2}} s_d^2 = {lat(self.sigma2_minus_half_sd2)}",
             rf"\operatorname{{var}}(\hat\beta_{{\mathrm{{Treat}}}}) = {sp.latex(self.var_treat_in_a.subs(a, sigma**2))}"
