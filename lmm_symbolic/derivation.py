@@ -33,8 +33,14 @@ SYMBOLIC_N = 200
 INVERSE_N = 40
 #: designs up to this many observations carry X as exact rationals (for X^T Sigma^-1 X, exact estimates)
 EXACT_N = 5000
-#: written-out matrices (Eq. 1, 3, 7, 8) show this many rows before the ellipsis
+#: written-out matrices (Eq. 1, 3) show this many rows before the ellipsis
 SHOWN_ROWS = 8
+#: ... and Eq. 3's K (or Z) this many columns; Eq. 7 and 8 this many observations of each of two groups
+#: (Sigma's entries are wide: 2 + 2 columns and the ellipsis fit a 671 px column)
+SHOWN_COLUMNS = 4
+SHOWN_PER_GROUP = 2
+#: a display line holds about this many characters of LaTeX source before it is broken
+LINE_CHARS = 90
 
 
 @dataclass(frozen=True)
@@ -390,20 +396,25 @@ class Derivation:
         return r",\quad ".join(self._weight_name(k) + " = " + self._latex(self._weight(k)) for k in self.size_counts)
 
     def quadratic_latex(self) -> str:
-        """Eq. 12 as a reader checks it: one aligned line per group,
-        [r_1j^2 + ... - w (r_1j + ...)^2] / sigma^2, residuals written y - X beta, w = sigma_s^2/(sigma^2 + m sigma_s^2).
-        The same expression as ``quadratic_form`` (tests check it), written for reading."""
+        """Eq. 12 as a reader checks it: one aligned line per group in the residuals r_ij = y_ij - x_ij^T beta,
+        [r_1j^2 + r_2j^2 + ... - w (r_1j + r_2j + ...)^2] / sigma^2, w = sigma_s^2/(sigma^2 + m sigma_s^2);
+        then w and the residuals, one group per line. The same expression as ``quadratic_form`` (tests
+        check it through :meth:`quadratic_text`), written for reading."""
         if not self._readable():
             return self._latex(self.quadratic_form)
         X, y = self.design.X, self.symbols.y
-        lines = []
+        r = [self._latex(v).replace("y_", "r_", 1) for v in y]
+        lines, legend = [], []
         for rows in self._group_rows():
-            squares = " + ".join(rf"\left({self._residual_latex([y[i]], X[i])}\right)^{{2}}" for i in rows)
-            total = self._residual_latex([y[i] for i in rows], X[rows].sum(0))
+            squares = " + ".join(f"{r[i]}^{{2}}" for i in rows)
+            total = " + ".join(r[i] for i in rows)
             w = self._weight_name(len(rows))
             lines.append(rf"\frac{{1}}{{\sigma^{{2}}}}\Big[{squares} - {w}\left({total}\right)^{{2}}\Big]")
-        body = r" \\ &+ ".join(lines)
-        return (r"\begin{aligned} Q &= " + body + r" \\ &\text{with } " + self._weights_latex() + r"\end{aligned}")
+            legend.append(r",\quad ".join(f"{r[i]} = {self._residual_latex([y[i]], X[i])}" for i in rows))
+        body = r" \\ &\quad + ".join(lines)
+        where = r" \\ &\text{with } " + self._weights_latex() + r"\ \text{and the residuals}"
+        return (r"\begin{aligned} Q &= " + body + where
+                + "".join(r" \\ &\qquad " + line for line in legend) + r"\end{aligned}")
 
     def quadratic_text(self) -> str:
         """The plain-text twin of :meth:`quadratic_latex`."""
@@ -528,7 +539,7 @@ class Derivation:
     def _random_part(self, rows: int) -> tuple[sp.Matrix, sp.Matrix, int, str]:
         """The first rows of K (Eq. 3), the random effects they multiply, K's width and its letter."""
         G = self.design.terms[0].n_levels
-        gcols = G if G <= 12 else SHOWN_ROWS
+        gcols = G if G <= 12 else SHOWN_COLUMNS
         codes = self.groups.codes
         K = sp.Matrix(rows, gcols, lambda i, j: int(codes[i] == j))
         return K, sp.Matrix([u_symbol(j) for j in range(gcols)]), G, "K"
@@ -561,9 +572,12 @@ class Derivation:
         # var(Y) = var(K u) + var(eps) = K var(u) K^T + var(eps), var(u) = sigma_s^2 I, var(eps) = sigma^2 I
         variance = sp.MatAdd(K * (sigma_s**2 * sp.Identity(G)) * K.T, sigma**2 * sp.Identity(n)).doit()
         expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
-        latex = (r"\operatorname{var}(Y) = K \operatorname{var}(u) K^{T} + \operatorname{var}(\varepsilon) = "
-                 rf"K \left(\sigma_{{s}}^{{2}} I_{{{G}}}\right) K^{{T}} + \sigma^{{2}} I_{{{n}}} = "
-                 + sp.latex(variance).replace(r"\mathbb{I}", rf"I_{{{n}}}") + r" = \Sigma")
+        # one step per line; the random part first, as Eq. 4 orders the terms
+        terms = sorted(sp.Add.make_args(variance), key=lambda t: not t.has(K))
+        collected = " + ".join(sp.latex(t) for t in terms).replace(r"\mathbb{I}", rf"I_{{{n}}}")
+        latex = (r"\begin{aligned} \operatorname{var}(Y) &= K \operatorname{var}(u) K^{T} + \operatorname{var}(\varepsilon)"
+                 rf" \\ &= K \left(\sigma_{{s}}^{{2}} I_{{{G}}}\right) K^{{T}} + \sigma^{{2}} I_{{{n}}}"
+                 r" \\ &= " + collected + r" = \Sigma \end{aligned}")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
 
     def _shown_rows(self) -> list[int]:
@@ -572,7 +586,7 @@ class Derivation:
         n = self.design.n
         if n <= 12:
             return list(range(n))
-        half = SHOWN_ROWS // 2
+        half = SHOWN_PER_GROUP
         rows = [int(i) for g in range(min(2, len(self.groups.sizes)))
                 for i in np.flatnonzero(self.groups.codes == g)[:half]]
         return rows if len(rows) > 1 else list(range(SHOWN_ROWS))
@@ -583,8 +597,9 @@ class Derivation:
             return ""
         term = self.design.terms[0]
         groups = sorted({int(self.groups.codes[i]) for i in rows})
-        names = " and ".join(f"{term.group} {term.levels[g]}" for g in groups)
-        return f"rows and columns of the first observations of {names}; Sigma = diag(Sigma_1, ..., Sigma_{len(self.groups.sizes)})"
+        names = f"{term.group} " + " and ".join(str(term.levels[g]) for g in groups)
+        return (f"observations 1-{SHOWN_PER_GROUP} of {names}; "
+                f"Sigma = diag(Sigma_1, ..., Sigma_{len(self.groups.sizes)})")
 
     def _dense(self, entry) -> tuple[sp.Matrix, str]:
         n = self.design.n
@@ -624,8 +639,8 @@ class Derivation:
         n, Q, det, names = self._likelihood_parts()
         rhs = -n_obs / 2 * sp.log(2 * sp.pi) - sp.log(det) / 2 - Q / 2
         expr = sp.Eq(sp.Symbol("log L"), rhs, evaluate=False)
-        latex = (r"\log L(\beta, \sigma, \sigma_{s}) = -\frac{n}{2}\log(2\pi) - \frac{1}{2}\log\left|\Sigma\right|"
-                 r" - \frac{1}{2}" + names[Q])
+        latex = (r"\begin{aligned} \log L(\beta, \sigma, \sigma_{s}) &= -\frac{n}{2}\log(2\pi)"
+                 r" - \frac{1}{2}\log\left|\Sigma\right| \\ &\quad - \frac{1}{2}" + names[Q] + r" \end{aligned}")
         return Equation(10, "the log-likelihood", expr, latex,
                         text="log L = -n/2 log(2 pi) - 1/2 log|Sigma| - 1/2 Q",
                         note=f"n = {n}, Q = (Y - X beta)^T Sigma^-1 (Y - X beta)")
@@ -681,6 +696,57 @@ class Derivation:
 
     def _repr_latex_(self) -> str:
         return "\n".join(e._repr_latex_() for e in self.equations)
+
+
+def _monomial_term_latex(c: sp.Expr, k: int) -> tuple[bool, str]:
+    """(negative, LaTeX) of c sigma^k: a symbolic common factor of c taken out, c's sum in parentheses."""
+    c = sp.expand(c)
+    g = sp.factor_terms(c)
+    coeff, rest = g.as_coeff_Mul()
+    factors = sp.Mul.make_args(rest)
+    monomial = sp.Mul(*[f for f in factors if not isinstance(f, sp.Add)])
+    sums = [f for f in factors if isinstance(f, sp.Add)]
+    if sums and monomial == 1 and k == 0:   # the constant term: written as it is, no parentheses
+        negative = c.could_extract_minus_sign()
+        return negative, _sum_latex(-c if negative else c)
+    if sums and monomial == 1:          # only a number came out: keep the sum as it is
+        coeff, sums = sp.Integer(1), [c]
+        if c.could_extract_minus_sign():
+            coeff, sums = sp.Integer(-1), [-c]
+    elif sums and coeff < 0:             # 825 (1 - rho^2), not -825 (rho^2 - 1)
+        coeff, sums = -coeff, [-sums[0]] + sums[1:]
+    negative = coeff < 0
+    pieces = []
+    mag = abs(coeff)
+    if mag != 1 or (monomial == 1 and not sums and k == 0):
+        pieces.append(sp.latex(mag))
+    if k:
+        pieces.append(sp.latex(sigma**k))
+    pieces += [r"\left(" + _sum_latex(a) + r"\right)" for a in sums]
+    if monomial != 1:
+        pieces.append(sp.latex(monomial))
+    return negative, " ".join(pieces)
+
+
+def _sum_latex(a: sp.Expr) -> str:
+    """A sum with its terms in lexicographic order of the SDs (sigma_0^2 + rho sigma_0 sigma_1 + sigma_1^2)."""
+    gens = sorted((s for s in a.free_symbols if s.name.startswith("sigma")), key=lambda s: s.name)
+    terms = sorted(sp.Add.make_args(a), key=lambda t: tuple(-sp.degree(t, g) for g in gens))
+    out = ""
+    for t in terms:
+        negative = t.could_extract_minus_sign()
+        text = sp.latex(-t if negative else t)
+        out += ("-" if negative else "") + text if not out else (" - " if negative else " + ") + text
+    return out
+
+
+def _falling_powers_latex(poly: sp.Expr) -> str:
+    """A polynomial in sigma in falling powers, each coefficient collected (display only)."""
+    out = ""
+    for (k,), c in sorted(sp.Poly(sp.expand(poly), sigma).terms(), reverse=True):
+        negative, text = _monomial_term_latex(c, k)
+        out += ("-" if negative else "") + text if not out else (" - " if negative else " + ") + text
+    return out
 
 
 def _tex_text(text: str) -> str:
@@ -754,9 +820,10 @@ class GeneralDerivation(Derivation):
         return out
 
     def legend_latex(self) -> str:
-        """The legend of the short symbol names, as LaTeX."""
-        return r",\quad ".join(self._names[v] + r"\ \text{" + _tex_text(self.legend[k]) + "}"
-                               for k, v in self.symbols.aliases.items() if k in self.legend)
+        """The legend of the short symbol names, as LaTeX: one aligned line per symbol."""
+        lines = [self._names[v] + r" &\quad \text{" + _tex_text(self.legend[k]) + "}"
+                 for k, v in self.symbols.aliases.items() if k in self.legend]
+        return r"\begin{aligned}" + r" \\ ".join(lines) + r"\end{aligned}"
 
     def __init__(self, design: Design):
         if not design.terms:
@@ -1048,7 +1115,7 @@ class GeneralDerivation(Derivation):
     def _random_part(self, rows: int) -> tuple[sp.Matrix, sp.Matrix, int, str]:
         Zd = self.Z[:rows].toarray()
         width = Zd.shape[1]
-        cols = width if width <= 12 else SHOWN_ROWS
+        cols = width if width <= 12 else SHOWN_COLUMNS
         labels = [self._u(k, c, j) for k, t in enumerate(self.design.terms)
                   for j in range(t.n_levels) for c in range(t.q)]
         Z = sp.Matrix(rows, cols, lambda i, j: exact_number(Zd[i, j]))
@@ -1083,8 +1150,11 @@ class GeneralDerivation(Derivation):
         expr = sp.Eq(sp.MatrixSymbol("Sigma", n, n), variance, evaluate=False)
         Ds = ", ".join(rf"D_{{\mathrm{{{t.group}}}}} = " + self._latex(D) for t, D in zip(self.design.terms,
                                                                                           self.D_terms))
-        latex = (r"\operatorname{var}(Y) = Z \operatorname{var}(u) Z^{T} + \operatorname{var}(\varepsilon) = "
-                 + sp.latex(variance) + r" = \Sigma,\quad D = \operatorname{diag}(I \otimes D_k),\ " + Ds)
+        terms = sorted(sp.Add.make_args(variance), key=lambda t: not t.has(Z))
+        collected = " + ".join(sp.latex(t) for t in terms).replace(r"\mathbb{I}", rf"I_{{{n}}}")
+        latex = (r"\begin{aligned} \operatorname{var}(Y) &= Z \operatorname{var}(u) Z^{T} + \operatorname{var}(\varepsilon)"
+                 r" = " + collected + r" = \Sigma \\ D &= \operatorname{diag}(I \otimes D_k),\quad " + Ds
+                 + r" \end{aligned}")
         return Equation(6, "the variance, from var(A u) = A var(u) A^T", expr, latex)
 
     def _dense(self, matrix_of) -> tuple[sp.Matrix, str]:
@@ -1104,6 +1174,33 @@ class GeneralDerivation(Derivation):
         D = self._D_block(np.arange(self.Z.shape[1]))
         M, latex = self._dense(lambda Z: Z * D * Z.T + sigma**2 * sp.eye(Z.shape[0]))
         return Equation(8, "Sigma written out", sp.Eq(sp.Symbol("Sigma"), M, evaluate=False), r"\Sigma = " + latex)
+
+    def _eq11(self) -> Equation:
+        """Eq. 11 with each block's determinant written in falling powers of sigma^2, its coefficients
+        collected in the legend's short names (sigma^4 + sigma^2 (...) + 825 (1 - rho^2) sigma_0^2 sigma_1^2)."""
+        eq = super()._eq11()
+        det = self.det.subs(self.short_symbols)
+        parts, blocks = [], []
+        for f in sp.Mul.make_args(det):
+            base, power = f.as_base_exp()
+            if isinstance(base, sp.Add) and base.has(sigma) and base.is_polynomial(sigma):
+                blocks.append(_falling_powers_latex(base))
+                body = r"\left(" + blocks[-1] + r"\right)"
+            else:
+                body = sp.latex(base) if base.is_Atom else r"\left(" + sp.latex(base) + r"\right)"
+            parts.append([body, "" if power == 1 else f"^{{{sp.latex(power)}}}"])
+        lhs = eq.latex.split(" = ", 1)[0]
+        if sum(len(b) for b in blocks) <= LINE_CHARS:
+            return dataclasses.replace(eq, latex=lhs + " = " + " ".join(b + p for b, p in parts))
+        # too long for one line: each block's polynomial named Delta_k and written below
+        names = [r"\Delta" if len(blocks) == 1 else rf"\Delta_{{{k + 1}}}" for k in range(len(blocks))]
+        k = 0
+        for part in parts:
+            if part[0].startswith(r"\left(") and k < len(blocks) and part[0] == r"\left(" + blocks[k] + r"\right)":
+                part[0], k = names[k], k + 1
+        latex = (r"\begin{aligned} " + lhs + " &= " + " ".join(b + p for b, p in parts)
+                 + "".join(rf" \\ {n} &= {b}" for n, b in zip(names, blocks)) + r" \end{aligned}")
+        return dataclasses.replace(eq, latex=latex)
 
     def _eq12(self) -> Equation:
         eq = super()._eq12()

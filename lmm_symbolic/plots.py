@@ -173,7 +173,7 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
     """Points, the population line and one line per group (fitted values joined in order of x)."""
     term = design.terms[0]
     codes = np.asarray(term.codes)
-    group_label = f"one line per {term.group}: X beta + Z u_g"
+    group_label = rf"one line per {term.group}: $X\hat\beta + Z\hat u_j$"
     if x is None:  # no covariate: the groups along the axis, each a short level at beta_0 + u_g
         xs = codes.astype(float)
         ax.scatter(xs, design.y, s=14, color="0.4", zorder=3, label="data")
@@ -196,7 +196,7 @@ def _draw_lmm_lines(ax, design: Design, x: str | None, population: np.ndarray, f
                             label=group_label if j == 0 else "_nolegend_")
             line.set_gid(f"group:{term.levels[j]}")
         order = np.argsort(xv, kind="stable")
-        line, = ax.plot(xv[order], population[order], color="black", lw=2.5, label="population: X beta")
+        line, = ax.plot(xv[order], population[order], color="black", lw=2.5, label=r"population: $X\hat\beta$")
         line.set_gid("population")
         ax.set_xlabel(x)
     ax.set_ylabel(design.response)
@@ -228,7 +228,7 @@ def plot_lmm_fit(fit: FitResult, x: str | None = None, ax=None):
         _, ax = plt.subplots(figsize=(6.5, 4.5))
     population = design.X @ fit.params.to_numpy()
     if design.is_random_intercept:
-        title = f"{fit.method} fit: sigma = {fit.sigma:.4g}, sigma_s = {fit.sigma_s:.4g}"
+        title = rf"{fit.method} fit: $\hat\sigma$ = {fit.sigma:.4g}, $\hat\sigma_s$ = {fit.sigma_s:.4g}"
     else:
         title = f"{fit.method} fit of {design.formula}"
     title += " (singular)" if fit.singular else ""
@@ -255,7 +255,7 @@ def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0
                 ecolor="C0", capsize=2, markersize=4)
     ax.axvline(0.0, color="0.5", lw=1, ls="--")
     ax.set_yticks(pos, [str(v) for v in re.index])
-    ax.set_xlabel(f"{term}: conditional mode" + (f" +- {z:.2f} conditional SD" if intervals else ""))
+    ax.set_xlabel(f"{term}: conditional mode" + (rf" $\pm$ {z:.2f} conditional SD" if intervals else ""))
     ax.set_ylabel(fit.group)
     ax.set_title(f"conditional modes of the random {term} by {fit.group} ({len(re)} levels)")
     return ax
@@ -394,7 +394,7 @@ def plot_loglik_surface(fit: FitResult, n: int = 45, show_path: bool = True, sig
         ax.plot(path[:, 0], path[:, 1], "-o", color="orange", ms=3, lw=1,
                 label=f"optimiser's path ({len(path)} evaluations{shown})")
     ax.plot([fit.sigma], [fit.sigma_s], marker="*", color="red", ms=14, ls="none",
-            label=f"optimum ({fit.sigma:.4g}, {fit.sigma_s:.4g}), log L = {surface.maximum:.4f}")
+            label=rf"optimum ({fit.sigma:.4g}, {fit.sigma_s:.4g}), $\log L$ = {surface.maximum:.4f}")
     ax.set_xlim(surface.sigmas[0], surface.sigmas[-1])
     ax.set_ylim(surface.sigma_ss[0], surface.sigma_ss[-1])
     ax.set_title(rf"{what} over $(\sigma, \sigma_s)$, $\beta$ at GLS")
@@ -471,17 +471,17 @@ def plot_shrinkage(fit: FitResult, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4.5))
     lim = float(np.max(np.abs(own))) * 1.1 or 1.0
-    ax.plot([-lim, lim], [-lim, lim], color="0.6", ls="--", lw=1, label="no shrinkage ($u_g$ = own estimate)")
+    ax.plot([-lim, lim], [-lim, lim], color="0.6", ls="--", lw=1, label=r"no shrinkage ($\hat u_j$ = own estimate)")
     for k in range(term.n_levels):
         ax.plot([own[k], own[k]], [own[k], modes[k]], color=_colour(k), lw=1, alpha=0.7)
         ax.plot([own[k]], [modes[k]], "o", color=_colour(k))
     ax.axhline(0, color="0.85", lw=0.8)
     ax.axvline(0, color="0.85", lw=0.8)
     ax.set_xlabel(f"{term.group}'s own estimate: mean residual from the population line")
-    ax.set_ylabel(r"conditional mode $u_g$")
+    ax.set_ylabel(r"conditional mode $\hat u_j$")
     f = np.unique(np.round(factor, 4))
     fac = f"{f[0]:.3g}" if len(f) == 1 else f"{f.min():.3g} to {f.max():.3g}"
-    ax.set_title(r"shrinkage: $u_g = \frac{\sigma_s^2}{\sigma_s^2 + \sigma^2/m_g}\times$ own estimate"
+    ax.set_title(r"shrinkage: $\hat u_j = \frac{\sigma_s^2}{\sigma_s^2 + \sigma^2/m_j}\times$ own estimate"
                  f"  (factor {fac})", fontsize="medium")
     ax.legend(fontsize="small", loc="upper left")
     return ax
@@ -558,7 +558,7 @@ class _Explorer:
         axes[2].plot([self.fit.sigma], [self.fit.sigma_s], "*", color="red", ms=13,
                      label=f"ML maximum, log L = {self.surface.maximum:.4f}")
         axes[2].plot([sig], [sig_s], "o", color="orange", ms=9, label=f"chosen values, log L = {value:.4f}")
-        axes[2].set_title("log L (Eq. 10) at the chosen values")
+        axes[2].set_title(r"$\log L$ (Eq. 10) at the chosen values")
         axes[2].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(0.0, -0.15))
         fig.tight_layout()
         return fig

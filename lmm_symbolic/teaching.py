@@ -163,13 +163,22 @@ class PairedEquivalence:
         names = self.derivation._names
         lat = lambda e: sp.latex(e, symbol_names=names)  # noqa: E731
         treat = self.derivation.symbols.beta[-1]
+        # d_j = y_2j - y_1j written in that order (sympy would print -y_1j + y_2j)
+        def signed(x):
+            terms = sp.Add.make_args(x)
+            pos = [lat(t) for t in terms if not t.could_extract_minus_sign()]
+            return " + ".join(pos) + "".join(f" - {lat(-t)}" for t in terms if t.could_extract_minus_sign())
+        diffs = [signed(x) for x in self.differences]
+        mean = (rf"\tfrac{{1}}{{{G}}}\left(" + " + ".join(f"d_{{{j + 1}}}" for j in range(G)) + r"\right)"
+                if sp.expand(G * self.beta[treat] - sp.Add(*self.differences)) == 0 else lat(self.beta[treat]))
         lines = [
-            rf"\text{{{G} pairs, }} d_j = y_{{2j}} - y_{{1j}}:\ " + ", ".join(lat(x) for x in self.differences),
-            rf"\hat\beta_{{Treat}} = {lat(self.beta[treat])} = \bar d",
-            rf"\hat\sigma^2_{{REML}} - \tfrac{{1}}{{2}} s_d^2 = {lat(self.sigma2_minus_half_sd2)}",
-            rf"\operatorname{{var}}(\hat\beta_{{Treat}}) = {sp.latex(self.var_treat_in_a.subs(a, sigma**2))}"
-            rf",\quad \operatorname{{var}}(\hat\beta_{{Treat}}) - s_d^2/{G} = {lat(self.var_minus_sd2_over_G)}",
-            rf"t_{{REML}} - t_{{paired}} = {lat(self.difference)}",
+            rf"\text{{{G} pairs, }} d_j = y_{{2j}} - y_{{1j}}:\ "
+            + r",\ ".join(f"d_{{{j + 1}}} = {x}" for j, x in enumerate(diffs)),
+            rf"\hat\beta_{{\mathrm{{Treat}}}} = {mean} = \bar d",
+            rf"\hat\sigma^2_{{\mathrm{{REML}}}} - \tfrac{{1}}{{2}} s_d^2 = {lat(self.sigma2_minus_half_sd2)}",
+            rf"\operatorname{{var}}(\hat\beta_{{\mathrm{{Treat}}}}) = {sp.latex(self.var_treat_in_a.subs(a, sigma**2))}"
+            rf",\quad \operatorname{{var}}(\hat\beta_{{\mathrm{{Treat}}}}) - s_d^2/{G} = {lat(self.var_minus_sd2_over_G)}",
+            rf"t_{{\mathrm{{REML}}}} - t_{{\mathrm{{paired}}}} = {lat(self.difference)}",
         ]
         return r"$$\begin{aligned}" + r" \\ ".join("&" + s for s in lines) + r"\end{aligned}$$"
 
@@ -248,14 +257,52 @@ class GeneralPairedEquivalence:
         lines = [
             r"|\Sigma_j| = " + sp.latex(self.pair_det),
             r"(r_j)^T \Sigma_j^{-1} r_j = " + sp.latex(self.pair_quadratic),
-            r"\ell_{REML}(a, b) = " + sp.latex(self.reml_loglik),
-            r"\hat\sigma^2_{ML} = " + sp.latex(self.sigma2_ml) + r",\quad \hat\sigma^2_{REML} = "
+            r"\ell_{\mathrm{REML}}(a, b) = " + _collected_latex(self.reml_loglik, (sp.log(a), sp.log(b)),
+                                                         2 * sp.pi),
+            r"\hat\sigma^2_{\mathrm{ML}} = " + sp.latex(self.sigma2_ml) + r",\quad \hat\sigma^2_{\mathrm{REML}} = "
             + sp.latex(self.sigma2_reml),
-            r"\operatorname{var}(\hat\beta_{Treat}) = " + sp.latex(self.var_treat),
-            r"t_{REML} = " + sp.latex(self.t_reml) + r",\quad t_{paired} = " + sp.latex(self.t_paired),
-            r"t_{REML} - t_{paired} = " + sp.latex(self.difference),
+            r"\operatorname{var}(\hat\beta_{\mathrm{Treat}}) = " + sp.latex(self.var_treat),
+            r"t_{\mathrm{REML}} = " + sp.latex(self.t_reml) + r",\quad t_{\mathrm{paired}} = " + sp.latex(self.t_paired),
+            r"t_{\mathrm{REML}} - t_{\mathrm{paired}} = " + sp.latex(self.difference),
         ]
         return r"$$\begin{aligned}" + r" \\ ".join("&" + s for s in lines) + r"\end{aligned}$$"
+
+
+def _coefficient_latex(c: sp.Expr, body: str, first: bool) -> str:
+    """`` - \\tfrac{G - 1}{2} \\log a``: one term, sign first, a fractional coefficient as \\tfrac."""
+    neg = c.could_extract_minus_sign()
+    c = sp.factor(-c if neg else c)
+    num, den = sp.fraction(c)
+    if den == 1:
+        mag = "" if num == 1 else (rf"\left({sp.latex(num)}\right)" if isinstance(num, sp.Add) else sp.latex(num))
+    else:
+        mag = rf"\tfrac{{{sp.latex(num)}}}{{{sp.latex(den)}}}"
+    sign = ("-" if neg else "") if first else (" - " if neg else " + ")
+    return f"{sign}{mag}{' ' if mag else ''}{body}"
+
+
+def _log_latex(e: sp.Expr) -> str:
+    """log a, log 2 pi: the log of a symbol or a product without sympy's parentheses."""
+    return r"\log " + sp.latex(e.args[0]) if isinstance(e, sp.log) and e.args[0].is_Atom else sp.latex(e)
+
+
+def _collected_latex(expr: sp.Expr, logs: tuple, constant: sp.Expr) -> str:
+    """A log-likelihood written as a reader collects it, on two aligned lines: c_1 log a + c_2 log b +
+    c log(2 pi), then the other terms (``constant`` is 2 pi, whose log sympy splits). Checked to equal ``expr``."""
+    expr = sp.expand(sp.expand_log(expr, force=True))
+    log_c = sp.expand_log(sp.log(constant), force=True)
+    parts = [(sp.factor(expr.coeff(lg)), lg, _log_latex(lg)) for lg in logs]
+    parts.append((sp.factor(expr.coeff(sp.log(sp.pi))), log_c, r"\log " + sp.latex(constant)))
+    parts = [p for p in parts if p[0] != 0]
+    rest = sp.expand(expr - sum(c * v for c, v, _ in parts))
+    if sp.expand(sum(c * v for c, v, _ in parts) + rest - expr) != 0:
+        raise ArithmeticError("the collected form differs from the expression")
+    head = "".join(_coefficient_latex(c, body, i == 0) for i, (c, _, body) in enumerate(parts))
+    terms = sorted(sp.Add.make_args(rest), key=lambda t: t.has(sp.log))   # the log of a constant last
+    tail = " ".join(lat if lat.startswith("-") else "+ " + lat
+                    for lat in (_log_latex(t) if isinstance(t, sp.log) else
+                                ("- " + _log_latex(-t) if isinstance(-t, sp.log) else sp.latex(t)) for t in terms))
+    return head + r" \\ &\qquad " + tail
 
 
 def paired_equivalence_general() -> GeneralPairedEquivalence:

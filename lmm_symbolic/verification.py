@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+import textwrap
 from dataclasses import dataclass, field
 from math import comb
 
@@ -116,23 +117,83 @@ class Verdict:
                 "hint": self.hint}
 
     def __str__(self) -> str:
+        """The verdict for a reader: lines of at most ``WIDTH`` characters, a long difference shortened
+        (its first terms, or a matrix's differing entries; ``difference`` holds all of it)."""
         what = TITLES.get(self.quantity, self.quantity or "the derived quantity")
         if self.equal:
-            return f"equal: the expression is {what} (proved symbolically)"
+            return _wrap(f"equal: the expression is {what} (proved symbolically)")
         if self.status == "unproven":
-            lines = [f"not proven: the expression may be {what}, but equality could not be proved",
-                     f"  given - derived = {_short(self.difference)}"]
+            lines = [f"not proven: the expression may be {what}, but equality could not be proved"]
         else:
-            lines = [f"not equal: the expression is not {what}", f"  given - derived = {_short(self.difference)}"]
+            lines = [f"not equal: the expression is not {what}"]
+        lines.append(f"  given - derived {_readable_difference(self.difference)}")
         ce = self.counterexample
         if ce:
             values = ", ".join(f"{k} = {v}" for k, v in ce.items() if k not in ("expected", "given", "entry"))
             where = f" (row {ce['entry'][0]}, column {ce['entry'][1]})" if "entry" in ce else ""
-            lines.append(f"  counterexample: {values or 'any values'}{where}: derived {ce['expected']}, "
-                         f"given {ce['given']}")
+            lines.append(f"  counterexample: {values or 'any values'}{where}: derived {_g(ce['expected'])}, "
+                         f"given {_g(ce['given'])}")
         if self.hint:
             lines.append(f"  hint: {self.hint}")
-        return "\n".join(lines)
+        return "\n".join(_wrap(line) for line in lines)
+
+
+def _g(value) -> str:
+    """A value of the counterexample to 10 significant digits (enough to see the two differ)."""
+    return f"{value:.10g}" if isinstance(value, float) else str(value)
+
+
+#: the printed verdict's lines are wrapped at this many characters (a notebook's output box)
+WIDTH = 74
+#: a difference longer than this is shown by its first terms
+SHOWN_CHARS = 60
+
+
+def _wrap(line: str) -> str:
+    return textwrap.fill(line, WIDTH, subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
+
+
+def _top_level(text: str, seps: tuple[str, ...]) -> list[str]:
+    """``text`` split at the separators that are outside brackets (display only, nothing evaluated)."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        sep = next((s for s in seps if depth == 0 and text.startswith(s, i)), None)
+        if sep is not None and i > start:
+            parts.append(text[start:i])
+            start = i + (len(sep) if sep == ", " else 0)
+            i += len(sep)
+            continue
+        i += 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _readable_difference(text: str) -> str:
+    """``= d`` for a short difference; its first terms and their count for a long one; for a matrix the
+    entries that are not 0, by row and column."""
+    if text.startswith("Matrix([") and text.endswith("])"):
+        rows = _top_level(text[len("Matrix(["):-2], (", ",))
+        entries = [(i + 1, j + 1, v) for i, row in enumerate(rows)
+                   for j, v in enumerate(_top_level(row.strip()[1:-1], (", ",))) if v != "0"]
+        if not entries:
+            return f"= {text}"
+        shown = "; ".join(f"row {i}, column {j}: {_readable_difference(v).removeprefix('= ')}"
+                          for i, j, v in entries[:2])
+        more = f"; and {len(entries) - 2} more entries" if len(entries) > 2 else ""
+        return f"is 0 except at {shown}{more}"
+    if len(text) <= SHOWN_CHARS:
+        return f"= {text}"
+    terms = _top_level(text, (" + ", " - "))
+    head = ""
+    for k, term in enumerate(terms):
+        piece = term if k == 0 else (" - " if term.startswith("- ") else " + ") + term.lstrip("+- ")
+        if k and len(head) + len(piece) > SHOWN_CHARS:
+            return f"= {head} ... ({len(terms)} terms)"
+        head += piece
+    return f"= {head}"
 
 
 def _short(text: str, limit: int = 2000) -> str:
@@ -178,7 +239,7 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
 
 def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
     """Every name the derivation shows, by its plain name: ``der.symbols.by_name()``, the variance
-    parameters (sigma_g_Intercept, rho_..., and any short aliases the derivation registers) and every
+    parameters (``sigma_g_Intercept``, ``rho_...``, and any short aliases the derivation registers) and every
     symbol its quantities hold -- taken from the derivation, never from a list kept here."""
     names = dict(der.symbols.by_name())
     for s in getattr(der, "variance_symbols", ()):

@@ -469,7 +469,7 @@ def test_paired_equivalence_general_for_symbolic_G():
     assert sp.simplify(g.sigma2_reml - SSD / (2 * (G - 1))) == 0
     assert sp.simplify(g.sigma2_ml - SSD / (2 * G)) == 0
     assert sp.simplify(g.var_treat - 2 * a / G) == 0
-    assert "t_{REML} - t_{paired} = 0" in g._repr_latex_()
+    assert r"t_{\mathrm{REML}} - t_{\mathrm{paired}} = 0" in g._repr_latex_()
 
 
 def test_pairs_data_layout():
