@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 import scipy.sparse
 import sympy as sp
 
@@ -720,6 +721,14 @@ SCHUR_MAX = 5000
 LEVEL_CHUNK = 4096
 
 
+def _inverse_from_cholesky(R: np.ndarray) -> np.ndarray:
+    """S^-1 from S's lower Cholesky factor R (LAPACK potri: half the work of solving S X = I)."""
+    inv, info = scipy.linalg.lapack.dpotri(np.asfortranarray(R), lower=1)
+    if info != 0:
+        raise NumericalError("the Schur complement of M is singular")
+    return np.tril(inv) + np.tril(inv, -1).T
+
+
 class SparseDeviance(ThetaDeviance):
     """The profiled deviance for any random terms (nested, crossed), with Z^T Z sparse (scipy.sparse).
 
@@ -744,8 +753,6 @@ class SparseDeviance(ThetaDeviance):
         big = max(self.layouts, key=lambda lay: lay.width)
         w = self.width = sum(lay.width for lay in self.layouts)
         self.q1, self.w1, self.w2 = big.q, big.width, w - big.width
-        #: the order of the dense Schur complement each evaluation factorises
-        self.dense_work = self.w2
         if self.w2 > SCHUR_MAX:
             raise ModelError(f"{self.w2} random effects outside the largest term: more than the {SCHUR_MAX} "
                              "this dense Schur complement allows")
@@ -820,7 +827,7 @@ class SparseDeviance(ThetaDeviance):
         S[rows[i] - w1, cols[i] - w1] = data[i]
         S -= (M12.T @ F).toarray()
         try:
-            RS = np.linalg.cholesky(S) if w2 else S
+            RS = scipy.linalg.cholesky(S, lower=True, check_finite=False) if w2 else S
         except np.linalg.LinAlgError:
             raise NumericalError(f"the Schur complement of M is not positive definite at theta = {theta}") from None
         logdet += 2.0 * float(np.log(np.diag(RS)).sum())
@@ -865,7 +872,7 @@ class SparseDeviance(ThetaDeviance):
         w1, q1 = self.w1, self.q1
         rows, cols = self._rows, self._cols
         out = np.empty(len(rows))
-        Sinv = scipy.linalg.cho_solve((f["RS"], True), np.eye(self.w2)) if self.w2 else np.zeros((0, 0))
+        Sinv = _inverse_from_cholesky(f["RS"]) if self.w2 else np.zeros((0, 0))
         i = self._m22
         out[i] = Sinv[rows[i] - w1, cols[i] - w1]
         F = f["F"]

@@ -258,9 +258,14 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
     hessian = getattr(objective, "hessian", None)
 
     def evaluate(x):
+        """The state, value and derivative at x; a value of inf where the criterion cannot be evaluated
+        (theta so large that sigma^2 -> 0 leaves X^T V^-1 X or RSS at rounding), so the step backs off."""
         path.append(np.array([x]))
-        st = objective.state([x])
-        return st, objective.value(st), float(objective.gradient(st)[0])
+        try:
+            st = objective.state([x])
+            return st, objective.value(st), float(objective.gradient(st)[0])
+        except NumericalError:
+            return None, np.inf, np.nan
 
     def curvature(x, st, g):
         if hessian is not None:
@@ -270,6 +275,8 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
 
     def newton(x):
         st, f, g = evaluate(x)
+        if st is None:
+            raise NumericalError(f"the profiled criterion cannot be evaluated at theta = {x:g}")
         for _ in range(100):
             if g == 0.0:
                 return x, "converged: d'(theta) = 0"

@@ -37,6 +37,12 @@ SINGULAR_ADVICE = ("boundary (singular) fit: the estimated random-effect varianc
                    "-- consider dropping the random term (see lme4's ?isSingular)")
 
 
+ZERO_RESIDUAL_ADVICE = ("the residual variance is estimated as (nearly) 0: the fixed and random effects fit "
+                        "the response (almost) exactly, so sigma is at the edge of its range and its standard "
+                        "errors and df mean little (lme4 warns 'nearly unidentifiable' here); the model has more "
+                        "parameters than these data can support")
+
+
 @dataclass(frozen=True)
 class FitResult:
     """A fitted linear mixed model; nothing in it changes after it is made.
@@ -356,6 +362,9 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
     Satterthwaite's df, then the inference every fit shares (:func:`_assemble`)."""
     ob = opt.objective
     sig_w = opt.sigma / ob.scale
+    if sig_w < 1e-6:
+        messages = (*messages, ZERO_RESIDUAL_ADVICE)
+        warnings.warn(ZERO_RESIDUAL_ADVICE, LMMWarning, stacklevel=3)
     df_s, vcov_w = _satterthwaite(ob, opt, sig_w)
     variances = ob.conditional_variances(opt.state)
     Ts = ob.terms(opt.theta)
@@ -458,11 +467,10 @@ def _threadpools():
 
 
 def _blas_threads(objective: ThetaDeviance):
-    """One BLAS thread while the optimiser evaluates small matrices: OpenBLAS's thread hand-offs cost more
-    than the arithmetic of a 3 x 3 solve (and L-BFGS-B's own calls), several times over on a busy machine.
-    A criterion with a large dense block (:attr:`ThetaDeviance.dense_work`) keeps the library's threads."""
-    if getattr(objective, "dense_work", 0) >= 400:
-        return contextlib.nullcontext()
+    """One BLAS thread while the optimiser runs: OpenBLAS's thread hand-offs cost more than the arithmetic of
+    the small solves (and of L-BFGS-B's own calls), and on a busy machine even a 1000 x 1000 Cholesky factor
+    is several times slower with threads than without; one thread also makes every fit bit-identical
+    from run to run."""
     return _threadpools().limit(limits=1, user_api="blas")
 
 
