@@ -114,6 +114,7 @@ def worker_lmm(folder: Path, reps: int) -> dict:
     import warnings
 
     import lmm_symbolic as lmm
+    from lmm_symbolic.compilation import InterceptDeviance
     from lmm_symbolic.optimisation import optimise
     from lmm_symbolic.results import make_result
     from lmm_symbolic.statistics import GroupStatistics
@@ -134,9 +135,9 @@ def worker_lmm(folder: Path, reps: int) -> dict:
         t1 = time.perf_counter()
         stats = GroupStatistics.of(design)
         t2 = time.perf_counter()
-        opt = optimise(stats, reml=False)
+        opt = optimise(InterceptDeviance(design, reml=False, stats=stats))
         t3 = time.perf_counter()
-        make_result(design, stats, opt, None)
+        make_result(design, opt)
         t4 = time.perf_counter()
         for key, a, b in zip(stages, (t0, t1, t2, t3), (t1, t2, t3, t4)):
             stages[key].append(b - a)

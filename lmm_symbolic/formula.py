@@ -829,10 +829,10 @@ def model_matrix(ev: Evaluated) -> tuple[np.ndarray, list[str]]:
     terms, values, n = ev.terms, ev.values, ev.n
     blocks, names = [], []
     if terms.intercept:
-        blocks.append(np.ones((n, 1)))
+        blocks.append(None)                       # the column of ones, written in place below
         names.append("(Intercept)")
     for term, coding in zip(terms.terms, _coding(terms, values)):
-        cols, labels = np.ones((n, 1)), [""]
+        cols, labels = None, [""]
         for i, how in zip(term, coding):
             name = deparse(terms.variables[i])
             v = values[i]
@@ -840,12 +840,21 @@ def model_matrix(ev: Evaluated) -> tuple[np.ndarray, list[str]]:
                 M, vnames = _factor_columns(v, how, name, n)
             else:
                 M, vnames = v.values, [f"{name}{s}" for s in v.suffixes]
+            M = np.asarray(M, dtype=float).reshape(n, -1)
             # the earlier variables vary fastest: column (a, b) at position b * width_a + a
-            cols = np.einsum("na,nb->nba", cols, M).reshape(n, -1)
+            cols = M if cols is None else np.einsum("na,nb->nba", cols, M).reshape(n, -1)
             labels = [f"{l}:{m}" if l else m for m in vnames for l in labels]
-        blocks.append(cols)
+        blocks.append(np.ones((n, 1)) if cols is None else cols)
         names.extend(labels)
-    X = np.hstack(blocks) if blocks else np.zeros((n, 0))
+    X = np.empty((n, len(names)))
+    j = 0
+    for block in blocks:
+        if block is None:
+            X[:, j] = 1.0
+            j += 1
+        else:
+            X[:, j:j + block.shape[1]] = block
+            j += block.shape[1]
     return X, names
 
 
