@@ -1,16 +1,20 @@
-"""Compilation: the derived closed forms turned into numpy functions over per-group statistics.
+"""Compilation: the derived closed forms turned into numpy functions, and the one profiled deviance.
 
-A random-intercept log-likelihood sees the data only through per-group sums (n_g, X_g^T 1, X_g^T y,
-X_g^T X_g, y_g^T y_g, 1^T y_g; :mod:`lmm_symbolic.statistics`). The per-group closed forms of
-:mod:`lmm_symbolic.derivation` (Eq. 11-12 for a block of size m) are lambdified with ``cse=True`` and
-evaluated over all groups at once, so each evaluation costs O(G p^2), not O(n).
+Every model is fitted through one criterion, lme4's profiled deviance in theta (:class:`ThetaDeviance`:
+beta and sigma^2 profiled out, -2 log L for ML, the REML criterion otherwise), with its analytic gradient.
+:func:`profiled_deviance` picks the cheapest evaluation of it that the model's structure allows:
 
-Two compiled objects come out of this stage:
+* :class:`InterceptDeviance` -- ``(1|g)`` (and Sigma = sigma_s^2 K + sigma^2 I after K's rotation): the
+  log-likelihood sees the data only through per-group sums (:mod:`lmm_symbolic.statistics`); the derived
+  per-group closed forms (Eq. 11-12 for a block of size m: the Woodbury weight and the determinant lemma)
+  are lambdified with ``cse=True`` (:class:`ProfiledDeviance`) and evaluated over all groups at once, O(G p^2)
+  per evaluation, with the analytic second derivative;
+* :class:`BlockDeviance` -- terms sharing one factor: the derived q x q block forms (:func:`block_forms`);
+* :class:`DenseDeviance` -- few random effects in all: M = Lambda^T Z^T Z Lambda + I in dense arrays;
+* :class:`SparseDeviance` -- nested and crossed terms: M factorised by blocks, the largest term's
+  block-diagonal part first, then the dense Schur complement.
 
-* :class:`ProfiledDeviance` -- -2 log L (ML) or the REML criterion as a function of theta = sigma_s / sigma,
-  with beta (GLS) and sigma^2 profiled out as lme4 does, with its analytic derivatives in theta;
-* :class:`LogLikelihood` -- Eq. 10 as a function of (sigma, sigma_s, beta), with its sympy gradient and
-  Hessian.
+:class:`LogLikelihood` is Eq. 10 as a function of (sigma, sigma_s, beta), with its sympy gradient and Hessian.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""Optimisation: minimise the profiled deviance with scipy, and solve the score equations exactly with
+"""Optimisation: minimise the one profiled deviance with scipy, and solve the score equations exactly with
 sympy where the design is balanced.
 
-Like lme4's ``optimizeLmer`` the numeric search is over theta = sigma_s / sigma >= 0 alone; sigma^2 and
-beta follow in closed form. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in
-one immutable object (as MixedModels.jl's ``OptSummary``).
+Like lme4's ``optimizeLmer`` the numeric search is over theta alone (sigma_s / sigma for (1|g), the relative
+covariance factors' entries otherwise); sigma^2 and beta follow in closed form. One theta: Newton with the
+analytic second derivative; several: L-BFGS-B with the analytic gradient over unconstrained theta, made
+canonical and polished. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in one
+immutable object (as MixedModels.jl's ``OptSummary``).
 """
 from __future__ import annotations
 
