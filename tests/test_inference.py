@@ -230,3 +230,37 @@ def test_result_tables():
     assert {"coef_table", "fixef", "ranef", "varcorr", "parameters"} <= set(d)
     json.dumps(d, allow_nan=False)
     assert fit._repr_latex_().startswith("$$")
+
+
+def test_cli_predict_profile_bootstrap_and_anova(tmp_path, capsys):
+    from lmm_symbolic.cli import main
+    new = tmp_path / "new.csv"
+    new.write_text("Days,Subject\n0,308\n5,999\n")
+    assert main(["fit", "sleepstudy", "Reaction ~ Days + (1|Subject)", "--predict", str(new), "--bootstrap", "5",
+                 "--seed", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    ref = CASES["sleepstudy_intercept"]
+    assert d["predict"]["population"][1] == pytest.approx(ref["predict_population"][3], rel=1e-10)
+    assert d["bootstrap"]["nsim"] == 5 and 0 <= d["bootstrap"]["boundary_share"] <= 1
+    assert main(["anova", "sleepstudy", "Reaction ~ 1 + (1|Subject)", "Reaction ~ Days + (1|Subject)"]) == 0
+    out = capsys.readouterr().out
+    assert "refitting model(s) with ML (instead of REML)" in out and "Pr(>Chisq)" in out
+
+
+def test_profile_zeta_plot():
+    import matplotlib
+    matplotlib.use("Agg")
+    from lmm_symbolic.plots import plot_profile_zeta
+    fit = _fit("sleepstudy_intercept")
+    prof = fit.profile(points=5)
+    assert set(prof[".par"]) == {".sig01", ".sigma", "(Intercept)", "Days"}
+    fig = plot_profile_zeta(fit, prof)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 4
+
+
+def test_profile_sig01_equals_the_sigma_s_profile_interval():
+    """The random intercept's profile interval two ways: over (sigma_s, sigma) here and plots.py's own."""
+    from lmm_symbolic.plots import profile_interval_sigma_s
+    fit = _fit("sleepstudy_intercept")
+    np.testing.assert_allclose(fit.conf_int(which=[".sig01"]).to_numpy()[0], profile_interval_sigma_s(fit),
+                               rtol=1e-6)
