@@ -239,8 +239,9 @@ def test_cli_predict_profile_bootstrap_and_anova(tmp_path, capsys):
     assert main(["fit", "sleepstudy", "Reaction ~ Days + (1|Subject)", "--predict", str(new), "--bootstrap", "5",
                  "--seed", "1", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    ref = CASES["sleepstudy_intercept"]
-    assert d["predict"]["population"][1] == pytest.approx(ref["predict_population"][3], rel=1e-10)
+    b = _fit("sleepstudy_intercept").params
+    assert d["predict"]["population"][1] == pytest.approx(b["(Intercept)"] + 5 * b["Days"], rel=1e-10)
+    assert d["predict"]["conditional"][1] == d["predict"]["population"][1]      # Subject 999 is new
     assert d["bootstrap"]["nsim"] == 5 and 0 <= d["bootstrap"]["boundary_share"] <= 1
     assert main(["anova", "sleepstudy", "Reaction ~ 1 + (1|Subject)", "Reaction ~ Days + (1|Subject)"]) == 0
     out = capsys.readouterr().out
