@@ -480,6 +480,10 @@ class _Profiler:
         self.bounds = sdcor_bounds(self.design)
         self.names = varpar_names(self.design)
         self.base = float(self.d(self.theta_hat))
+        check = self.deviance_sdcor(self.par_hat)
+        if not abs(check - self.base) <= 1e-6 * max(1.0, abs(self.base)):   # lme4's basecheck in profile()
+            raise ModelError(f"profiling over (theta, sigma) gives deviance {check:.10g} at the optimum, the "
+                             f"profiled deviance {self.base:.10g}: not numerically consistent")
         self.theta_lower = [(-np.inf if b is None else b) for b in self.d.lower_bounds]
 
     def _lambda_pattern(self):
@@ -511,7 +515,10 @@ class _Profiler:
             Lam[rows, cols] = theta[idx]
             M = Lam.T @ self._ZtZ @ Lam
             M[np.diag_indices(q)] += 1.0
-            return float(2 * np.log(np.diag(np.linalg.cholesky(M))).sum())
+            try:
+                return float(2 * np.log(np.diag(np.linalg.cholesky(M))).sum())
+            except np.linalg.LinAlgError:          # rounding at extreme theta: the determinant still exists
+                return float(np.linalg.slogdet(M)[1])
         Lam = scipy.sparse.csc_matrix((theta[idx], (rows, cols)), shape=(q, q))
         M = (Lam.T @ self.ZtZ @ Lam + scipy.sparse.identity(q)).tocsc()
         lu = scipy.sparse.linalg.splu(M)
@@ -525,8 +532,12 @@ class _Profiler:
         theta = theta_of_sdcor(self.design, par)
         if theta is None:
             return np.inf
-        ld = self.logdet(theta)
-        s2 = np.exp((self.d(theta) - ld) / self.n - 1) / (2 * np.pi)        # r^2(theta) / n
+        from .errors import NumericalError
+        try:
+            ld = self.logdet(theta)
+            s2 = np.exp((self.d(theta) - ld) / self.n - 1) / (2 * np.pi)        # r^2(theta) / n
+        except (NumericalError, np.linalg.LinAlgError):       # far outside the region a profile visits
+            return self.base + 1e12
         return ld + self.n * (s2 / sigma**2 + np.log(2 * np.pi * sigma**2))
 
     def _minimise(self, fun, x0, bounds):
@@ -551,7 +562,7 @@ class _Profiler:
             w = self.names.index(name)
             free = [k for k in range(len(self.par_hat)) if k != w]
             kinds = [self._kind(self.names[k]) for k in free]
-            bounds = [(-1 + 1e-9, 1 - 1e-9) if kd == "cor" else (1e-8 * self.par_hat[-1], None) if kd == "sigma"
+            bounds = [(-1 + 1e-9, 1 - 1e-9) if kd == "cor" else (1e-2 * self.par_hat[-1], None) if kd == "sigma"
                       else (0.0, None) for kd in kinds]
             x0 = np.array([min(max(self.par_hat[k], lo), np.inf if hi is None else hi)
                            for k, (lo, hi) in zip(free, bounds)])

@@ -99,7 +99,14 @@ def test_simulate_moments(name):
     np.testing.assert_array_equal(fit.simulate(3, seed=7).to_numpy(), fit.simulate(3, seed=7).to_numpy())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOW = {"sleepstudy_slope": pytest.mark.slow}     # several seconds of profiling or refits on a shared machine
+
+
+def _cases(names):
+    return [pytest.param(n, marks=SLOW[n]) if n in SLOW else n for n in names]
+
+
+@pytest.mark.parametrize("name", _cases(CASES))
 def test_profile_intervals_match_lme4(name):
     case, fit = CASES[name], _fit(name)
     ref = case["confint_profile"]
@@ -129,6 +136,7 @@ def test_wald_and_names():
     assert wald.loc["Days", "97.5 %"] == pytest.approx(fit.params["Days"] + z * fit.bse["Days"], rel=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CASES if "confint_boot" in CASES[n]])
 def test_bootstrap_within_monte_carlo_error(name):
     """Percentile limits of nsim refits against lme4's (other draws, as many): distribution-free, lme4's
@@ -190,6 +198,17 @@ def test_anova_auto_refits_when_fixed_effects_differ_and_mixture():
     # the old two-model test still works
     ml = [lmm.fit(f, data, method="ML") for f in ("Reaction ~ 1 + (1|Subject)", "Reaction ~ Days + (1|Subject)")]
     assert lmm.likelihood_ratio_test(*ml)["chisq"] == pytest.approx(lmm.anova(*ml)["Chisq"].iloc[1], rel=1e-12)
+
+
+def test_bootstrap_quick():
+    fit = _fit("sleepstudy_intercept")
+    boot = fit.bootstrap(20, seed=4)
+    again = fit.bootstrap(20, seed=4)
+    assert boot.draws.equals(again.draws)
+    assert list(boot.draws.columns) == [".sig01", ".sigma", "(Intercept)", "Days"]
+    ci = fit.conf_int(method="boot", nsim=20, seed=4)
+    np.testing.assert_allclose(ci.to_numpy(), boot.conf_int().to_numpy())
+    assert boot.boundary_share == 0 and boot.n_failed == 0
 
 
 def test_refit_same_design_new_response():
