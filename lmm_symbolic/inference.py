@@ -862,37 +862,37 @@ def varcorr(fit) -> pd.DataFrame:
 
 
 def _tex_name(name: str) -> str:
-    return r"\mathrm{" + name.replace("\\", "").replace("_", r"\_").replace("^", r"\hat{}").replace(
-        "(", "(").replace("%", r"\%").replace("{", "").replace("}", "") + "}"
+    """A column or level name inside mathtext/LaTeX: upright, with LaTeX's special characters escaped."""
+    special = {"\\": "", "_": r"\_", "^": r"\hat{}", "%": r"\%", "#": r"\#", "&": r"\&", "$": r"\$",
+               "{": "", "}": "", "~": ""}
+    return r"\mathrm{" + "".join(special.get(ch, ch) for ch in str(name)) + "}"
 
 
 def latex_equation(fit) -> str:
-    """The fitted model as a textbook writes it: y_ij = b_0 + b_1 x_ij + ... + u_j + e_ij with the
-    estimated variances."""
+    """The fitted model as a textbook writes it: y_i = b_0 + b_1 x_i + ... + (the random effects of the
+    row's group) + e_i, with the estimated SDs."""
     def num(v):
         return f"{v:.4g}"
     design = fit.design
-    y = _tex_name(design.response)
     parts = []
     for k, (name, b) in enumerate(fit.params.items()):
         term = num(abs(b)) if name in ("(Intercept)", "Intercept") else rf"{num(abs(b))}\,{_tex_name(name)}_i"
         sign = "-" if b < 0 else ("+" if k else "")
         parts.append(f"{sign} {term}".strip())
-    re_parts, dists = [], []
+    random = []
     for k, t in enumerate(design.terms):
-        j = f"j_{{{k + 1}}}" if len(design.terms) > 1 else "j"
+        sup = f"^{{({k + 1})}}" if len(design.terms) > 1 else ""
         for c, name in enumerate(t.names):
-            u = rf"u^{{({k + 1})}}_{{{c}{j}}}" if (len(design.terms) > 1 or t.q > 1) else r"u_{j}"
-            re_parts.append(u if name == "(Intercept)" else rf"{u}\,{_tex_name(name)}_i")
-        sds = [r["sd"] for _, r in fit.variance_components.iterrows()]
+            u = rf"u{sup}_{{{c if t.q > 1 else ''}j[i]}}"
+            random.append(u if name == "(Intercept)" else rf"{u}\,{_tex_name(name)}_i")
     if design.kinship is not None:
-        re_parts = [r"g_i"]
-    vc = fit.variance_components
-    dist = ", ".join(rf"\sigma_{{{_tex_name(r['group'] + (':' + r['term'] if r['term'] else ''))}}} = "
-                     f"{num(r['sd'])}" for _, r in vc.iterrows() if r["group"] != "Residual")
-    eq = f"{y}_i = " + " ".join(parts) + "".join(f" + {u}" for u in re_parts) + r" + \varepsilon_i"
+        random = ["g_i"]
+    sds = ", ".join(rf"\sigma_{{{_tex_name(r['group'] + (':' + r['term'] if r['term'] else ''))}}} = {num(r['sd'])}"
+                    for _, r in fit.variance_components.iterrows() if r["group"] != "Residual")
+    eq = f"{_tex_name(design.response)}_i = " + " ".join(parts) + "".join(f" + {u}" for u in random) \
+        + r" + \varepsilon_i"
     return (r"$$\begin{aligned}" + eq + r"\\ \varepsilon_i \sim N(0, \sigma^2),\ \sigma = " + num(fit.sigma)
-            + (r",\ " + dist if dist else "") + r"\end{aligned}$$")
+            + (r",\ " + sds if sds else "") + r"\end{aligned}$$")
 
 
 def to_dict_extra(fit) -> dict:
