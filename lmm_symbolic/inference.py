@@ -736,10 +736,12 @@ def anova(*models, refit: bool | str = "auto", names=None) -> pd.DataFrame:
     return table
 
 
-def anova_text(table: pd.DataFrame) -> str:
+def anova_text(table: pd.DataFrame, width: int = 96) -> str:
     """The table as lme4 prints it, with its heading and notes."""
+    import textwrap
     body = table.to_string(float_format=lambda v: f"{v:.6g}", na_rep="")
-    return "\n".join(table.attrs.get("notes", []) + table.attrs.get("heading", []) + [body])
+    notes = [textwrap.fill(note, width, subsequent_indent="  ") for note in table.attrs.get("notes", [])]
+    return "\n".join(notes + table.attrs.get("heading", []) + [body])
 
 
 # ============================================================================================== update
