@@ -311,3 +311,13 @@ def test_after_fit_reference_matches_fresh_r_run(tmp_path):
         case.get("confint_boot", {}).pop("seconds", None)
     diffs = _differences(REF, fresh)
     assert not diffs, "\n".join(diffs[:40])
+
+
+def test_predict_missing_values_give_nan_and_poly_uses_the_fits_coefficients():
+    fit = _fit("sleepstudy_poly")
+    new = pd.DataFrame({"Days": [np.nan, 4.0], "Subject": ["308", None]})
+    out = fit.predict(new)
+    assert np.isnan(out[0]) and np.isnan(out[1])
+    assert np.isfinite(fit.predict(new, re_form="~0")[1])
+    one = fit.predict(pd.DataFrame({"Days": [4.0], "Subject": ["308"]}))
+    assert one[0] == pytest.approx(fit.predict()[4], rel=1e-12)      # Subject 308, Days 4 is row 4
