@@ -11,6 +11,7 @@ from .derivation import derive as derive_design
 from .errors import DataError, ExpressionError, FormulaError, LMMError, LMMWarning, ModelError, NumericalError
 from .paired import paired_t_test, within_centred
 from .results import FitResult, fit_design, likelihood_ratio_test
+from .inference import anova, update_formula
 from .progress import stage
 from .specification import Design, specify
 from .statistics import is_dask_dataframe, specify_dask
@@ -53,6 +54,6 @@ def fit(formula: str, data, method: str = "REML", exact: bool | str = "auto", ki
     return fit_design(design, method=method, exact=exact)
 
 
-__all__ = ["DataError", "Derivation", "Design", "Equation", "Exercise", "exercise", "ExpressionError", "FitResult", "FormulaError",
+__all__ = ["anova", "update_formula", "DataError", "Derivation", "Design", "Equation", "Exercise", "exercise", "ExpressionError", "FitResult", "FormulaError",
            "LMMError", "LMMWarning", "ModelError", "NumericalError", "datasets", "derive", "derive_design",
            "fit", "fit_design", "likelihood_ratio_test", "paired_t_test", "specify", "StepReport", "Verdict", "verify", "verify_steps", "within_centred"]

@@ -1,4 +1,5 @@
-"""The ``lmm-symbolic`` command: derive, fit, verify and the tutorial demo.
+"""The ``lmm-symbolic`` command: derive, fit (with --predict, --bootstrap, --profile), anova, verify and
+the tutorial demo.
 
 Every error the package raises on purpose becomes one line on stderr and exit code 2; warnings (dropped
 rows, aliased columns, singular fits) go to stderr as one line each.
@@ -36,7 +37,22 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print the result as JSON")
     f.add_argument("--kinship", metavar="CSV", help="an n x n relationship matrix K (CSV, no header, rows in "
                    "the data's order); the formula then has no random term: Sigma = sigma_s^2 K + sigma^2 I")
+    f.add_argument("--predict", metavar="NEW.csv", help="print predictions for the rows of NEW.csv: with the "
+                   "random effects (a new level gets its population-level value) and without them")
+    f.add_argument("--bootstrap", metavar="N", type=int, help="a parametric bootstrap of N refits: percentile "
+                   "intervals of every parameter and the share of boundary (singular) refits")
+    f.add_argument("--profile", action="store_true", help="profile confidence intervals of every parameter "
+                   "(lme4's confint), the variance components included")
+    f.add_argument("--seed", type=int, default=None, help="seed of --bootstrap")
     f.set_defaults(method="REML")
+    a = sub.add_parser("anova", help="likelihood-ratio tests of a sequence of models (lme4's anova)")
+    a.add_argument("data")
+    a.add_argument("formulas", nargs="+", metavar="FORMULA", help="two or more nested formulas")
+    how = a.add_mutually_exclusive_group()
+    how.add_argument("--reml", dest="method", action="store_const", const="REML")
+    how.add_argument("--ml", dest="method", action="store_const", const="ML")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(method="REML")
     v = sub.add_parser("verify", help="check a hand-derived expression")
     v.add_argument("data")
     v.add_argument("formula")
@@ -151,7 +167,63 @@ def _fit_quietly(args) -> int:
     if args.kinship:
         kinship = _matrix_csv(args.kinship)
     result = fit(args.formula, _data(args.data), method=args.method, kinship=kinship)
-    print(result.to_json() if args.json else result.summary())
+    extra = {}
+    if args.predict:
+        from .specification import read_data
+        new = read_data(args.predict)
+        extra["predict"] = {"conditional": result.predict(new).tolist(),
+                            "population": result.predict(new, re_form="~0").tolist()}
+    if args.profile:
+        extra["profile"] = result.conf_int(method="profile")
+    if args.bootstrap:
+        extra["bootstrap"] = result.bootstrap(args.bootstrap, seed=args.seed)
+    if args.json:
+        d = result.to_dict()
+        if "predict" in extra:
+            d["predict"] = extra["predict"]
+        if "profile" in extra:
+            d["profile_intervals"] = _interval_records(extra["profile"])
+        if "bootstrap" in extra:
+            b = extra["bootstrap"]
+            d["bootstrap"] = {"nsim": b.nsim, "boundary_share": b.boundary_share, "failed": b.n_failed,
+                              "intervals": _interval_records(b.conf_int())}
+        print(json.dumps(d, indent=2, allow_nan=False))
+        return 0
+    print(result.summary())
+    if "predict" in extra:
+        import pandas as pd
+        print("\nPredictions (conditional: with the random effects, a new level at b = 0; population: X beta):")
+        print(pd.DataFrame(extra["predict"]).to_string(float_format=lambda v: f"{v:.6g}"))
+    if "profile" in extra:
+        print("\nProfile confidence intervals (lme4's confint; the ML profile, as lme4):")
+        print(extra["profile"].to_string(float_format=lambda v: f"{v:.6g}"))
+    if "bootstrap" in extra:
+        b = extra["bootstrap"]
+        print(f"\n{b}\nPercentile intervals:")
+        print(b.conf_int().to_string(float_format=lambda v: f"{v:.6g}"))
+    return 0
+
+
+def _interval_records(frame) -> list[dict]:
+    return [{"parameter": str(k), "lower": None if v.iloc[0] != v.iloc[0] else float(v.iloc[0]),
+             "upper": None if v.iloc[1] != v.iloc[1] else float(v.iloc[1])} for k, v in frame.iterrows()]
+
+
+def _anova(args) -> int:
+    from . import anova, fit
+    from .inference import anova_text
+    from .progress import reporting
+    data = _data(args.data)
+    with reporting():
+        fits = [fit(f, data, method=args.method) for f in args.formulas]
+        table = anova(*fits, names=[f"m{k}" for k in range(len(fits))])
+    if args.json:
+        rows = [{"model": str(k), **{c: (None if v != v else float(v)) for c, v in r.items()}}
+                for k, r in table.iterrows()]
+        print(json.dumps({"notes": table.attrs["notes"], "models": table.attrs["heading"][1:], "table": rows},
+                         indent=2, allow_nan=False))
+    else:
+        print(anova_text(table))
     return 0
 
 
@@ -213,7 +285,7 @@ def _exercise(args) -> int:
     return 0
 
 
-_COMMANDS = {"exercise": _exercise, "derive": _derive, "fit": _fit, "verify": _verify, "demo": _demo}
+_COMMANDS = {"exercise": _exercise, "derive": _derive, "fit": _fit, "anova": _anova, "verify": _verify, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

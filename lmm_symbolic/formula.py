@@ -488,11 +488,15 @@ FUNCTIONS = frozenset(_UFUNCS) | {"I", "log", "factor", "as.factor", "ordered", 
 class Frame:
     """Evaluates formula expressions over a DataFrame (R's ``model.frame``), each variable once."""
 
-    def __init__(self, data: pd.DataFrame, text: str):
+    def __init__(self, data: pd.DataFrame, text: str, parameters: dict | None = None):
         self.data = data
         self.text = text
         self.n = len(data)
         self.columns = {str(c): c for c in data.columns}
+        #: the data-dependent parameters of scale() and poly() by their expression's text (R's predvars):
+        #: computed and kept here on the fit's data, taken as given when new data are evaluated
+        self.given = parameters is not None
+        self.parameters = dict(parameters) if parameters is not None else {}
 
     # the result of an expression: a float array (n,), a bool array (n,), a Factor, a Numeric or a scalar
     def evaluate(self, node: Node):
@@ -644,7 +648,11 @@ class Frame:
             x = self._number(self.evaluate(a["x"]), node)
             center = self._constant(a.get("center"), True, "scale()'s center")
             scale = self._constant(a.get("scale"), True, "scale()'s scale")
-            return Numeric(_scale(np.asarray(x, dtype=float), center, scale)[:, None])
+            key = deparse(node)
+            if not self.given or key not in self.parameters:
+                self.parameters[key] = scale_parameters(np.asarray(x, dtype=float), center, scale)
+            c, s = self.parameters[key]
+            return Numeric(((np.asarray(x, dtype=float) - c) / s)[:, None])
         if fn == "poly":
             a = self._args(node, ("x", "degree", "coefs", "raw"))
             if "coefs" in a:
@@ -652,7 +660,14 @@ class Frame:
             x = np.asarray(self._number(self.evaluate(a["x"]), node), dtype=float)
             degree = self._constant(a.get("degree"), 1.0, "poly()'s degree")
             raw = bool(self._constant(a.get("raw"), False, "poly()'s raw"))
-            return Numeric(_poly(x, degree, raw, deparse(node)), tuple(str(k) for k in range(1, int(degree) + 1)))
+            names = tuple(str(k) for k in range(1, int(degree) + 1))
+            key = deparse(node)
+            if raw or not (self.given and key in self.parameters):
+                P = _poly(x, degree, raw, key)
+                if not raw and not self.given:
+                    self.parameters[key] = poly_coefs(x, int(degree))
+                return Numeric(P, names)
+            return Numeric(poly_predict(x, *self.parameters[key]), names)
         raise AssertionError(fn)
 
     def _vector(self, x, node: Node) -> np.ndarray:
@@ -686,6 +701,44 @@ def _level_text(v) -> str:
     if isinstance(v, (float, np.floating)) and float(v).is_integer():
         return str(int(v))
     return str(v)
+
+
+def scale_parameters(x: np.ndarray, center, scale) -> tuple[float, float]:
+    """The centre and divisor R's scale(x, center, scale) uses (its "scaled:center", "scaled:scale"):
+    scale(x) = (x - c) / s, kept so new data are scaled by the fit's c and s (R's makepredictcall)."""
+    ok = ~np.isnan(x)
+    c = float(np.mean(x[ok])) if center is True else (0.0 if center is False else float(center))
+    if scale is True:
+        k = max(int(ok.sum()) - 1, 1)
+        s = float(np.sqrt(np.sum((x[ok] - c) ** 2) / k))
+        if s == 0:
+            raise DataError("scale() of a constant column divides by zero")
+    else:
+        s = 1.0 if scale is False else float(scale)
+    return c, s
+
+
+def poly_coefs(x: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """R's poly(x, degree)'s coefs (alpha, norm2): the three-term recurrence of the polynomials
+    orthogonal over the fit's x, P_0 = 1, P_1 = x - alpha_1,
+    P_(k+1) = (x - alpha_(k+1)) P_k - (norm2_(k+1) / norm2_k) P_(k-1), each column divided by sqrt(norm2)."""
+    xbar = float(np.mean(x))
+    xc = x - xbar
+    Q, R = np.linalg.qr(np.vander(xc, degree + 1, increasing=True))
+    Z = Q * np.diag(R)
+    norm2 = (Z ** 2).sum(axis=0)
+    alpha = ((xc[:, None] * Z ** 2).sum(axis=0) / norm2 + xbar)[:degree]
+    return alpha, np.concatenate([[1.0], norm2])
+
+
+def poly_predict(x: np.ndarray, alpha: np.ndarray, norm2: np.ndarray) -> np.ndarray:
+    """poly(x, coefs = list(alpha, norm2)) on new x, as R's predict.poly evaluates it."""
+    degree = len(alpha)
+    Z = np.ones((len(x), degree + 1))
+    Z[:, 1] = x - alpha[0]
+    for i in range(1, degree):
+        Z[:, i + 1] = (x - alpha[i]) * Z[:, i] - (norm2[i + 1] / norm2[i]) * Z[:, i - 1]
+    return Z[:, 1:] / np.sqrt(norm2[2:])
 
 
 def _scale(x: np.ndarray, center, scale) -> np.ndarray:

@@ -648,3 +648,46 @@ def _widget(state: _Explorer, start):
 __all__ = ["Criterion", "STATIC_ENV", "explorer", "optimiser_path", "plot_caterpillar", "plot_data",
            "plot_individual_fits", "plot_lmm_fit", "plot_loglik_surface", "plot_ols",
            "plot_profile_sigma_s"]
+
+
+def _zeta_label(name: str, design: Design) -> str:
+    """A parameter's name as mathtext: .sig01 -> sigma_1 (what it is beside it), .sigma -> sigma, beta_x."""
+    from .inference import varpar_labels, varpar_names
+    names = varpar_names(design)
+    if name in names:
+        what = varpar_labels(design)[names.index(name)]
+        if name == ".sigma":
+            return r"$\sigma$ (residual SD)"
+        k = int(name[4:])
+        kind, rest = what.split("_", 1)
+        term, group = rest.rsplit("|", 1)
+        symbol = r"\sigma" if kind == "sd" else r"\rho"
+        return rf"${symbol}_{{{k}}}$ ({'SD' if kind == 'sd' else 'corr.'} {term} | {group})"
+    return rf"$\beta$: {name}"
+
+
+def plot_profile_zeta(fit: FitResult, profile: pd.DataFrame | None = None, level: float = 0.95, ncols: int = 3):
+    """lme4's xyplot(profile(fit)): zeta(psi) = sign(psi - psi_hat) sqrt(D(psi) - D(psi_hat)) for every
+    parameter, the deviance D minimised over the others (ML, as lme4 profiles). A straight line means a
+    quadratic log-likelihood, where the Wald interval is right; the dashed lines at +-z_(1-alpha/2) cut out
+    the profile interval. ``profile`` is ``fit.profile()`` (computed when not given). Returns the Figure."""
+    prof = fit.profile() if profile is None else profile
+    names = list(dict.fromkeys(prof[".par"]))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 2.6 * nrows), squeeze=False)
+    z = scipy.stats.norm.ppf(1 - (1 - level) / 2)
+    for ax, name in zip(axes.ravel(), names):
+        sub = prof[prof[".par"] == name].sort_values("value")
+        ax.plot(sub["value"], sub[".zeta"], "-o", ms=3, color="C0")
+        for s in (-z, z):
+            ax.axhline(s, color="0.5", ls="--", lw=0.8)
+        ax.axhline(0, color="0.8", lw=0.6)
+        ax.set_xlabel(_zeta_label(name, fit.design), fontsize="small")
+        ax.set_ylabel(r"$\zeta$")
+        ax.tick_params(labelsize="x-small")
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(rf"Profile $\zeta$ of each parameter (dashed: $\pm z_{{{(1 + level) / 2:.3g}}}$ = $\pm${z:.3g})",
+                 fontsize="medium")
+    fig.tight_layout()
+    return fig

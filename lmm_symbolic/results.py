@@ -118,12 +118,6 @@ class FitResult:
         """Each grouping factor and its number of levels."""
         return {t.group: t.n_levels for t in self.design.terms}
 
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald intervals beta +- z_(1-alpha/2) se (lme4's confint(method = "Wald"))."""
-        z = scipy.stats.norm.ppf(1 - alpha / 2)
-        lo, hi = f"{100 * alpha / 2:.1f} %", f"{100 * (1 - alpha / 2):.1f} %"
-        return pd.DataFrame({lo: self.params - z * self.bse, hi: self.params + z * self.bse})
-
     # -------------------------------------------------------------------------------- output
     @property
     def _between_within(self) -> bool:
@@ -247,8 +241,8 @@ class FitResult:
             extra += f"<p><b>Not converged:</b> {html.escape(self.opt.message)}</p>"
         return f"<div>{head}<h4>Random effects</h4>{vc}<h4>Fixed effects</h4>{fx}{extra}</div>"
 
-    def to_dict(self) -> dict:
-        """The JSON of ``lmm-symbolic fit --json``. Each p value names its t and df: ``p_value`` follows from
+    def _core_dict(self) -> dict:
+        """The JSON of ``lmm-symbolic fit --json`` (``to_dict`` adds the after-the-fit tables). Each p value names its t and df: ``p_value`` follows from
         ``t_value_nlme`` and ``df`` (nlme), ``p_value_satterthwaite`` from ``t_value`` and
         ``df_satterthwaite`` (lmerTest); ``df_rules`` says so in the JSON itself. A quantity that does not exist for the model (nlme's df
         for crossed factors, say) is null, so the text is standard JSON."""
@@ -278,6 +272,87 @@ class FitResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    # ================================================ after the fit (issue 16): delegates to inference.py
+    # Thin methods only; the work is in lmm_symbolic/inference.py. One block, kept at the class's end.
+    def to_dict(self) -> dict:
+        """The JSON of ``lmm-symbolic fit --json``: the fit, its coefficient table, fixef, ranef (with
+        conditional SDs), VarCorr and the parameters as lme4's confint names them."""
+        from . import inference
+        return {**self._core_dict(), **inference.to_dict_extra(self)}
+
+    def conf_int(self, alpha: float = 0.05, method: str = "profile", nsim: int = 500, seed=None,
+                 which=None) -> pd.DataFrame:
+        """Intervals for every parameter as lme4's confint: method "profile" (the default, as lme4's),
+        "wald" (beta +- z_(1-alpha/2) se; NaN for the variance parameters) or "boot" (percentile)."""
+        from . import inference
+        return inference.conf_int(self, alpha=alpha, method=method, nsim=nsim, seed=seed, which=which)
+
+    def predict(self, newdata=None, re_form=None, offset=None) -> np.ndarray:
+        """lme4's predict(fit, newdata, re.form, allow.new.levels = TRUE); re_form "~0" (or NA) for the
+        population level."""
+        from . import inference
+        return inference.predict(self, newdata, re_form=re_form, offset=offset)
+
+    @property
+    def marginal_fitted(self) -> np.ndarray:
+        """Population-level fitted values X beta (+ offset)."""
+        from . import inference
+        return inference.marginal_fitted(self)
+
+    @property
+    def marginal_residuals(self) -> np.ndarray:
+        """y - X beta (- offset): the residuals from the population-level fit."""
+        return self.design.y - self.marginal_fitted
+
+    def simulate(self, nsim: int = 1, seed=None, use_u: bool = False) -> pd.DataFrame:
+        """lme4's simulate(fit, nsim, seed): responses from the fitted model."""
+        from . import inference
+        return inference.simulate(self, nsim, seed, use_u=use_u)
+
+    def refit(self, y, method: str | None = None) -> "FitResult":
+        """The same design fitted to a new response (lme4's refit)."""
+        from . import inference
+        return inference.refit(self, y, method=method)
+
+    def bootstrap(self, nsim: int = 200, seed=None, use_u: bool = False):
+        """lme4's bootMer: a parametric bootstrap of every parameter (percentile intervals, boundary share)."""
+        from . import inference
+        return inference.bootstrap(self, nsim, seed, use_u=use_u)
+
+    def profile(self, which=None, points: int = 13, level: float = 0.99) -> pd.DataFrame:
+        """lme4's profile: zeta on a grid of each parameter (for a profile-zeta plot)."""
+        from . import inference
+        return inference.profile(self, which=which, points=points, level=level)
+
+    def update(self, formula: str | None = None, data=None, method: str | None = None) -> "FitResult":
+        """lme4's update(fit, ". ~ . + x"): the updated formula refitted."""
+        from . import inference
+        return inference.update(self, formula, data=data, method=method)
+
+    def coef_table(self) -> pd.DataFrame:
+        """Estimate, Std. Error, df, t value, Pr(>|t|) (lmerTest's Satterthwaite df)."""
+        from . import inference
+        return inference.coef_table(self)
+
+    def fixef(self) -> pd.Series:
+        """lme4's fixef: the fixed-effect estimates."""
+        return self.params.copy()
+
+    def ranef(self) -> dict:
+        """lme4's ranef(condVar = TRUE): per grouping factor, the modes and their conditional SDs."""
+        from . import inference
+        return inference.ranef(self)
+
+    def VarCorr(self) -> pd.DataFrame:  # noqa: N802 (lme4's name)
+        """lme4's as.data.frame(VarCorr(fit)): grp, var1, var2, vcov, sdcor."""
+        from . import inference
+        return inference.varcorr(self)
+
+    def _repr_latex_(self) -> str:
+        from . import inference
+        return inference.latex_equation(self)
+    # ====================================================================== end of the after-the-fit block
 
 
 # ------------------------------------------------------------------------------------ inference

@@ -92,6 +92,9 @@ class Design:
     weights: np.ndarray | None = field(default=None, repr=False)
     #: a known term added to the linear predictor (``offset(x)`` or ``offset=``); None for 0
     offset: np.ndarray | None = field(default=None, repr=False)
+    #: scale()'s and poly()'s parameters computed on the data, by expression (R's predvars): new data
+    #: are evaluated with them (:class:`lmm_symbolic.formula.Frame`)
+    formula_parameters: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -708,7 +711,8 @@ def specify(formula: str, data: DataLike, kinship=None, weights=None, offset=Non
             arr.setflags(write=False)
     return Design(formula=formula, response=deparse(parsed.response), y=y, X=X, fixed_names=tuple(names),
                   terms=terms, frame=sub, messages=tuple(messages), dropped_columns=tuple(dropped),
-                  n_dropped_rows=n_dropped, kinship=K, weights=w, offset=o)
+                  n_dropped_rows=n_dropped, kinship=K, weights=w, offset=o,
+                  formula_parameters=dict(ev_frame.parameters))
 
 
 def _check_columns(frame: pd.DataFrame) -> None:

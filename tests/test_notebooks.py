@@ -15,9 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = ["01_toy_data_and_ols", "02_model_equations", "03_maximum_likelihood", "04_paired_t_test",
-            "05_reml", "06_real_data", "07_check_your_derivation", "08_appendix_implementation"]
+            "05_reml", "06_real_data", "07_check_your_derivation", "08_appendix_implementation",
+            "09_comparing_models"]
 #: the course notebooks (the appendix is implementation material)
-COURSE = EXPECTED[:-1]
+COURSE = [name for name in EXPECTED if name != "08_appendix_implementation"]
 EQUATION = re.compile(r"Eq\.\s*(\d+)\b")
 #: each notebook must run in under a minute (kernel start included)
 BUDGET_SECONDS = 60.0
