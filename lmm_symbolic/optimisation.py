@@ -329,23 +329,42 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     def search(start):
         res = scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B",      # polished below
                                       options={"ftol": 1e-10, "gtol": 1e-6, "maxiter": 2000})
-        return _on_the_bounds(objective, _canonical(objective, np.asarray(res.x)), lower), res
+        return _canonical(objective, np.asarray(res.x)), res
 
-    theta, res = search(theta0)
-    for _ in range(objective.n_theta):
-        inward = _inward_of_the_bound(objective, theta, lower)
-        if inward is None:
-            break
-        theta, res = search(inward)
-    message = str(res.message)
+    def raw():
+        theta, res = search(theta0)
+        # an unconstrained search stops at an exact 0 only where it began on one (theta = 0 is stationary in
+        # its column): then each such theta is moved inward, and the search restarted from a better point
+        for _ in range(objective.n_theta):
+            inward = _inward_of_the_bound(objective, theta, lower)
+            if inward is None:
+                break
+            theta, res = search(inward)
+        return _on_the_bounds(objective, theta, lower), res
+
     standard = _standardising_map(objective)
-    if standard is not None and (np.any(theta <= lower + 1e-12) or not res.success or standard.poorly_centred):
-        # a second start, in the coordinates of centred and scaled slope columns: a slope whose covariate
-        # sits far from 0 (or on another scale) makes lme4's theta badly conditioned
-        bounds = [(lo, None) for lo in objective.lower_bounds]
-        second = standard.minimise(objective, theta0, bounds, path)
-        if second is not None and objective(second) < objective(theta):
-            theta, message = second, f"{message}; second start in centred and scaled slope coordinates"
+    bounds = [(lo, None) for lo in objective.lower_bounds]
+    if standard is not None and standard.poorly_centred:
+        # a slope whose covariate sits far from 0 (or on another scale) makes lme4's theta badly conditioned:
+        # the search runs in the coordinates of centred and scaled slope columns, lme4's only if that fails
+        first = standard.minimise(objective, theta0, bounds, path)
+        if first is not None:
+            theta = _on_the_bounds(objective, first, lower)
+            if not np.any(theta <= lower + 1e-12):
+                theta, H = _polish_general(objective, theta, lower)
+                return theta, "converged in centred and scaled slope coordinates", H
+        theta, res = raw()
+        message = str(res.message)
+        if first is not None and objective(first) < objective(theta):
+            theta, message = first, f"{message}; centred and scaled slope coordinates better"
+    else:
+        theta, res = raw()
+        message = str(res.message)
+        if standard is not None and (np.any(theta <= lower + 1e-12) or not res.success):
+            # a second start, in the coordinates of centred and scaled slope columns
+            second = standard.minimise(objective, theta0, bounds, path)
+            if second is not None and objective(second) < objective(theta):
+                theta, message = second, f"{message}; second start in centred and scaled slope coordinates"
     theta, H = _polish_general(objective, theta, lower)
     return theta, message, H
 
