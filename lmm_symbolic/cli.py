@@ -79,7 +79,26 @@ def _expression_arguments(argv: list[str]) -> list[str]:
     return out
 
 
+#: the exit status when the reader of stdout goes away (``... | head``): 128 + SIGPIPE, as a shell tool's
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that closes stdout early (``lmm-symbolic demo | head``) ends it quietly
+    with :data:`EXIT_BROKEN_PIPE`, as the Python documentation recommends for SIGPIPE: stdout is pointed at
+    devnull so the interpreter's final flush cannot fail again."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = _expression_arguments(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
@@ -90,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             _flush(caught)
             print(f"lmm-symbolic: error: {_one_line(exc)}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            raise
         except OSError as exc:  # e.g. --latex FILE in a folder that does not exist
             _flush(caught)
             print(f"lmm-symbolic: error: {exc.strerror or exc}: {exc.filename or ''}; check the path",
@@ -106,9 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+#: the longest message line printed (whatever a message quotes, stderr stays readable)
+MAX_MESSAGE = 4000
+
+
 def _one_line(text) -> str:
-    """A message on one line: stderr gets exactly one line per error or warning."""
-    return " ".join(str(text).split())
+    """A message on one line: stderr gets exactly one line per error or warning, at most
+    :data:`MAX_MESSAGE` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= MAX_MESSAGE else f"{line[:MAX_MESSAGE]}... ({len(line):,} characters in all)"
 
 
 def _flush(caught) -> None:
