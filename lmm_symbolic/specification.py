@@ -170,8 +170,7 @@ def read_data(data: DataLike) -> pd.DataFrame:
                         "and that you may read it") from None
     if b"\x00" in head:
         raise DataError(f"{path!r} is not a text CSV file (it holds binary data); export the data as CSV")
-    header = head.split(b"\n", 1)[0]
-    if header.count(b",") + header.count(b";") + header.count(b"\t") >= MAX_COLUMNS:
+    if _header_separators(path) >= MAX_COLUMNS:
         raise DataError(f"{path!r} has more than {MAX_COLUMNS} columns, more than a model's data may have here")
     try:
         # as R's read.csv: only empty cells and NA are missing (a level called "None" or "null" is data)
@@ -185,6 +184,19 @@ def read_data(data: DataLike) -> pd.DataFrame:
         raise DataError(f"cannot read {path!r} as CSV: {str(exc).splitlines()[0]}; check the file is "
                         "comma-separated with one header line") from None
     return _numeric_text_columns(frame)
+
+
+def _header_separators(path: str, chunk: int = 1 << 16) -> int:
+    """The separators (, ; tab) on the header line, read in chunks up to its end or until there are
+    :data:`MAX_COLUMNS` of them (a header of any width is never read whole)."""
+    count = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            line = block.split(b"\n", 1)[0]
+            count += line.count(b",") + line.count(b";") + line.count(b"\t")
+            if len(line) < len(block) or not block or count >= MAX_COLUMNS:
+                return count
 
 
 #: the largest CSV file read into memory, and the most columns

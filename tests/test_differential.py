@@ -51,8 +51,6 @@ def check(ref, data, weights):
 
 def _xfail_known(ref):
     marks = []
-    if ref["family"] == "weights":
-        marks.append(pytest.mark.xfail(strict=False, reason="fit() has no weights= yet (issue 12 item 2)"))
     if ref["family"] == "collinear":
         marks.append(pytest.mark.xfail(strict=False, reason="x2 = x + 1 + 1e-6 noise is kept now (as lme4), but "
                                        "the GLS of so ill-conditioned an X loses ~1e-4 of logLik (issue 18)"))
@@ -77,10 +75,8 @@ def test_live_random_designs_against_lme4(tmp_path):
     fresh = json.loads((tmp_path / "out.json").read_text())
     failures, known = [], []
     for ref in fresh.values():
-        if ref["family"] == "weights":
-            continue                                          # the regression seeds cover weights
         try:
-            check(ref, _read(tmp_path / f"seed{ref['seed']}.csv"), None)
+            check(ref, _read(tmp_path / f"seed{ref['seed']}.csv"), "w" if ref["family"] == "weights" else None)
         except Exception as e:  # noqa: BLE001 -- collected with the seed
             line = f"seed {ref['seed']} {ref['method']}: {type(e).__name__}: {str(e)[:150]}"
             # known: x2 = x + 1 + 1e-6 noise, the GLS of an X this ill-conditioned loses ~1e-4 of logLik
