@@ -28,6 +28,7 @@ import random
 from dataclasses import dataclass, field
 from math import comb
 
+import numpy as np
 import sympy as sp
 from sympy.matrices import MatrixBase
 
@@ -163,7 +164,7 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
         raise ModelError(f"{key} is written out only for designs of at most {INVERSE_N} observations "
                          f"(this one has {der.design.n})")
     names = symbol_table(der)
-    given = parse_expression(expression, names, syntax)
+    given = parse_expression(expression, names, syntax, design_sizes(der))
     order = _symbol_order(names)
     if isinstance(expected, MatrixBase):
         if not isinstance(given, MatrixBase):
@@ -197,6 +198,18 @@ def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
             if isinstance(s, sp.Symbol) and not isinstance(s, sp.Dummy):
                 names.setdefault(s.name, s)
     return names
+
+
+def design_sizes(der: Derivation) -> dict:
+    """The sizes the limits of a sum may name: G groups (of the first random term), n observations, and
+    m = the groups' sizes in the order of y_{ij}'s second index."""
+    design = der.design
+    out = {"n": int(design.n)}
+    if design.terms:
+        t = design.terms[0]
+        out["G"] = int(t.n_levels)
+        out["m"] = [int(k) for k in np.bincount(np.asarray(t.codes), minlength=t.n_levels)]
+    return out
 
 
 def _symbol_order(names: dict) -> dict:
@@ -624,9 +637,9 @@ def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> Step
     names = symbol_table(der)
     order = _symbol_order(names)
     first, step = None, None
-    previous = parse_expression(lines[0], names, syntax)
+    previous = parse_expression(lines[0], names, syntax, design_sizes(der))
     for k, text in enumerate(lines[1:], 2):
-        current = parse_expression(text, names, syntax)
+        current = parse_expression(text, names, syntax, design_sizes(der))
         if isinstance(current, MatrixBase) or isinstance(previous, MatrixBase):
             v = _compare_matrix(current, previous, quantity, der, order) if \
                 isinstance(current, MatrixBase) and isinstance(previous, MatrixBase) and \
