@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--quantity", required=True,
                    help="det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma, kinship, "
                    "gls_information, gls_estimator, beta_covariance, profiled_loglik, deviance, reml_criterion, "
-                   "likelihood, score_<symbol> (score_sigma2 for d/d sigma^2)")
+                   "likelihood, ml_sigma2, ml_sigma_s2, reml_sigma2, reml_sigma_s2 (closed forms, balanced designs), "
+                   "conditional_modes (u_hat), score_<symbol> (score_sigma2 for d/d sigma^2)")
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--expr", help="the expression, plain (sigma**2) or LaTeX (\\sigma^2); "
                      "one starting with '-' is read too (--expr -2*log(2*pi) ...)")
