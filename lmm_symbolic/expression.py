@@ -1027,7 +1027,9 @@ class _LatexParser:
         if not self.is_op("_"):
             raise ExpressionError(f"\\{name} needs its limits, as in \\{name}_{{j=1}}^{{G}}")
         self.next()
-        self.expect_op("{")
+        if not self.is_op("{"):
+            raise ExpressionError(f"\\{name} needs its limits, as in \\{name}_{{j=1}}^{{G}}")
+        self.next()
         idx = self.next()
         if idx.kind != "letter" or idx.text in self.bound:
             raise ExpressionError(f"the index of \\{name} must be a letter not already in use, e.g. j")
