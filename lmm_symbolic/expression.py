@@ -1002,8 +1002,10 @@ class _LatexParser:
             self.expect_op("}")
             return value
         if t.kind == "num":
-            if not t.text.isdigit() or len(t.text) > 6:
+            if not t.text.isdigit():
                 raise ExpressionError(f"a limit of a sum must be a whole number, not {t.text}")
+            if len(t.text) > 6:
+                raise ExpressionError(f"the sums and products expand to more than {MAX_EXPANDED_TERMS} terms")
             return int(t.text)
         if t.kind == "letter":
             if t.text in self.bound:

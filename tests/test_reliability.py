@@ -342,3 +342,30 @@ def test_json_theta_against_live_lme4(tmp_path):
             out = lmm.fit(formula, d, method="ML").to_dict()
         assert out["theta_names"] == list(r), formula
         np.testing.assert_allclose(out["theta"], [float(v) for v in r.values()], atol=2e-4)
+
+
+# ------------------------------------------------------------------------ every fit in bounded time
+@pytest.mark.parametrize("formula", ["Reaction ~ D + (1|Subject)", "Reaction ~ Days + D + (1|Subject)",
+                                     "Reaction ~ scale(Days) + D + (1|Subject)"])
+def test_the_default_fit_with_ordered_factor_contrasts_ends(formula):
+    """Issue 18 item 4, the class tests/test_formula.py does not cover: an ordered factor (contr.poly: D.L,
+    D.Q, D.C) on a balanced design, the default fit (exact step included) in a separate process under a
+    generous limit, so a hang fails instead of stalling the suite."""
+    code = ("import lmm_symbolic as lmm, warnings, pandas as pd; warnings.simplefilter('ignore');"
+            "d = lmm.datasets.load('sleepstudy'); d['D'] = pd.Categorical(d.Days % 4, ordered=True);"
+            f"f = lmm.fit({formula!r}, d); print(list(f.params.index), f.exact is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "'D.L', 'D.Q', 'D.C'" in out.stdout and out.stdout.strip().endswith("True")
+
+
+def test_verify_reads_sums_and_determinants_from_the_command_line(capsys):
+    code, out, err = run_cli(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--latex", "--expr",
+                              r"\prod_{j=1}^{G} \sigma^{2(m_j-1)}(\sigma^2 + m_j\sigma_s^2)"], capsys)
+    assert code == 0 and out.startswith("equal"), err
+    code, out, err = run_cli(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--expr",
+                              "det([[sigma**2 + sigma_s**2, sigma_s**2], [sigma_s**2, sigma**2]])**2"], capsys)
+    assert code == 1 and out.startswith("not equal") and "counterexample" in out
+    code, out, err = run_cli(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--latex", "--expr",
+                              r"\sum_{j=1}^{99999999} \sigma"], capsys)
+    assert code == 2 and "more than" in one_error_line(err)
