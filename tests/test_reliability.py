@@ -113,6 +113,18 @@ def test_a_device_as_the_data_is_refused():
         lmm.fit("y ~ x + (1|g)", "/dev/zero")
 
 
+def test_a_2gb_csv_is_refused_before_reading(tmp_path):
+    """A sparse 2 GiB file (no disk used): refused by its size, naming the 1024 MiB limit, in well under the
+    time or memory a read would take."""
+    path = tmp_path / "big.csv"
+    with open(path, "wb") as fh:
+        fh.write(b"y,x,g\n")
+        fh.truncate(2 * 2**30)
+    assert specification.MAX_CSV_BYTES == 2**30
+    with pytest.raises(lmm.DataError, match=r"2048 MiB, more than the 1024 MiB .*Dask"):
+        lmm.fit("y ~ x + (1|g)", str(path))
+
+
 def test_a_csv_beyond_the_size_limit_is_refused_naming_the_limit(tmp_path, monkeypatch):
     path = tmp_path / "d.csv"
     frame().to_csv(path, index=False)
