@@ -43,7 +43,9 @@ MAX_MATRIX_PRODUCT = 20_000
 #: the largest matrix whose determinant is expanded (|A|, \det A, vmatrix, det(...))
 MAX_DET_DIM = 8
 #: the most terms a sum or product over an index (\sum_{j=1}^{G}, \prod) expands to, nested ones multiplied
-MAX_EXPANDED_TERMS = 2_000
+MAX_EXPANDED_TERMS = 500
+#: the most tokens read again while expanding sums and products (bodies times their length), all together
+MAX_EXPANDED_TOKENS = 100_000
 
 _MAX_BITS = MAX_NUMBER_DIGITS * math.log2(10)  # about 997 bits
 
@@ -676,6 +678,7 @@ class _LatexParser:
         self.bound: dict[str, int] = {}      # the indices of the sums and products being expanded
         self.expanded = 0                    # bodies read so far, all sums together
         self.used: set[str] = set()          # indices of sums already closed
+        self.work = 0                        # tokens read in the bodies of sums and products
 
     # --------------------------------------------------------------------------------- helpers
     def peek(self) -> _Tok:
@@ -1053,6 +1056,10 @@ class _LatexParser:
                 self.bound[idx.text] = v
                 self.expanded += 1
                 values.append(self.term())
+                self.work += self.i - start
+                if self.work > MAX_EXPANDED_TOKENS:
+                    raise ExpressionError(f"the sums and products are too long to expand (more than "
+                                          f"{MAX_EXPANDED_TOKENS:,} tokens read)")
             if not values:                    # an empty sum is 0, an empty product 1: skip its body
                 self.bound[idx.text] = 0
                 self.term()

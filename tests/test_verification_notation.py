@@ -9,7 +9,7 @@ import pytest
 import sympy as sp
 
 import lmm_symbolic as lmm
-from lmm_symbolic.expression import MAX_DET_DIM, MAX_EXPANDED_TERMS, parse_expression
+from lmm_symbolic.expression import MAX_DET_DIM, MAX_EXPANDED_TERMS, parse_expression  # noqa: F401
 from lmm_symbolic.verification import derived_quantity
 
 
@@ -101,6 +101,7 @@ def test_the_index_is_a_number_in_the_body():
 @pytest.mark.parametrize("text, says", [
     (r"\sum_{j=1}^{100000} \sigma", f"more than {MAX_EXPANDED_TERMS} terms"),
     (r"\sum_{j=1}^{G}\sum_{k=1}^{999}\sum_{l=1}^{999} \sigma", f"more than {MAX_EXPANDED_TERMS} terms"),
+    (r"\sum_{j=1}^{400} \left(" + " + ".join([r"\sigma"] * 300) + r"\right)", "too long to expand"),
     (r"\sum_j \sigma", "needs its limits"),
     (r"\sum_{j=1} \sigma", "upper limit"),
     (r"\sum_{j=1}^{Q} \sigma", "a limit of a sum"),
