@@ -201,3 +201,12 @@ def test_numbers_for_y(toy):
 def test_an_answer_with_beta_and_y_is_compared_as_it_stands(toy):
     v = lmm.verify(toy, "quadratic_form", sp.sstr(toy.quadratic_form))
     assert v.equal and v.hint is None
+
+
+def test_steps_with_sums_and_determinants(toy):
+    lines = [r"\det " + SIGMA, r"\prod_{j=1}^{G} \left|\begin{pmatrix}" + BLOCK + r"\end{pmatrix}\right|",
+             r"\prod_{j=1}^{G} \sigma^{2(m_j-1)}(\sigma^2 + m_j\sigma_s^2)",
+             r"\prod_{j=1}^{G} \sigma^{2}(\sigma^2 + 3\sigma_s^2)"]
+    report = lmm.verify_steps(toy, "det", lines)
+    assert report.equal_lines == (1, 2, 3) and report.first_break == 4
+    assert report.step.counterexample is not None
