@@ -554,12 +554,23 @@ def _numeric_response(frame: pd.DataFrame, response: str) -> np.ndarray:
     return col.to_numpy(dtype=float)
 
 
+def _bare_names(node) -> list[str]:
+    """The column names a term list uses as they stand (x in ``1 + x + x:z``), not inside a call
+    (``factor(h)``)."""
+    if node.kind == "name":
+        return [node.value]
+    if node.kind == "binary" and node.value in ("+", ":", "*"):
+        return [name for a in node.args for name in _bare_names(a)]
+    return []
+
+
 def _check_numeric_columns(parsed, frame: pd.DataFrame) -> None:
-    """A column used as a covariate whose values are mostly numbers but not all (``12.5``, ``13,1``, ``n/a``)
-    is a typing error in the data, not a factor with a level per number: say which value, where."""
+    """A column used as a covariate whose values are numbers but for a few (at most 10% of them, at most 3
+    distinct: ``12.5``, ``13,1``, ``n/a``) is a typing error in the data, not a factor with a level per
+    number: say which value, where."""
     bare = [v.value for v in parsed.fixed.variables if v.kind == "name"]
     for part in parsed.random:
-        bare += [v for v in names_in(part.expr)]
+        bare += _bare_names(part.expr)
     for c in dict.fromkeys(bare):
         if c not in frame.columns:
             continue
@@ -572,7 +583,8 @@ def _check_numeric_columns(parsed, frame: pd.DataFrame) -> None:
         if len(present) == 0 or numbers.notna().mean() < 0.5:
             continue
         where = np.flatnonzero(numbers.isna().to_numpy())
-        if where.size == 0:
+        # a few stray values among numbers are a typing error; more are a factor's levels (as R reads them)
+        if where.size == 0 or where.size > max(1, len(present) // 10) or present.iloc[where].nunique() > 3:
             continue
         first = present.index[where[0]]
         row = frame.index.get_loc(first) + 1

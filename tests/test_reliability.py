@@ -381,3 +381,16 @@ def test_verify_reads_sums_and_determinants_from_the_command_line(capsys):
     code, out, err = run_cli(["verify", "toy", "Resp ~ Treat + (1|Ind)", "--quantity", "det", "--latex", "--expr",
                               r"\sum_{j=1}^{99999999} \sigma"], capsys)
     assert code == 2 and "more than" in one_error_line(err)
+
+
+def test_a_column_of_many_non_numbers_is_a_factor_as_r_reads_it():
+    """Levels "1", "2", "3", "3a" (a quarter not numbers) are a factor's levels, not typing errors."""
+    d = frame()
+    d["h"] = ["1", "2", "3", "3a"] * 10
+    fit = lmm.fit("y ~ x + h + (1|g)", d)
+    assert len(fit.params) == 5
+    d.loc[[0, 1], "h"] = ["2", "1"]
+    d["h2"] = [str(v) for v in range(40)]
+    d.loc[7, "h2"] = "seven"
+    with pytest.raises(lmm.DataError, match="'seven' in data row 8"):
+        lmm.fit("y ~ x + (h2|g)", d)
