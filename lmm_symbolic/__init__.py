@@ -44,6 +44,8 @@ def fit(formula: str, data, method: str = "REML", exact: bool | str = "auto", ki
     active scheduler or distributed Client, and fitted as usual.
     Progress is logged under the ``lmm_symbolic`` logger at INFO (``lmm_symbolic.progress.enable()``).
     """
+    if not isinstance(method, str) or method.upper() not in ("ML", "REML"):
+        raise ModelError(f"method must be 'ML' or 'REML', not {method!r}")
     if is_dask_dataframe(data):
         if weights is not None or offset is not None:
             raise ModelError("weights and offsets are not supported with a Dask DataFrame yet; compute the "

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--quantity", required=True,
                    help="det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma, kinship, "
                    "gls_information, gls_estimator, beta_covariance, profiled_loglik, deviance, reml_criterion, "
-                   "likelihood, score_<symbol> (score_sigma2 for d/d sigma^2)")
+                   "likelihood, ml_sigma2, ml_sigma_s2, reml_sigma2, reml_sigma_s2 (closed forms, balanced designs), "
+                   "conditional_modes (u_hat), score_<symbol> (score_sigma2 for d/d sigma^2)")
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--expr", help="the expression, plain (sigma**2) or LaTeX (\\sigma^2); "
                      "one starting with '-' is read too (--expr -2*log(2*pi) ...)")
@@ -95,7 +96,26 @@ def _expression_arguments(argv: list[str]) -> list[str]:
     return out
 
 
+#: the exit status when the reader of stdout goes away (``... | head``): 128 + SIGPIPE, as a shell tool's
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that closes stdout early (``lmm-symbolic demo | head``) ends it quietly
+    with :data:`EXIT_BROKEN_PIPE`, as the Python documentation recommends for SIGPIPE: stdout is pointed at
+    devnull so the interpreter's final flush cannot fail again."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = _expression_arguments(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             _flush(caught)
             print(f"lmm-symbolic: error: {_one_line(exc)}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            raise
         except OSError as exc:  # e.g. --latex FILE in a folder that does not exist
             _flush(caught)
             print(f"lmm-symbolic: error: {exc.strerror or exc}: {exc.filename or ''}; check the path",
@@ -122,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+#: the longest message line printed (whatever a message quotes, stderr stays readable)
+MAX_MESSAGE = 4000
+
+
 def _one_line(text) -> str:
-    """A message on one line: stderr gets exactly one line per error or warning."""
-    return " ".join(str(text).split())
+    """A message on one line: stderr gets exactly one line per error or warning, at most
+    :data:`MAX_MESSAGE` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= MAX_MESSAGE else f"{line[:MAX_MESSAGE]}... ({len(line):,} characters in all)"
 
 
 def _flush(caught) -> None:

@@ -27,3 +27,15 @@ class ExpressionError(LMMError, ValueError):
 
 class LMMWarning(UserWarning):
     """Something the user should know that does not stop the work (dropped rows, singular fit, ...)."""
+
+
+#: the most characters of a data value quoted in a message (a 50 MB cell must not become a 50 MB message)
+SHOWN_CHARACTERS = 40
+
+
+def shown(value) -> str:
+    """``repr(value)`` for a message, cut to :data:`SHOWN_CHARACTERS` with the value's length said."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[:SHOWN_CHARACTERS]}... ({len(str(value)):,} characters)"

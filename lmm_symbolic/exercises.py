@@ -13,7 +13,9 @@ from .errors import ModelError
 from .specification import specify
 from .verification import TITLES, derived_quantity
 
-QUESTIONS = ("det", "quadratic_form", "gls_estimator", "loglik")
+QUESTIONS = ("det", "quadratic_form", "gls_estimator", "loglik", "conditional_modes")
+#: asked when the design is balanced (equal group sizes, GLS = OLS): the closed forms exist
+BALANCED_QUESTIONS = ("reml_sigma2", "reml_sigma_s2", "ml_sigma_s2")
 FORMULA = "y ~ x + (1|g)"
 
 
@@ -64,5 +66,11 @@ def exercise(seed: int = 0, groups: int = 2, sizes=None) -> Exercise:
     rows = [(f"g{j + 1}", i % 2, rng.randint(0, 20)) for j, m in enumerate(sizes) for i in range(m)]
     data = pd.DataFrame(rows, columns=["g", "x", "y"])
     der = derive(specify(FORMULA, data))
-    questions = tuple((k, f"Derive {TITLES[k]}.", derived_quantity(der, k)) for k in QUESTIONS)
+    questions = [(k, f"Derive {TITLES[k]}.", derived_quantity(der, k)) for k in QUESTIONS]
+    for k in BALANCED_QUESTIONS:
+        try:
+            questions.append((k, f"Derive {TITLES[k]}, and its value at these data.", derived_quantity(der, k)))
+        except ModelError:          # unequal group sizes: no closed form to ask for
+            break
+    questions = tuple(questions)
     return Exercise(seed, data, FORMULA, der, questions)

@@ -40,11 +40,17 @@ MAX_NUMBER_DIGITS = 300
 MAX_DEGREE = 2000
 MAX_MATRIX_DIM = 50
 MAX_MATRIX_PRODUCT = 20_000
+#: the largest matrix whose determinant is expanded (|A|, \det A, vmatrix, det(...))
+MAX_DET_DIM = 8
+#: the most terms a sum or product over an index (\sum_{j=1}^{G}, \prod) expands to, nested ones multiplied
+MAX_EXPANDED_TERMS = 500
+#: the most tokens read again while expanding sums and products (bodies times their length), all together
+MAX_EXPANDED_TOKENS = 100_000
 
 _MAX_BITS = MAX_NUMBER_DIGITS * math.log2(10)  # about 997 bits
 
 #: functions the plain syntax may call, by name
-PLAIN_FUNCTIONS = ("log", "ln", "exp", "sqrt", "abs", "Abs")
+PLAIN_FUNCTIONS = ("log", "ln", "exp", "sqrt", "abs", "Abs", "det")
 #: names of constants (in both syntaxes, ``\\pi`` in LaTeX)
 CONSTANTS = {"pi": sp.pi, "E": sp.E, "e": sp.E}
 
@@ -53,12 +59,17 @@ _INFINITE = (sp.zoo, sp.nan, sp.oo, -sp.oo)
 
 
 def detect_syntax(text: str) -> str:
-    """``"latex"`` when the text has a backslash or a brace, else ``"plain"``."""
-    return "latex" if ("\\" in text or "{" in text) else "plain"
+    """``"latex"`` when the text has a backslash, a brace or a sum or product sign, else ``"plain"``."""
+    return "latex" if ("\\" in text or "{" in text or "∑" in text or "∏" in text) else "plain"
 
 
-def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | None = None) -> Value:
+def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | None = None,
+                     sizes: Mapping | None = None) -> Value:
     """The sympy expression (or Matrix) ``text`` states, with symbol names taken from ``names``.
+
+    ``sizes`` are the design's sizes that the limits of a LaTeX sum or product may name:
+    ``{"G": groups, "n": observations, "m": [size of group 1, ...]}`` (so ``\\sum_{j=1}^{G}``,
+    ``\\prod_{i=1}^{m_j}``, and ``m_j`` or ``n_j`` in the body is group j's size).
 
     ``syntax`` is ``"plain"``, ``"latex"`` or None (detect: LaTeX if the text has ``\\`` or ``{``).
     Raises ExpressionError for anything outside the whitelist or beyond the bounds.
@@ -84,7 +95,7 @@ def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | No
     _check_nesting(text)
     if syntax == "plain":
         text = implicit_products(text, names)
-    builder = _Builder(names)
+    builder = _Builder(names, sizes)
     try:
         parser = _PlainParser(text, builder) if syntax == "plain" else _LatexParser(text, builder)
         value = parser.parse()
@@ -130,6 +141,9 @@ def normalise_unicode(text: str, latex: bool) -> str:
             else:
                 out.append("^{" + body + "}" if latex else "^(" + body + ")")
             i = j
+        elif c in "∑∏" and latex:
+            out.append("\\sum " if c == "∑" else "\\prod ")
+            i += 1
         elif c in _OPERATOR_CHARS:
             op = _OPERATOR_CHARS[c]
             out.append(" \\cdot " if latex and op == "*" else op)
@@ -246,8 +260,9 @@ def degree_bound(e: sp.Basic, memo: dict | None = None) -> int:
 class _Builder:
     """Makes the sympy objects for both parsers, checking every bound before sympy evaluates anything."""
 
-    def __init__(self, names: Mapping[str, sp.Symbol]):
+    def __init__(self, names: Mapping[str, sp.Symbol], sizes: Mapping | None = None):
         self.names = dict(names)
+        self.sizes = dict(sizes or {})
 
     # ---------------------------------------------------------------------------------- leaves
     def number(self, text: str) -> sp.Rational:
@@ -386,7 +401,20 @@ class _Builder:
             raise _too_big()
         return self._checked(sp.Pow(base, exponent))
 
+    def determinant(self, M: Value) -> sp.Expr:
+        """|A| = det A for a square matrix of at most :data:`MAX_DET_DIM` rows (Berkowitz, no division);
+        the determinant of a scalar is the scalar."""
+        if not isinstance(M, MatrixBase):
+            return M
+        if M.shape[0] != M.shape[1]:
+            raise ExpressionError(f"a determinant needs a square matrix, not {M.shape[0]}x{M.shape[1]}")
+        if M.shape[0] > MAX_DET_DIM:
+            raise ExpressionError(f"determinants are expanded for matrices of at most {MAX_DET_DIM} rows")
+        return self._checked(sp.expand(M.det(method="berkowitz")) if M.shape[0] <= 3 else M.det(method="berkowitz"))
+
     def function(self, name: str, arg: Value) -> sp.Expr:
+        if name == "det" or (name in ("abs", "Abs") and isinstance(arg, MatrixBase)):
+            return self.determinant(arg)
         if isinstance(arg, MatrixBase):
             raise ExpressionError(f"{name} of a matrix is not allowed")
         if name in ("log", "ln"):
@@ -576,17 +604,17 @@ _TOKEN = re.compile(r"""
   | (?P<badcmd>\\.?)
   | (?P<num>\d+(?:\.\d+)?|\.\d+)
   | (?P<letter>[A-Za-z])
-  | (?P<op>[-+*/^_&,|()\[\]{}.])
+  | (?P<op>[-+*/^_&,|()\[\]{}.=])
 """, re.VERBOSE | re.DOTALL)
 
 _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "iota",
           "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
           "omega"}
 _GREEK_NAME = {"varepsilon": "epsilon", "varphi": "phi"}
-_FUNCTIONS = {"log": "log", "ln": "ln", "exp": "exp"}
+_FUNCTIONS = {"log": "log", "ln": "ln", "exp": "exp", "det": "det"}
 _MULOPS = {"cdot": "*", "times": "*", "div": "/"}
 _FRACS = {"frac", "dfrac", "tfrac"}
-_MATRIX_ENVS = {"matrix", "pmatrix", "bmatrix", "Bmatrix", "smallmatrix"}
+_MATRIX_ENVS = {"matrix", "pmatrix", "bmatrix", "Bmatrix", "smallmatrix", "vmatrix"}
 _CLOSER = {"(": ")", "[": "]", "{": "}", "\\{": "\\}", "|": "|", "\\|": "\\|", ".": None}
 _SKIP_CMDS = {"quad", "qquad", "displaystyle", "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr",
               "biggl", "biggr", "Biggl", "Biggr", "bigm", "Bigm"}
@@ -647,6 +675,10 @@ class _LatexParser:
         self.i = 0
         self.depth = 0
         self.b = builder
+        self.bound: dict[str, int] = {}      # the indices of the sums and products being expanded
+        self.expanded = 0                    # bodies read so far, all sums together
+        self.used: set[str] = set()          # indices of sums already closed
+        self.work = 0                        # tokens read in the bodies of sums and products
 
     # --------------------------------------------------------------------------------- helpers
     def peek(self) -> _Tok:
@@ -767,7 +799,12 @@ class _LatexParser:
                 if sup is not None:
                     raise ExpressionError("double superscript: write x^{a b} or (x^a)^b")
                 sup = self.script()
-        if sub is None and t.kind == "letter" and base == "e":
+        if sub is None and t.kind == "letter" and base in self.bound:
+            value = sp.Integer(self.bound[base])
+        elif sub is not None and t.kind == "letter" and base in ("m", "n") and sub.isdigit() and \
+                f"{base}_{sub}" not in self.b.names and "m" in self.b.sizes:
+            value = sp.Integer(self._group_size(sub))
+        elif sub is None and t.kind == "letter" and base == "e":
             value = sp.E
         else:
             name = self.b.resolve(base if sub is None else f"{base}_{sub}")
@@ -775,6 +812,10 @@ class _LatexParser:
                 if t.kind == "letter" and sub is None and sup is None:
                     self._spelled_word(t)
                 shown = ("\\" + name) if t.kind == "cmd" else name
+                if sub is not None and any(c in self.used for c in sub):
+                    raise ExpressionError(f"{shown!r} stands outside the sum or product over its index: a sum's "
+                                          "body is the product that follows it; put a longer body in parentheses, "
+                                          "\\sum_{j=1}^{G} \\left( ... \\right)")
                 raise ExpressionError(f"unknown symbol {shown!r}; known names: {self.b.known()}")
             value = self.b.symbol(name)
         return value if sup is None else self.b.power(value, sup)
@@ -794,7 +835,9 @@ class _LatexParser:
             parts = []
             while not self.is_op("}"):
                 u = self.next()
-                if u.kind in ("num", "letter"):
+                if u.kind == "letter" and u.text in self.bound:
+                    parts.append(f"_{self.bound[u.text]}_")
+                elif u.kind in ("num", "letter"):
                     parts.append(u.text)
                 elif u.kind == "cmd" and u.text in _TEXT_CMDS:   # \sigma_{\mathrm{s}}, \sigma_{\text{s}}
                     self.expect_op("{")
@@ -813,9 +856,9 @@ class _LatexParser:
             self.next()
             if not parts:
                 raise ExpressionError("empty subscript")
-            return "".join(parts)
+            return re.sub("_+", "_", "".join(parts)).strip("_")
         if t.kind == "letter":
-            return t.text
+            return str(self.bound[t.text]) if t.text in self.bound else t.text
         if t.kind == "num":
             if len(t.text) > 1:
                 raise ExpressionError(f"ambiguous subscript _{t.text}: LaTeX sets only the first character "
@@ -900,6 +943,8 @@ class _LatexParser:
             name = t.text
             if name == "pi":
                 return sp.pi
+            if name in ("sum", "prod"):
+                return self.big_operator(name)
             if name in _FRACS:
                 num = self.argument()
                 den = self.argument()
@@ -944,6 +989,90 @@ class _LatexParser:
             raise ExpressionError("'\\\\' is allowed only inside a matrix environment")
         raise ExpressionError(f"unexpected {t.show()} in LaTeX input")
 
+    def _group_size(self, sub: str) -> int:
+        sizes = self.b.sizes.get("m") or ()
+        k = int(sub)
+        if not 1 <= k <= len(sizes):
+            raise ExpressionError(f"there is no group {k} (the design has {len(sizes)} groups)")
+        return int(sizes[k - 1])
+
+    def _limit(self) -> int:
+        """A limit of a sum: a whole number, G or n (the design's groups and observations), m_j or n_j (the
+        size of group j, j an index being expanded), or an index being expanded."""
+        t = self.next()
+        if t.kind == "op" and t.text == "{":
+            value = self._limit()
+            self.expect_op("}")
+            return value
+        if t.kind == "num":
+            if not t.text.isdigit():
+                raise ExpressionError(f"a limit of a sum must be a whole number, not {t.text}")
+            if len(t.text) > 6:
+                raise ExpressionError(f"the sums and products expand to more than {MAX_EXPANDED_TERMS} terms")
+            return int(t.text)
+        if t.kind == "letter":
+            if t.text in self.bound:
+                return self.bound[t.text]
+            if self.is_op("_") and t.text in ("m", "n"):
+                self.next()
+                sub = self.subscript()
+                if sub.isdigit() and "m" in self.b.sizes:
+                    return self._group_size(sub)
+                raise ExpressionError(f"{t.text}_{sub} in a limit: write the group index of a sum around it")
+            key = {"J": "G", "N": "n"}.get(t.text, t.text)
+            if key in self.b.sizes and not isinstance(self.b.sizes[key], (list, tuple)):
+                return int(self.b.sizes[key])
+        raise ExpressionError(f"a limit of a sum must be a number, G (groups), n (observations) or m_j (the size "
+                              f"of group j), not {t.show()}")
+
+    def big_operator(self, name: str) -> Value:
+        """\\sum_{j=1}^{G} body and \\prod: the body (the product that follows) read once for each value of
+        the index, with the index's value in subscripts (y_{ij}) and as a number; at most
+        :data:`MAX_EXPANDED_TERMS` bodies in all."""
+        if not self.is_op("_"):
+            raise ExpressionError(f"\\{name} needs its limits, as in \\{name}_{{j=1}}^{{G}}")
+        self.next()
+        if not self.is_op("{"):
+            raise ExpressionError(f"\\{name} needs its limits, as in \\{name}_{{j=1}}^{{G}}")
+        self.next()
+        idx = self.next()
+        if idx.kind != "letter" or idx.text in self.bound:
+            raise ExpressionError(f"the index of \\{name} must be a letter not already in use, e.g. j")
+        self.expect_op("=")
+        lo = self._limit()
+        self.expect_op("}")
+        if not self.is_op("^"):
+            raise ExpressionError(f"\\{name} needs an upper limit, as in \\{name}_{{j=1}}^{{G}}")
+        self.next()
+        hi = self._limit()
+        count = max(0, hi - lo + 1)
+        if self.expanded + count > MAX_EXPANDED_TERMS:
+            raise ExpressionError(f"the sums and products expand to more than {MAX_EXPANDED_TERMS} terms")
+        self.enter()
+        start, values = self.i, []
+        try:
+            for v in range(lo, hi + 1):
+                self.i = start
+                self.bound[idx.text] = v
+                self.expanded += 1
+                values.append(self.term())
+                self.work += self.i - start
+                if self.work > MAX_EXPANDED_TOKENS:
+                    raise ExpressionError(f"the sums and products are too long to expand (more than "
+                                          f"{MAX_EXPANDED_TOKENS:,} tokens read)")
+            if not values:                    # an empty sum is 0, an empty product 1: skip its body
+                self.bound[idx.text] = 0
+                self.term()
+        finally:
+            self.bound.pop(idx.text, None)
+            self.used.add(idx.text)
+        self.leave()
+        if not values:
+            return sp.Integer(0 if name == "sum" else 1)
+        if name == "sum":
+            return values[0] if len(values) == 1 else self.b.add([(1, v) for v in values])
+        return values[0] if len(values) == 1 else self.b.mul([("*", v) for v in values])
+
     def left(self) -> Value:
         d = self.next()
         if not (d.kind == "op" and d.text in ("(", "[", "\\{", "|", "\\|")):
@@ -964,7 +1093,7 @@ class _LatexParser:
             raise ExpressionError(f"write (\\{name} x)^2 rather than \\{name}^2 x")
         t = self.peek()
         self.enter()
-        if (t.kind == "op" and t.text in ("(", "[", "{", "\\{")) or self.is_cmd("left"):
+        if (t.kind == "op" and t.text in ("(", "[", "{", "\\{", "|")) or self.is_cmd("left") or t.kind == "begin":
             arg = self.atom()
         else:  # \log 2\pi\sigma^2: the implicit product that follows, up to the next operator or function
             if not self.starts_factor(t) or t.kind == "begin":
@@ -979,7 +1108,7 @@ class _LatexParser:
 
     def matrix(self, env: str) -> sp.Matrix:
         if env not in _MATRIX_ENVS:
-            raise ExpressionError(f"the environment {env!r} is not allowed; use pmatrix, bmatrix or matrix")
+            raise ExpressionError(f"the environment {env!r} is not allowed; use pmatrix, bmatrix, matrix (or vmatrix for a determinant)")
         self.enter()
         rows: list[list[Value]] = [[]]
         cells = 0
@@ -1010,4 +1139,5 @@ class _LatexParser:
             elif t.kind != "end":
                 raise ExpressionError(f"unexpected {t.show()} in the matrix")
         self.leave()
-        return self.b.matrix(rows)
+        M = self.b.matrix(rows)
+        return self.b.determinant(M) if env == "vmatrix" else M

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, FormulaError
+from .errors import DataError, FormulaError, shown
 
 MAX_FORMULA_LENGTH = 2000
 #: how deeply parentheses and operators may nest (R itself stops near 5000; a formula needs a few)
@@ -916,7 +916,7 @@ def response_values(node: Node, frame: Frame) -> np.ndarray:
     v = frame.evaluate(node)
     if isinstance(v, Factor):
         bad = next((lvl for lvl in v.levels if not _is_number(lvl)), v.levels[0] if v.levels else "")
-        raise DataError(f"the response {deparse(node)!r} must be numeric, but it holds {bad!r}; convert it to "
+        raise DataError(f"the response {deparse(node)!r} must be numeric, but it holds {shown(bad)}; convert it to "
                         "numbers first")
     if isinstance(v, Numeric):
         if v.values.shape[1] != 1:

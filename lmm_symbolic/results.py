@@ -253,6 +253,7 @@ class FitResult:
                   "df_satterthwaite": num(self.df_satterthwaite[name]),
                   "p_value_satterthwaite": num(self.pvalues_satterthwaite[name])}
                  for name in self.params.index]
+        order, names = lme4_theta_order(self.design, len(self.opt.theta))
         random = [{"group": r["group"], "term": r["term"] or None, "variance": float(r["variance"]),
                    "sd": float(r["sd"])} for _, r in self.variance_components.iterrows()]
         return {
@@ -262,7 +263,8 @@ class FitResult:
                          "df_satterthwaite": "Satterthwaite (lmerTest); p_value_satterthwaite from t_value"}, "random_effects": random,
             "correlations": [{"group": r["group"], "term1": r["term1"], "term2": r["term2"],
                               "corr": float(r["corr"])} for _, r in self.correlations.iterrows()],
-            "theta": list(self.opt.theta),
+            "theta": [float(self.opt.theta[k]) for k in order],
+            "theta_names": names,
             "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "deviance": self.deviance,
             "converged": self.converged, "singular": self.singular,
             "exact": None if self.exact is None else {"sigma2": str(self.exact.sigma2),
@@ -353,6 +355,35 @@ class FitResult:
         from . import inference
         return inference.latex_equation(self)
     # ====================================================================== end of the after-the-fit block
+
+
+def lme4_theta_order(design: Design, n_theta: int) -> tuple[list[int], list[str]]:
+    """lme4's order of theta and its names (``getME(fit, "theta")``) from the formula-order theta.
+
+    mkReTrms sorts the random terms by their grouping factor's number of levels, decreasing, when any term
+    has more levels than the one before it: ``ord <- rev(order(nl))`` (so terms with equal counts come out
+    in reverse formula order). Within a term theta is the lower triangle of its Cholesky factor, column by
+    column, named ``g.a`` on the diagonal and ``g.b.a`` below it. Returns the permutation of formula-order
+    indices and the names, in lme4's order; a kinship design keeps its single theta."""
+    terms = list(design.terms)
+    sizes = [t.q * (t.q + 1) // 2 for t in terms]
+    if not terms or sum(sizes) != n_theta:
+        return list(range(n_theta)), ["kinship" if design.kinship is not None else f"theta{k + 1}"
+                                      for k in range(n_theta)]
+    starts = np.cumsum([0] + sizes[:-1])
+    nl = [t.n_levels for t in terms]
+    ordered = list(range(len(terms)))
+    if any(b > a for a, b in zip(nl, nl[1:])):
+        ordered = sorted(ordered, key=lambda k: nl[k], reverse=False)[::-1]   # R's rev(order(nl)), stable
+    order, names = [], []
+    for k in ordered:
+        t, pos = terms[k], int(starts[k])
+        for j in range(t.q):
+            for i in range(j, t.q):
+                order.append(pos)
+                pos += 1
+                names.append(f"{t.group}.{t.names[i]}" if i == j else f"{t.group}.{t.names[i]}.{t.names[j]}")
+    return order, names
 
 
 # ------------------------------------------------------------------------------------ inference

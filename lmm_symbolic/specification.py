@@ -18,7 +18,7 @@ from typing import Union
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, FormulaError, LMMWarning, ModelError
+from .errors import DataError, FormulaError, LMMWarning, ModelError, shown
 from .formula import (Evaluated, Frame, Terms, deparse, evaluate_terms, expand_terms, missing_rows, model_matrix,
                       names_in, response_values, split_formula, take_rows)
 
@@ -173,8 +173,7 @@ def read_data(data: DataLike) -> pd.DataFrame:
                         "and that you may read it") from None
     if b"\x00" in head:
         raise DataError(f"{path!r} is not a text CSV file (it holds binary data); export the data as CSV")
-    header = head.split(b"\n", 1)[0]
-    if header.count(b",") + header.count(b";") + header.count(b"\t") >= MAX_COLUMNS:
+    if _header_separators(path) >= MAX_COLUMNS:
         raise DataError(f"{path!r} has more than {MAX_COLUMNS} columns, more than a model's data may have here")
     try:
         # as R's read.csv: only empty cells and NA are missing (a level called "None" or "null" is data)
@@ -190,8 +189,23 @@ def read_data(data: DataLike) -> pd.DataFrame:
     return _numeric_text_columns(frame)
 
 
-#: the largest CSV file read into memory, and the most columns
-MAX_CSV_BYTES = 4 * 2**30
+def _header_separators(path: str, chunk: int = 1 << 16) -> int:
+    """The separators (, ; tab) on the header line, read in chunks up to its end or until there are
+    :data:`MAX_COLUMNS` of them (a header of any width is never read whole)."""
+    count = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            line = block.split(b"\n", 1)[0]
+            count += line.count(b",") + line.count(b";") + line.count(b"\t")
+            if len(line) < len(block) or not block or count >= MAX_COLUMNS:
+                return count
+
+
+#: the largest CSV file read into memory, and the most columns. pandas' reader peaks at about 2.4 times the
+#: file's size (measured: a 176 MB file of two float columns and a group code, 420 MB above the interpreter),
+#: so 1 GiB keeps a read near 2.5 GB; a 2 GB file is refused at once, before any reading
+MAX_CSV_BYTES = 2**30
 MAX_COLUMNS = 10_000
 
 
@@ -565,9 +579,48 @@ def _numeric_response(frame: pd.DataFrame, response: str) -> np.ndarray:
     col = frame[response]
     if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
         bad = next((v for v in col if not _is_number(v)), col.iloc[0] if len(col) else None)
-        raise DataError(f"the response {response!r} must be numeric, but it holds {bad!r}; "
+        raise DataError(f"the response {response!r} must be numeric, but it holds {shown(bad)}; "
                         "convert it to numbers first")
     return col.to_numpy(dtype=float)
+
+
+def _bare_names(node) -> list[str]:
+    """The column names a term list uses as they stand (x in ``1 + x + x:z``), not inside a call
+    (``factor(h)``)."""
+    if node.kind == "name":
+        return [node.value]
+    if node.kind == "binary" and node.value in ("+", ":", "*"):
+        return [name for a in node.args for name in _bare_names(a)]
+    return []
+
+
+def _check_numeric_columns(parsed, frame: pd.DataFrame) -> None:
+    """A column used as a covariate whose values are numbers but for a few (at most 10% of them, at most 3
+    distinct: ``12.5``, ``13,1``, ``n/a``) is a typing error in the data, not a factor with a level per
+    number: say which value, where."""
+    bare = [v.value for v in parsed.fixed.variables if v.kind == "name"]
+    for part in parsed.random:
+        bare += _bare_names(part.expr)
+    for c in dict.fromkeys(bare):
+        if c not in frame.columns:
+            continue
+        col = frame[c]
+        if isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_numeric_dtype(col) or \
+                not (col.dtype == object or pd.api.types.is_string_dtype(col)):
+            continue
+        present = col.dropna()
+        numbers = pd.to_numeric(present, errors="coerce")
+        if len(present) == 0 or numbers.notna().mean() < 0.5:
+            continue
+        where = np.flatnonzero(numbers.isna().to_numpy())
+        # a few stray values among numbers are a typing error; more are a factor's levels (as R reads them)
+        if where.size == 0 or where.size > max(1, len(present) // 10) or present.iloc[where].nunique() > 3:
+            continue
+        first = present.index[where[0]]
+        row = frame.index.get_loc(first) + 1
+        raise DataError(f"the column {c!r} is numbers except for {len(where)} value(s) that are not, the first "
+                        f"{shown(present.iloc[where[0]])} in data row {row}; correct them or leave those cells "
+                        f"empty (missing), or write factor({c}) if {c!r} is meant as a factor")
 
 
 def _is_number(v) -> bool:
@@ -648,10 +701,15 @@ def specify(formula: str, data: DataLike, kinship=None, weights=None, offset=Non
                            "then an ordinary linear model: fit it with ordinary least squares "
                            "(e.g. statsmodels.formula.api.ols), or add a term like (1|group)")
     _check_response_not_predictor(parsed)
+    _check_numeric_columns(parsed, frame)
     ev_frame = Frame(frame, text)
     y_all = response_values(parsed.response, ev_frame)
     fixed = evaluate_terms(parsed.fixed, ev_frame)
-    random_parts = [(evaluate_terms(t, ev_frame), group) for t, group in _random_parts(parsed, frame)]
+    parts = _random_parts(parsed, frame)
+    if len(parts) > MAX_RANDOM_TERMS:
+        raise FormulaError(f"the formula has {len(parts)} random-effect terms, more than the {MAX_RANDOM_TERMS} a model "
+                           "may have here (each adds covariance parameters to optimise over)")
+    random_parts = [(evaluate_terms(t, ev_frame), group) for t, group in parts]
     w_all = _row_values(weights, frame, "weights")
     o_all = _row_values(offset, frame, "offset")
     if fixed.offset is not None:
@@ -702,8 +760,12 @@ def specify(formula: str, data: DataLike, kinship=None, weights=None, offset=Non
         messages.append(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column{s_} / "
                         f"coefficient{s_} ({', '.join(dropped)})")
     terms = tuple(_random_term(ev, group, keep, sub) for ev, group in random_parts)
+    _check_repeated_terms(terms)
     _check_identifiable(terms, len(y))
-    K = None if kinship is None else _check_kinship(kinship, len(y))
+    K = None
+    if kinship is not None:
+        K, values, vectors = _check_kinship(kinship, len(y))
+        _check_kinship_residual(values, vectors, X, y)
     for msg in messages:
         warnings.warn(msg, LMMWarning, stacklevel=2)
     for arr in (y, X, w, o):
@@ -815,11 +877,38 @@ def _check_kinship(kinship, n: int) -> np.ndarray:
         raise DataError("the kinship matrix holds missing or infinite values")
     if not np.allclose(K, K.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(K).max())):
         raise DataError("the kinship matrix is not symmetric")
-    smallest = np.linalg.eigvalsh(K).min()
+    values, vectors = np.linalg.eigh(K)
+    smallest, largest = values.min(), values.max()
     if smallest < -1e-8 * max(1.0, np.abs(K).max()):
         raise DataError(f"the kinship matrix is not positive semi-definite (smallest eigenvalue {smallest:.3g})")
+    lo, hi = MAGNITUDE_LIMITS
+    if largest <= 0:
+        raise DataError("the kinship matrix is zero: sigma_s^2 K is then 0 for every sigma_s, so sigma_s cannot "
+                        "be estimated; give the relationship matrix itself (1 on the diagonal for unrelated "
+                        "individuals)")
+    if largest < lo or largest > hi:
+        raise DataError(f"the kinship matrix's largest eigenvalue is {largest:.3g}, outside [{lo:.0e}, {hi:.0e}]: "
+                        "sigma_s would be estimated on a scale that double precision cannot hold; rescale K "
+                        "(e.g. divide it by the mean of its diagonal)")
     K.setflags(write=False)
-    return K
+    return K, values, vectors
+
+
+def _check_kinship_residual(values: np.ndarray, vectors: np.ndarray, X: np.ndarray, y: np.ndarray) -> None:
+    """When K has rank r < n and y lies in the span of X and K's columns, the fixed effects plus the
+    kinship term reproduce y exactly: as sigma -> 0 the likelihood grows without bound (-2 log L ~
+    2 (n - r) log sigma), so there is no maximum to report (lme4 stops at an arbitrary tiny sigma on the
+    matching (1|g) model). A full-rank K keeps a finite boundary fit at sigma -> 0 and is fitted."""
+    keep = values > 1e-10 * values.max()
+    if keep.all():
+        return
+    M = np.column_stack([X, vectors[:, keep]])
+    coef, *_ = np.linalg.lstsq(M, y, rcond=None)
+    spread = np.linalg.norm(y - y.mean())
+    if spread > 0 and np.linalg.norm(y - M @ coef) <= 1e-9 * spread:
+        raise ModelError(f"the response is reproduced exactly by the fixed effects plus the kinship term (y lies "
+                         f"in the span of X and of K's columns, K of rank {int(keep.sum())} < n = {len(y)}): the residual SD sigma -> 0 and the likelihood has no maximum; "
+                         "check that the response is not a sum of the predictors and K's effects")
 
 
 def _used_columns(parsed: ParsedFormula, columns: set[str]) -> set[str]:
@@ -841,6 +930,25 @@ def _random_term(ev: Evaluated, group: str, keep: np.ndarray, frame: pd.DataFram
     for arr in (Z, codes):
         arr.setflags(write=False)
     return RandomTerm(expr=expr, group=group, names=tuple(names), Z=Z, codes=codes, levels=levels)
+
+
+#: the most random-effect terms in one formula (after a/b and || are expanded)
+MAX_RANDOM_TERMS = 50
+
+
+def _check_repeated_terms(terms: tuple[RandomTerm, ...]) -> None:
+    """The same random term twice, ``(1|g) + (1|g)``, only splits one variance between two copies in any
+    proportion (lme4 fits it, unidentified): refused, naming the term."""
+    seen: dict[tuple, int] = {}
+    for t in terms:
+        key = (t.group, t.names)
+        seen[key] = seen.get(key, 0) + 1
+    for t in terms:
+        k = seen[(t.group, t.names)]
+        if k > 1:
+            raise FormulaError(f"the random-effect term ({t.expr}|{t.group}) appears {k} times; copies of a term "
+                               "split one variance between them in any proportion (it is not identifiable): "
+                               "write it once")
 
 
 def _check_identifiable(terms: tuple[RandomTerm, ...], n: int) -> None:

@@ -29,6 +29,7 @@ import textwrap
 from dataclasses import dataclass, field
 from math import comb
 
+import numpy as np
 import sympy as sp
 from sympy.matrices import MatrixBase
 
@@ -54,6 +55,11 @@ QUANTITIES = {
     "deviance": "deviance",
     "reml_criterion": "reml_criterion",
     "likelihood": "likelihood",
+    "ml_sigma2": "ml_sigma2",
+    "ml_sigma_s2": "ml_sigma_s2",
+    "reml_sigma2": "reml_sigma2",
+    "reml_sigma_s2": "reml_sigma_s2",
+    "conditional_modes": "conditional_modes",
 }
 TITLES = {
     "det": "|Sigma| (Eq. 11)",
@@ -71,9 +77,17 @@ TITLES = {
     "deviance": "the deviance -2 log L",
     "reml_criterion": "the REML criterion -2 log L_R",
     "likelihood": "the likelihood L (Eq. 9)",
+    "ml_sigma2": "the ML estimate of sigma^2 in closed form (balanced design, interior root)",
+    "ml_sigma_s2": "the ML estimate of sigma_s^2 in closed form (balanced design, interior root)",
+    "reml_sigma2": "the REML estimate of sigma^2 in closed form (balanced design)",
+    "reml_sigma_s2": "the REML estimate of sigma_s^2 in closed form (balanced design, interior root)",
+    "conditional_modes": "the conditional modes u_hat = D Z^T Sigma^-1 (y - X beta) (a column, one per group)",
 }
 _ALIASES = {"beta_hat": "gls_estimator", "xtsx": "gls_information", "var_beta_hat": "beta_covariance",
-            "L": "likelihood", "remlcrit": "reml_criterion", "sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship"}
+            "L": "likelihood", "remlcrit": "reml_criterion", "sigma_matrix": "sigma", "determinant": "det", "quadratic": "quadratic_form", "kk^t": "kinship",
+            "u_hat": "conditional_modes", "blup": "conditional_modes", "ranef": "conditional_modes",
+            "sigma2_ml": "ml_sigma2", "sigma_s2_ml": "ml_sigma_s2", "sigma2_reml": "reml_sigma2",
+            "sigma_s2_reml": "reml_sigma_s2"}
 
 #: random points tried before the exact proof
 TRIES = 6
@@ -204,7 +218,11 @@ def _short(text: str, limit: int = 2000) -> str:
 def verify(model, quantity: str, expression: str, syntax: str | None = None) -> Verdict:
     """Whether ``expression`` equals the derived ``quantity`` of ``model`` (a Derivation or a Design).
 
-    ``quantity``: det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma (Sigma), kinship (K K^T).
+    ``quantity``: det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma (Sigma), kinship (K K^T),
+    gls_information, gls_estimator, beta_covariance, profiled_loglik, deviance, reml_criterion, likelihood,
+    ml_sigma2, ml_sigma_s2, reml_sigma2, reml_sigma_s2 (closed forms of a balanced design), conditional_modes
+    (u_hat), score_<symbol>. An expression without beta is compared with beta = beta_hat substituted, one
+    without y's with the data's y values, and the hint says so.
     ``syntax``: "plain", "latex" or None (LaTeX when the text has a backslash or a brace).
     Raises ExpressionError when the expression cannot be read (or is a scalar where a matrix is due, or
     the other way round) and ModelError when the quantity is not written out for this design.
@@ -224,8 +242,47 @@ def verify(model, quantity: str, expression: str, syntax: str | None = None) -> 
         raise ModelError(f"{key} is written out only for designs of at most {INVERSE_N} observations "
                          f"(this one has {der.design.n})")
     names = symbol_table(der)
-    given = parse_expression(expression, names, syntax)
+    given = parse_expression(expression, names, syntax, design_sizes(der))
     order = _symbol_order(names)
+    expected, note = _plugged_in(der, key, expected, given)
+    verdict = _compare(given, expected, key, der, order)
+    if note is None:
+        return verdict
+    hint = f"equal {note}" if verdict.equal else "; ".join(h for h in (f"compared {note}", verdict.hint) if h)
+    return Verdict(verdict.equal, verdict.difference, verdict.counterexample, hint, quantity=verdict.quantity,
+                   status=verdict.status)
+
+
+def _plugged_in(der: Derivation, key: str, expected, given) -> tuple:
+    """The quantity with beta = beta_hat (the GLS estimator) substituted when the quantity holds beta and the
+    expression does not, and with the data's y values when the expression holds no y: the answers people
+    write after plugging in. Returns (quantity, a note saying what was substituted, or None)."""
+    free = lambda v: v.free_symbols if hasattr(v, "free_symbols") else set()  # noqa: E731
+    have, want = free(given), free(expected)
+    notes = []
+    beta = [b for b in der.symbols.beta]
+    if set(beta) & want and not set(beta) & have and key not in ("gls_estimator", "gls_information",
+                                                                   "beta_covariance") and der.symbolic_y:
+        try:
+            beta_hat = derived_quantity(der, "gls_estimator")
+        except (ModelError, ExpressionError):
+            beta_hat = None
+        if beta_hat is not None:
+            at = dict(zip(beta, list(beta_hat)))
+            expected = expected.xreplace(at) if not isinstance(expected, MatrixBase) else expected.applyfunc(
+                lambda e: e.xreplace(at))
+            notes.append("with beta = beta_hat(sigma, sigma_s), the GLS estimator, substituted")
+            want = free(expected)
+    ys = list(der.symbols.y)
+    if ys and set(ys) & want and not set(ys) & have:
+        at = {y: sp.Rational(repr(float(v))) for y, v in zip(ys, der.design.y)}
+        expected = expected.xreplace(at) if not isinstance(expected, MatrixBase) else expected.applyfunc(
+            lambda e: e.xreplace(at))
+        notes.append("with the data's y values substituted")
+    return expected, (" and ".join(notes) or None)
+
+
+def _compare(given, expected, key, der, order) -> Verdict:
     if isinstance(expected, MatrixBase):
         if not isinstance(given, MatrixBase):
             r, c = expected.shape
@@ -258,6 +315,18 @@ def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
             if isinstance(s, sp.Symbol) and not isinstance(s, sp.Dummy):
                 names.setdefault(s.name, s)
     return names
+
+
+def design_sizes(der: Derivation) -> dict:
+    """The sizes the limits of a sum may name: G groups (of the first random term), n observations, and
+    m = the groups' sizes in the order of y_{ij}'s second index."""
+    design = der.design
+    out = {"n": int(design.n)}
+    if design.terms:
+        t = design.terms[0]
+        out["G"] = int(t.n_levels)
+        out["m"] = [int(k) for k in np.bincount(np.asarray(t.codes), minlength=t.n_levels)]
+    return out
 
 
 def _symbol_order(names: dict) -> dict:
@@ -685,9 +754,9 @@ def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> Step
     names = symbol_table(der)
     order = _symbol_order(names)
     first, step = None, None
-    previous = parse_expression(lines[0], names, syntax)
+    previous = parse_expression(lines[0], names, syntax, design_sizes(der))
     for k, text in enumerate(lines[1:], 2):
-        current = parse_expression(text, names, syntax)
+        current = parse_expression(text, names, syntax, design_sizes(der))
         if isinstance(current, MatrixBase) or isinstance(previous, MatrixBase):
             v = _compare_matrix(current, previous, quantity, der, order) if \
                 isinstance(current, MatrixBase) and isinstance(previous, MatrixBase) and \
@@ -705,6 +774,61 @@ def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> Step
 
 
 # ------------------------------------------------------------------------- the quantities derived next
+def _exact(values) -> sp.Matrix:
+    return sp.Matrix([[sp.Rational(repr(float(v))) for v in row] for row in values])
+
+
+def _closed_form_estimate(der: Derivation, key: str) -> sp.Expr:
+    """sigma^2 or sigma_s^2 at the root of the score equations of a balanced random-intercept design, as an
+    expression in the y's: :func:`~lmm_symbolic.optimisation.balanced_score_solution` (the root in the
+    eigenvalues v = sigma^2 and lambda = sigma^2 + m sigma_s^2) at R2 = r^T r and S1 = sum_j (1^T r_j)^2,
+    r = y - X beta_hat the OLS residuals (GLS = OLS under balance). sigma_s^2 is the interior root: the
+    estimate is max(0, it) -- at 0 the ML sigma^2 is R2 / n."""
+    from .optimisation import balanced_score_solution, is_balanced
+    design = der.design
+    if not design.is_random_intercept or design.weights is not None or design.offset is not None:
+        raise ModelError(f"{key} is written out for one random intercept (1|g) without weights or offsets")
+    if not is_balanced(design):
+        raise ModelError(f"{key} has a closed form only for balanced designs (equal group sizes, GLS = OLS)")
+    reml = key.startswith("reml")
+    X = _exact(design.X)
+    y = sp.Matrix(der.symbols.y)
+    beta = (X.T * X).inv() * X.T * y
+    r = (y - X * beta).applyfunc(sp.expand)
+    codes = np.asarray(design.terms[0].codes)
+    G, n, p = int(codes.max()) + 1, design.n, design.p
+    size = int(np.bincount(codes)[0])
+    R2 = sp.expand((r.T * r)[0, 0])
+    S1 = sp.expand(sum(sp.Add(*[r[i] for i in np.flatnonzero(codes == j)]) ** 2 for j in range(G)))
+    means = np.zeros((G, p))
+    np.add.at(means, codes, np.asarray(design.X, dtype=float))
+    pb = int(np.linalg.matrix_rank(means / size)) if reml else 0
+    pw = (p - pb) if reml else 0
+    symbols, v_hat, vs_hat, _ = balanced_score_solution(reml)
+    at = dict(zip(symbols, (R2, S1, n, G, size, pw, pb)))
+    return sp.factor(sp.expand((v_hat if key.endswith("_sigma2") else vs_hat).xreplace(at)))
+
+
+def _conditional_modes(der: Derivation) -> sp.Matrix:
+    """u_hat_j = sigma_s^2 / (sigma^2 + m_j sigma_s^2) 1^T (y_j - X_j beta) for (1|g): D Z^T Sigma^-1 (y - X beta)
+    through the block identity Sigma_j^-1 = (I - sigma_s^2 / (sigma^2 + m_j sigma_s^2) J) / sigma^2."""
+    from .derivation import sigma, sigma_s
+    design = der.design
+    if not design.is_random_intercept or design.weights is not None:
+        raise ModelError("conditional_modes is written out for one random intercept (1|g) without weights")
+    X = _exact(design.X)
+    r = sp.Matrix(der.symbols.y) - X * sp.Matrix(der.symbols.beta)
+    if design.offset is not None:
+        r -= _exact([[v] for v in design.offset])
+    codes = np.asarray(design.terms[0].codes)
+    G = int(codes.max()) + 1
+    out = []
+    for j in range(G):
+        rows = np.flatnonzero(codes == j)
+        out.append(sigma_s**2 / (sigma**2 + len(rows) * sigma_s**2) * sp.expand(sp.Add(*[r[i] for i in rows])))
+    return sp.Matrix(out)
+
+
 def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
     """X^T Sigma^-1 X and X^T Sigma^-1 Y from Eq. 12 by sympy: Q(beta) = c - 2 b^T beta + beta^T A beta,
     so A = Hessian/2 and b = -grad Q(0)/2 (the block forms of the derivation, differentiated)."""
@@ -738,6 +862,10 @@ def derived_quantity(der: Derivation, key: str):
         return sp.diff(der.loglik, names[name])
     if not der.symbolic_y:
         raise ModelError(f"{key} is written out only for designs with symbolic responses")
+    if key in ("ml_sigma2", "ml_sigma_s2", "reml_sigma2", "reml_sigma_s2"):
+        return _closed_form_estimate(der, key)
+    if key == "conditional_modes":
+        return _conditional_modes(der)
     A, b = _gls_parts(der)
     if key == "gls_information":
         return A

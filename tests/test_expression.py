@@ -158,7 +158,7 @@ def test_latex_matrices(names):
     (r"\left( \sigma \right]", "closed by \\right)"),
     (r"\begin{pmatrix} 1 & 2 \end{bmatrix}", "closed by"),
     (r"\begin{pmatrix} 1 & 2 \\ 3 \end{pmatrix}", "different lengths"),
-    (r"\begin{vmatrix} 1 \end{vmatrix}", "not allowed"),
+    (r"\begin{array} 1 \end{array}", "not allowed"),
     (r"\begin{pmatrix} 1 & 2", "not closed"),
     (r"1 \\ 2", "only inside a matrix"),
     (r"\log_2 \sigma", "base"),

@@ -20,7 +20,8 @@ for (i in seq_len(nrow(man))) {
     r <- list(seed = m$seed, family = m$family, formula = m$formula, method = if (reml) "REML" else "ML",
               messages = unique(msgs))
     if (inherits(fit, "error")) r$error <- conditionMessage(fit)
-    else { r$loglik <- as.numeric(logLik(fit)); r$n_obs <- nobs(fit); r$fixed <- as.list(fixef(fit)) }
+    else { r$loglik <- as.numeric(logLik(fit)); r$n_obs <- nobs(fit); r$fixed <- as.list(fixef(fit))
+           r$theta <- as.list(getME(fit, "theta")) }
     res[[key]] <- r
   }
 }

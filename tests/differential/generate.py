@@ -1,6 +1,6 @@
 """Seeded random designs for differential testing against lme4 (issue 18): each seed gives a data set and a
 formula from one family (balanced/unbalanced, singletons, boundary, near-collinear, large offset, scales
-1e-8..1e8, rare levels, nested, crossed, slopes, missing values, weights)."""
+1e-8..1e8, rare levels, nested, crossed, slopes, missing values, weights with and without an offset)."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,6 +54,10 @@ def design(seed: int) -> tuple[pd.DataFrame, str, str, str | None]:
     elif fam == "weights":
         d["w"] = rng.uniform(0.5, 2, n)
         w = "w"
+        if rng.random() < 0.5:                      # and an offset: lmer's offset() in the formula
+            d["z"] = rng.normal(size=n)
+            d["y"] = d["y"] + d["z"]
+            formula = "y ~ x + offset(z) + (1 | g)"
     return d, formula, fam, w
 
 
