@@ -807,6 +807,14 @@ class SparseDeviance(ThetaDeviance):
         self._m22 = np.flatnonzero((rows >= w1) & (cols >= w1))
         if np.any(rows[self._m11] // q1 != cols[self._m11] // q1):
             raise AssertionError("the largest term's block of M is not block-diagonal by level")
+        # M_12's CSR structure, fixed for every theta: an evaluation only fills in its values
+        i = self._m12
+        r12, c12 = rows[i], cols[i] - w1
+        order = np.lexsort((c12, r12))
+        self._m12_csr = i[order]
+        self._m12_indices = c12[order].astype(np.int32)
+        self._m12_indptr = np.concatenate([[0], np.cumsum(np.bincount(r12, minlength=w1))]).astype(np.int32)
+        self._m12_level = (r12[order] // q1).astype(np.intp)
 
     def _factor(self, theta) -> dict:
         """M's blocks at theta: M_11^-1 per level, F = M_11^-1 M_12, the Cholesky factor of S, log|M|."""
@@ -820,28 +828,36 @@ class SparseDeviance(ThetaDeviance):
             R11 = np.linalg.cholesky(M11)
         except np.linalg.LinAlgError:
             raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}") from None
-        M11inv = np.linalg.inv(M11)
         logdet = 2.0 * float(np.log(np.diagonal(R11, axis1=1, axis2=2)).sum())
-        B = scipy.sparse.bsr_matrix((M11inv, np.arange(w1 // q1), np.arange(w1 // q1 + 1)), shape=(w1, w1))
-        i = self._m12
-        M12 = scipy.sparse.csr_matrix((data[i], (rows[i], cols[i] - w1)), shape=(w1, w2))
-        F = (B @ M12).tocsr()
+        M12 = scipy.sparse.csr_matrix((data[self._m12_csr], self._m12_indices, self._m12_indptr), shape=(w1, w2))
+        if q1 == 1:                         # M_11 diagonal: F is M_12 with its rows divided by M_11's
+            M11inv = 1.0 / M11
+            B = None
+            F = scipy.sparse.csr_matrix((M12.data * M11inv[self._m12_level, 0, 0], self._m12_indices,
+                                         self._m12_indptr), shape=(w1, w2))
+        else:
+            M11inv = np.linalg.inv(M11)
+            B = scipy.sparse.bsr_matrix((M11inv, np.arange(w1 // q1), np.arange(w1 // q1 + 1)), shape=(w1, w1))
+            F = (B @ M12).tocsr()
+        FT = F.T.tocsr()
         S = np.zeros((w2, w2))
         i = self._m22
         S[rows[i] - w1, cols[i] - w1] = data[i]
-        S -= (M12.T @ F).toarray()
+        S -= (FT @ M12).toarray()
         try:
             RS = scipy.linalg.cholesky(S, lower=True, check_finite=False) if w2 else S
         except np.linalg.LinAlgError:
             raise NumericalError(f"the Schur complement of M is not positive definite at theta = {theta}") from None
         logdet += 2.0 * float(np.log(np.diag(RS)).sum())
-        return dict(B=B, M11inv=M11inv, F=F, RS=RS, logdet=logdet)
+        return dict(B=B, M11inv=M11inv, F=F, FT=FT, RS=RS, logdet=logdet)
 
     def _solve(self, f: dict, R: np.ndarray) -> np.ndarray:
         """M^-1 R by block elimination: x_2 = S^-1 (R_2 - F^T R_1), x_1 = M_11^-1 R_1 - F x_2."""
         R1, R2 = R[:self.w1], R[self.w1:]
-        x2 = scipy.linalg.cho_solve((f["RS"], True), R2 - f["F"].T @ R1) if self.w2 else R2
-        return np.concatenate([f["B"] @ R1 - f["F"] @ x2, x2])
+        x2 = scipy.linalg.cho_solve((f["RS"], True), R2 - f["FT"] @ R1, check_finite=False) if self.w2 else R2
+        B1 = (f["M11inv"][:, 0, 0].reshape((-1,) + (1,) * (R1.ndim - 1)) * R1 if f["B"] is None
+              else f["B"] @ R1)
+        return np.concatenate([B1 - f["F"] @ x2, x2])
 
     def state(self, theta) -> DevianceState:
         theta = np.asarray(theta, dtype=float)
