@@ -322,14 +322,24 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     column with a negative diagonal changes sign, and a diagonal within rounding of 0 is put on the bound
     when the deviance does not rise (lme4's boundary fit)."""
 
+    bounds = [(lo, None) for lo in objective.lower_bounds]
+
     def fun(x):
         path.append(np.array(x))
-        return objective.value_and_gradient(x)
+        try:
+            return objective.value_and_gradient(x)
+        except NumericalError:          # theta where X^T V^-1 X or M lost definiteness in rounding: back off
+            return np.inf, np.zeros_like(x)
 
     def search(start):
         res = scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B",      # polished below
                                       options={"ftol": 1e-10, "gtol": 1e-6, "maxiter": 2000})
         return _canonical(objective, np.asarray(res.x)), res
+
+    def bounded(start):
+        res = scipy.optimize.minimize(fun, x0=start, jac=True, method="L-BFGS-B", bounds=bounds,
+                                      options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 2000})
+        return np.asarray(res.x), res
 
     def raw():
         theta, res = search(theta0)
@@ -340,10 +350,16 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
             if inward is None:
                 break
             theta, res = search(inward)
-        return _on_the_bounds(objective, theta, lower), res
+        theta = _on_the_bounds(objective, theta, lower)
+        if not _stationary(objective, theta, lower):
+            # badly conditioned coordinates can stall the free search short of an optimum on a bound, which
+            # a projected search reaches along the bound
+            other, res2 = bounded(theta0)
+            if _value(objective, other) < _value(objective, theta):
+                theta, res = other, res2
+        return theta, res
 
     standard = _standardising_map(objective)
-    bounds = [(lo, None) for lo in objective.lower_bounds]
     if standard is not None and standard.poorly_centred:
         # a slope whose covariate sits far from 0 (or on another scale) makes lme4's theta badly conditioned:
         # the search runs in the coordinates of centred and scaled slope columns, lme4's only if that fails
@@ -352,21 +368,42 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
             theta = _on_the_bounds(objective, first, lower)
             if not np.any(theta <= lower + 1e-12):
                 theta, H = _polish_general(objective, theta, lower)
-                return theta, "converged in centred and scaled slope coordinates", H
+                if H is not None:
+                    return theta, "converged in centred and scaled slope coordinates", H
         theta, res = raw()
         message = str(res.message)
-        if first is not None and objective(first) < objective(theta):
-            theta, message = first, f"{message}; centred and scaled slope coordinates better"
+        if first is not None and _value(objective, first) < _value(objective, theta):
+            kept, H = _polish_general(objective, first, lower)
+            return kept, f"{message}; centred and scaled slope coordinates better", H
     else:
         theta, res = raw()
         message = str(res.message)
         if standard is not None and (np.any(theta <= lower + 1e-12) or not res.success):
             # a second start, in the coordinates of centred and scaled slope columns
             second = standard.minimise(objective, theta0, bounds, path)
-            if second is not None and objective(second) < objective(theta):
+            if second is not None and _value(objective, second) < _value(objective, theta):
                 theta, message = second, f"{message}; second start in centred and scaled slope coordinates"
     theta, H = _polish_general(objective, theta, lower)
     return theta, message, H
+
+
+def _stationary(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) -> bool:
+    """The projected gradient at theta within the convergence test (a bound may hold a positive one)."""
+    try:
+        st = objective.state(theta)
+        grad = objective.gradient(st)
+    except NumericalError:
+        return False
+    free = np.where(theta <= lower + 1e-12, np.minimum(grad, 0.0), grad)
+    return bool(np.max(np.abs(free), initial=0.0) < GRADIENT_TOL * max(1.0, abs(objective.value(st))))
+
+
+def _value(objective, theta) -> float:
+    """The criterion at theta, inf where it cannot be evaluated (definiteness lost in rounding)."""
+    try:
+        return float(objective(theta))
+    except NumericalError:
+        return np.inf
 
 
 def _canonical(objective: ThetaDeviance, theta: np.ndarray) -> np.ndarray:
@@ -388,11 +425,11 @@ def _on_the_bounds(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarra
     near = np.flatnonzero(np.isfinite(lower) & (theta - lower < tol) & (theta != lower))
     if not len(near):
         return theta
-    f = objective(theta)
+    f = _value(objective, theta)
     for i in near:
         trial = theta.copy()
         trial[i] = lower[i]
-        f_trial = objective(trial)
+        f_trial = _value(objective, trial)
         if f_trial <= f + 1e-10 * max(1.0, abs(f)):
             theta, f = trial, f_trial
     return theta
@@ -482,7 +519,10 @@ def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarr
     step gains ~6 digits. A step is kept while |g_f| falls (there the criterion's changes, ~1e-16, are below
     its rounding) and the criterion does not rise by more than its rounding could. Returns theta and H (which
     Satterthwaite's df reuse: it moves by less than its own differencing error over these steps)."""
-    H = difference_hessian(lambda th: objective.gradient(objective.state(th)), theta)
+    try:
+        H = difference_hessian(lambda th: objective.gradient(objective.state(th)), theta)
+    except NumericalError:              # a neighbour of theta lost definiteness in rounding
+        return theta, None
     free = np.flatnonzero(theta > lower + 1e-12)
     if not len(free):
         return theta, H
@@ -508,13 +548,13 @@ def _inward_of_the_bound(objective, theta: np.ndarray, lower: np.ndarray, grid=n
                          rel: float = 1e-10) -> np.ndarray | None:
     """The best point found by moving one theta that sits at its bound inward along ``grid``, when it beats
     theta by more than ``rel`` (relative); None when none does."""
-    f0 = objective(theta)
+    f0 = _value(objective, theta)
     best, best_f = None, f0 - rel * max(1.0, abs(f0))
     for i in np.flatnonzero(theta <= lower + 1e-12):
         for t in grid:
             trial = theta.copy()
             trial[i] = t
-            f = objective(trial)
+            f = _value(objective, trial)
             if f < best_f:
                 best, best_f = trial, f
     return best

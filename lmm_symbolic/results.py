@@ -26,7 +26,7 @@ import sympy as sp
 from .compilation import LogLikelihood, ThetaDeviance, profiled_deviance
 from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
                          fitted_values, spans_constant)
-from .errors import LMMWarning, ModelError
+from .errors import LMMWarning, ModelError, NumericalError
 from .optimisation import SINGULAR_TOL, ExactOptimum, Optimum, exact_optimum, optimise
 from .derivation import EXACT_N
 from .progress import stage
@@ -471,7 +471,16 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
     if sig_w < 1e-6:
         messages = (*messages, ZERO_RESIDUAL_ADVICE)
         warnings.warn(ZERO_RESIDUAL_ADVICE, LMMWarning, stacklevel=3)
-    df_s, vcov_w = _satterthwaite(ob, opt, sig_w)
+    try:
+        df_s, vcov_w = _satterthwaite(ob, opt, sig_w)
+    except NumericalError:
+        # the criterion cannot be evaluated beside theta (lme4's theta ill-conditioned: a slope covariate far
+        # from 0): the standard errors from X^T V^-1 X at theta, no Satterthwaite df
+        df_s, vcov_w = np.full(ob.p, np.nan), (sig_w**2) * np.linalg.inv(opt.state.A)
+        note = ("Satterthwaite's df are not available: the criterion's curvature cannot be evaluated beside "
+                "this theta (lme4's theta is ill-conditioned here; centre the slope covariates)")
+        messages = (*messages, note)
+        warnings.warn(note, LMMWarning, stacklevel=3)
     variances = ob.conditional_variances(opt.state)
     Ts = ob.terms(opt.theta)
     if design.kinship is not None:
