@@ -378,7 +378,8 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     else:
         theta, res = raw()
         message = str(res.message)
-        if standard is not None and (np.any(theta <= lower + 1e-12) or not res.success):
+        if standard is not None and (np.any(theta <= lower + 1e-12) or not res.success) \
+                and not _stationary(objective, theta, lower):
             # a second start, in the coordinates of centred and scaled slope columns
             second = standard.minimise(objective, theta0, bounds, path)
             if second is not None and _value(objective, second) < _value(objective, theta):
