@@ -323,6 +323,17 @@ class ThetaDeviance:
         beta = scipy.linalg.cho_solve((R, True), c)
         return beta, max(yVy - float(c @ beta), 0.0), 2.0 * float(np.log(np.diag(R)).sum())
 
+    def _woodbury_profile(self, theta, LZX: np.ndarray, LZy: np.ndarray, sol: np.ndarray):
+        """From sol = M^-1 [Lambda^T Z^T X, Lambda^T Z^T y], by Woodbury: A = X^T X - (Lambda^T Z^T X)^T
+        M^-1 Lambda^T Z^T X, X^T V^-1 y and y^T V^-1 y alike, then beta, RSS, log|A| (:meth:`_profile`) and
+        the spherical modes u = M^-1 Lambda^T Z^T (y - X beta). Needs the sums XtX, Xty, yty (scaled units)."""
+        Cu, cu = sol[:, :self.p], sol[:, self.p]
+        A = self.XtX - LZX.T @ Cu
+        c = self.Xty - LZX.T @ cu
+        yVy = self.yty - float(LZy @ cu)
+        beta, rss, logdetA = self._profile(theta, A, c, yVy)
+        return A, beta, rss, logdetA, cu - Cu @ beta
+
     def value(self, st: DevianceState) -> float:
         if st.rss <= 0:
             raise NumericalError("the residual sum of squares is zero: the response is fitted exactly")
@@ -682,12 +693,7 @@ class DenseDeviance(ThetaDeviance):
             raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}") from None
         LZX, LZy = L.T @ self.ZtX, L.T @ self.Zty
         sol = scipy.linalg.cho_solve((R, True), np.column_stack([LZX, LZy]), check_finite=False)
-        Cu, cu = sol[:, :self.p], sol[:, self.p]
-        A = self.XtX - LZX.T @ Cu
-        c = self.Xty - LZX.T @ cu
-        yVy = self.yty - float(LZy @ cu)
-        beta, rss, logdetA = self._profile(theta, A, c, yVy)
-        u = cu - Cu @ beta
+        A, beta, rss, logdetA, u = self._woodbury_profile(theta, LZX, LZy, sol)
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=2.0 * float(np.log(np.diag(R)).sum()),
                              logdetA=logdetA, b=L @ u, work=dict(L=L, R=R, ZtZL=ZtZL))
 
@@ -865,12 +871,7 @@ class SparseDeviance(ThetaDeviance):
         LZX = np.einsum("k,kwp->wp", theta, self._EtZtX)             # Lambda^T Z^T X
         LZy = theta @ self._EtZty                                      # Lambda^T Z^T y
         sol = self._solve(f, np.column_stack([LZX, LZy]))
-        Cu, cu = sol[:, :self.p], sol[:, self.p]
-        A = self.XtX - LZX.T @ Cu
-        c = self.Xty - LZX.T @ cu
-        yVy = self.yty - float(LZy @ cu)
-        beta, rss, logdetA = self._profile(theta, A, c, yVy)
-        u = cu - Cu @ beta
+        A, beta, rss, logdetA, u = self._woodbury_profile(theta, LZX, LZy, sol)
         b = np.empty(self.width)
         b[self._perm] = sum(t * (e @ u) for t, e in zip(theta, self._E))     # Lambda u, Z's column order
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=f["logdet"], logdetA=logdetA,
