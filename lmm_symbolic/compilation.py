@@ -138,28 +138,6 @@ class ProfiledDeviance:
         st = self.state(float(np.atleast_1d(th)[0]))
         return self.value(st), np.array([self.derivative(st)])
 
-    def varpar_hessian(self, st: ProfileState, sig: float) -> np.ndarray:
-        """Hessian of lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value beta(theta).
-
-        dev = log|V| + RSS/sigma^2 + n log(2 pi sigma^2)  [+ log|A| - p log(2 pi sigma^2) for REML].
-        """
-        s = self.stats
-        Xt1 = s.Xt1
-        dA = -weighted_gram(st.dw, Xt1)
-        d2A = -weighted_gram(st.d2w, Xt1)
-        dc = -Xt1.T @ (st.dw * s.one_y)
-        dbeta = np.linalg.solve(st.A, dc - dA @ st.beta) if s.p else np.zeros(0)
-        de = -Xt1 @ dbeta
-        drss = -float(st.dw @ st.e ** 2)
-        d2rss = -float(st.d2w @ st.e ** 2) - 2.0 * float(st.dw @ (st.e * de))
-        h_tt = st.d2logdet + d2rss / sig**2
-        if self.reml and s.p:
-            Ainv_dA = np.linalg.solve(st.A, dA)
-            h_tt += float(np.trace(np.linalg.solve(st.A, d2A)) - np.trace(Ainv_dA @ Ainv_dA))
-        h_ts = -2.0 * drss / sig**3
-        h_ss = 6.0 * st.rss / sig**4 - 2.0 * self.n_eff / sig**2
-        return np.array([[h_tt, h_ts], [h_ts, h_ss]])
-
 
 # -------------------------------------------------------------------------- the full log-likelihood
 @functools.lru_cache(maxsize=None)
@@ -476,13 +454,6 @@ class InterceptDeviance(ThetaDeviance):
             AdA = np.linalg.solve(ps.A, dA)
             h += float(np.trace(np.linalg.solve(ps.A, d2A)) - np.trace(AdA @ AdA))
         return np.array([[h]])
-
-    def varpar_hessian(self, theta, sig: float, hessian: np.ndarray | None = None,
-                       st: DevianceState | None = None) -> tuple[np.ndarray, DevianceState, np.ndarray]:
-        """lmerTest's Hessian in (theta, sigma), all in closed form (:meth:`ProfiledDeviance.varpar_hessian`)."""
-        st = self.state(theta) if st is None else st
-        ps = st.work["profile"]
-        return (self.profile.varpar_hessian(ps, sig), st, -weighted_gram(ps.dw, self.stats.Xt1)[None])
 
 
 # ------------------------------------------------------------------- one grouping factor: q x q blocks
