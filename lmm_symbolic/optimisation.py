@@ -233,16 +233,14 @@ def optimise(objective: ThetaDeviance) -> Optimum:
         theta, message, H = _minimise_several(objective, theta0, lower, path)
         optimizer = "L-BFGS-B (scipy) + chord-Newton polish"
         st = objective.state(theta)
-    grad = objective.gradient(st)
     at_bound = theta <= lower + 1e-12
-    free = np.where(at_bound, np.minimum(grad, 0.0), grad)   # a bound may hold a positive derivative
-    scale = max(1.0, abs(objective.value(st)))
-    converged = bool(np.max(np.abs(free), initial=0.0) < GRADIENT_TOL * scale)
+    projected = _projected_gradient(objective, st, theta, lower)
+    converged = bool(projected < GRADIENT_TOL * max(1.0, abs(objective.value(st))))
     if not converged:
-        message = f"the optimiser stopped with projected gradient {np.max(np.abs(free)):.3g}: {message}"
+        message = f"the optimiser stopped with projected gradient {projected:.3g}: {message}"
     summary = OptSummary(method="REML" if objective.reml else "ML", optimizer=optimizer,
                          initial=tuple(map(float, theta0)), theta=tuple(map(float, theta)),
-                         fmin=objective.value(st), gradient=float(np.max(np.abs(free), initial=0.0)),
+                         fmin=objective.value(st), gradient=projected,
                          evaluations=len(path), converged=converged, at_boundary=bool(at_bound.any()),
                          message=message, path=tuple(tuple(map(float, p)) for p in path))
     k = objective.scale
@@ -388,15 +386,20 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     return theta, message, H
 
 
+def _projected_gradient(objective: ThetaDeviance, st: DevianceState, theta: np.ndarray, lower: np.ndarray) -> float:
+    """max |gradient| at theta, projected on the bounds (a bound may hold a positive derivative)."""
+    grad = objective.gradient(st)
+    free = np.where(theta <= lower + 1e-12, np.minimum(grad, 0.0), grad)
+    return float(np.max(np.abs(free), initial=0.0))
+
+
 def _stationary(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) -> bool:
-    """The projected gradient at theta within the convergence test (a bound may hold a positive one)."""
+    """The projected gradient at theta within the convergence test."""
     try:
         st = objective.state(theta)
-        grad = objective.gradient(st)
+        return _projected_gradient(objective, st, theta, lower) < GRADIENT_TOL * max(1.0, abs(objective.value(st)))
     except NumericalError:
         return False
-    free = np.where(theta <= lower + 1e-12, np.minimum(grad, 0.0), grad)
-    return bool(np.max(np.abs(free), initial=0.0) < GRADIENT_TOL * max(1.0, abs(objective.value(st))))
 
 
 def _value(objective, theta) -> float:
