@@ -52,6 +52,15 @@ def intercept_kernels():
     return exprs, sp.lambdify((theta, m), exprs, modules="numpy", cse=True)
 
 
+def cholesky_solve(R: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x with (R R^T) x = b for a lower Cholesky factor R (LAPACK potrs, without scipy's argument checks,
+    which cost more than the solve at these sizes)."""
+    x, info = scipy.linalg.lapack.dpotrs(R, b, lower=1)
+    if info:
+        raise NumericalError(f"potrs failed (info {info})")
+    return x
+
+
 def weighted_gram(w: np.ndarray, C: np.ndarray) -> np.ndarray:
     """sum_g w_g c_g c_g^T for the rows c_g of C."""
     return (C * w[:, None]).T @ C
@@ -298,7 +307,7 @@ class ThetaDeviance:
             R = np.linalg.cholesky(A)
         except np.linalg.LinAlgError:
             raise NumericalError(f"X^T V^-1 X is not positive definite at theta = {np.round(theta, 6)}") from None
-        beta = scipy.linalg.cho_solve((R, True), c)
+        beta = cholesky_solve(R, c)
         return beta, max(yVy - float(c @ beta), 0.0), 2.0 * float(np.log(np.diag(R)).sum())
 
     def _woodbury_profile(self, theta, LZX: np.ndarray, LZy: np.ndarray, sol: np.ndarray):
@@ -337,8 +346,15 @@ class ThetaDeviance:
         dlogdet, drss, dA = derivatives
         grad = dlogdet + rss_weight * drss
         if self.reml and self.p:
-            grad = grad + np.einsum("pr,krp->k", np.linalg.inv(st.A), dA)
+            grad = grad + np.einsum("pr,krp->k", self.a_inverse(st), dA)
         return grad
+
+    @staticmethod
+    def a_inverse(st: DevianceState) -> np.ndarray:
+        """(X^T V^-1 X)^-1 at the state, computed once."""
+        if "Ainv" not in st.work:
+            st.work["Ainv"] = np.linalg.inv(st.A)
+        return st.work["Ainv"]
 
     def gradient(self, st: DevianceState) -> np.ndarray:
         """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
@@ -353,6 +369,22 @@ class ThetaDeviance:
     def value_and_gradient(self, theta) -> tuple[float, np.ndarray]:
         st = self.state(theta)
         return self.value(st), self.gradient(st)
+
+    def _profiled_hessian(self, st: DevianceState, d2logdet: np.ndarray, d2rss: np.ndarray, h: np.ndarray,
+                          d2A: np.ndarray | None) -> np.ndarray:
+        """d'' from the second-order pieces at fixed beta: d2logdet = d^2 log|M|, d2rss = d^2 RSS (k, k),
+        h_k = dA_k beta - dc_k (k, p) and d2A (k, k, p, p; REML). beta moves with theta (dbeta_l =
+        -A^-1 h_l), so the total RSS'' = d2rss - 2 h A^-1 h^T; then
+          d'' = d2logdet + n_eff (RSS''/RSS - RSS' RSS'^T / RSS^2)  [+ tr(A^-1 d2A) - tr(A^-1 dA_k A^-1 dA_l)]."""
+        _, drss, dA = self.cached_derivatives(st)
+        if self.p:
+            Ainv = self.a_inverse(st)
+            d2rss = d2rss - 2.0 * h @ Ainv @ h.T
+        H = d2logdet + self.n_eff * (d2rss / st.rss - np.outer(drss, drss) / st.rss**2)
+        if self.reml and self.p:
+            AdA = np.einsum("pr,krs->kps", Ainv, dA)
+            H = H + np.einsum("pr,klrp->kl", Ainv, d2A) - np.einsum("kps,lsp->kl", AdA, AdA)
+        return (H + H.T) / 2
 
     def varpar_deviance(self, theta, sig: float) -> float:
         """lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value (scaled response units):
@@ -499,7 +531,7 @@ def block_forms(qs: tuple[int, ...]) -> BlockForms:
     S = block_symbols(T.shape[0])
     M = (sp.eye(T.shape[0]) + T.T * S * T).applyfunc(sp.expand)
     L, P = M.LDLdecomposition(hermitian=False)
-    Linv = L.inv()
+    Linv = L.lower_triangular_solve(sp.eye(L.shape[0]))          # L.inv() takes seconds at q = 3
     Minv = Linv.T * sp.diag(*[1 / P[i, i] for i in range(P.shape[0])]) * Linv
     W = T * Minv * T.T
     dlogdet, dW = [], []
@@ -514,15 +546,13 @@ def block_forms(qs: tuple[int, ...]) -> BlockForms:
 
 @functools.lru_cache(maxsize=None)
 def block_kernels(qs: tuple[int, ...]):
-    """Two functions of (theta, the entries S_a_b (a <= b) of every group at once), lambdified with cse:
-    [W_g entries, log|M_g|] and [dW_g/dtheta_k entries, dlog|M_g|/dtheta_k] (k-major)."""
+    """[W_g entries (a <= b), log|M_g|] as one function of (theta, the entries S_a_b (a <= b) of every group
+    at once), lambdified with cse."""
     f = block_forms(qs)
     q = f.T.shape[0]
     upper = [(a, b) for a in range(q) for b in range(a, q)]
     args = (f.thetas, [f.S[a, b] for a, b in upper])
-    value = sp.lambdify(args, [f.W[a, b] for a, b in upper] + [f.logdet], modules="numpy", cse=True)
-    derivs = [dW[a, b] for dW in f.dW for a, b in upper] + list(f.dlogdet)
-    return value, sp.lambdify(args, derivs, modules="numpy", cse=True)
+    return sp.lambdify(args, [f.W[a, b] for a, b in upper] + [f.logdet], modules="numpy", cse=True)
 
 
 #: groups with this many distinct S_g or fewer evaluate the kernels in Python floats, one pattern at a time
@@ -533,63 +563,95 @@ class BlockDeviance(ThetaDeviance):
     """The profiled deviance when all terms share one grouping factor: Sigma is block-diagonal, and each
     group enters through S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g (:class:`BlockStatistics`):
       log|V| = sum_g log|M_g|,  X^T V^-1 X = X^T X - sum_g (Z_g^T X_g)^T W_g (Z_g^T X_g),
-      X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`);
-    the gradient uses their sympy derivatives. Each evaluation costs O(G (q^3 + q p^2)); the kernels run
-    once per distinct S_g (one for a balanced design, whatever G)."""
+      X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`).
+    Groups with the same S_g share W_g: the kernel runs once per distinct S_g (one for a balanced design,
+    whatever G), and the data's per-group products are added up by pattern once, so an evaluation costs
+    O(U q^2 p^2) for U distinct S_g. The derivatives follow from W_g by matrix calculus in the relative
+    covariance Sigma_b = T T^T (W_g = (Sigma_b^-1 + S_g)^-1): with R = I - W S and B = S - S W S,
+      dW_k = R Sigma_k R^T,  dlog|M_g| = tr(B Sigma_k),  Sigma_k = E_k T^T + T E_k^T  (E_k = dT/dtheta_k),
+    which equal the sympy derivatives of the block forms (tests), and likewise the second derivatives."""
+
+    #: the per-pattern sums of (Z^T X)_g (Z^T X)_g^T are kept when they have at most this many entries
+    PATTERN_GRAM_MAX = 20_000_000
 
     def __init__(self, design: Design, reml: bool):
         stats = BlockStatistics.of(design)
         super().__init__(design, reml, stats.shift, stats.scale, stats.beta_shift)
         self.stats = stats
         self.qs = tuple(t.q for t in design.terms)
-        self._value, self._derivs = block_kernels(self.qs)
-        q = stats.q
+        self._value = block_kernels(self.qs)
+        q, p = stats.q, self.p
         self._upper = [(a, b) for a in range(q) for b in range(a, q)]
-        patterns, self._pattern_of = np.unique(np.stack([stats.S[:, a, b] for a, b in self._upper], axis=1),
-                                               axis=0, return_inverse=True)
-        self._pattern_of = self._pattern_of.ravel()
-        self._patterns = ([[float(v) for v in row] for row in patterns] if len(patterns) <= FEW_PATTERNS
-                          else None)
+        patterns, pattern_of = np.unique(np.stack([stats.S[:, a, b] for a, b in self._upper], axis=1),
+                                         axis=0, return_inverse=True)
+        self._pattern_of = pattern_of = pattern_of.ravel()
+        U = len(patterns)
+        self._patterns = [[float(v) for v in row] for row in patterns] if U <= FEW_PATTERNS else None
         self._S = list(patterns.T)
         index = {ab: j for j, ab in enumerate(self._upper)}
         self._full = np.array([[index[min(a, b), max(a, b)] for b in range(q)] for a in range(q)])  # (q, q)
+        self._Sfull = patterns[:, self._full]                                  # (U, q, q): each distinct S_g
+        self._counts = np.bincount(pattern_of, minlength=U).astype(float)
+        self._order = np.argsort(pattern_of, kind="stable")                    # groups pattern by pattern
+        self._starts = np.searchsorted(pattern_of[self._order], np.arange(U))
+        E, k, offset = np.zeros((self.n_theta, q, q)), 0, 0                   # E_k = dT / dtheta_k
+        for lay in self.layouts:
+            for r, c in lay.theta_index:
+                E[k, offset + r, offset + c] = 1.0
+                k += 1
+            offset += lay.q
+        self._E = E
+        self._T_index = tuple(np.array(ix) for ix in zip(*[np.unravel_index(int(np.argmax(Ek)), (q, q)) for Ek in E]))
+        EEt = E[:, None] @ E.transpose(0, 2, 1)[None]                          # E_k E_l^T
+        self._Skl = EEt + EEt.transpose(1, 0, 2, 3)                             # d2 Sigma_b / dtheta_k dtheta_l
+        Zy = stats.Zty
+        self._zyzy = self._by_pattern(Zy[:, :, None] * Zy[:, None, :])          # (U, q, q)
+        self._zxzy = self._by_pattern(stats.ZtX[:, :, None, :] * Zy[:, None, :, None])   # (U, a, b, p)
+        self._zxzx = (self._by_pattern(np.einsum("gap,gbr->gabpr", stats.ZtX, stats.ZtX))
+                      if U * q * q * p * p <= self.PATTERN_GRAM_MAX else None)  # (U, a, b, p, r)
 
-    def _kernel(self, fn, theta) -> np.ndarray:
-        """A kernel's outputs for every group, (outputs, G): evaluated on each distinct S_g (in Python floats
-        when there are few), then spread to the groups."""
+    def _by_pattern(self, per_group: np.ndarray) -> np.ndarray:
+        """Per-group arrays (G, ...) added up over the groups that share each distinct S_g: (U, ...)."""
+        if len(self._starts) == len(self._order):
+            return per_group[self._order]
+        return np.add.reduceat(per_group[self._order], self._starts, axis=0)
+
+    def _gram(self, Wp: np.ndarray) -> np.ndarray:
+        """sum_g (Z^T X)_g^T Wp[pattern of g] (Z^T X)_g for per-pattern q x q matrices Wp (..., U, q, q)."""
+        lead, (U, q) = Wp.shape[:-3], Wp.shape[-3:-1]
+        p = self.p
+        if self._zxzx is not None:
+            return (Wp.reshape(-1, U * q * q) @ self._zxzx.reshape(U * q * q, p * p)).reshape(*lead, p, p)
+        Z = self.stats.ZtX
+        return np.einsum("gap,...gab,gbr->...pr", Z, Wp[..., self._pattern_of, :, :], Z, optimize=True)
+
+    def _kernel(self, theta) -> np.ndarray:
+        """The derived [W entries, log|M|] on each distinct S_g, (outputs, U) (in Python floats when few)."""
         theta = tuple(float(t) for t in theta)
         if self._patterns is not None:
-            out = np.array([fn(theta, S) for S in self._patterns], dtype=float).T
-        else:
-            U = len(self._S[0])
-            out = np.stack([v if isinstance(v, np.ndarray) and v.shape == (U,) else np.full(U, float(v))
-                            for v in fn(theta, self._S)])
-        return out[:, self._pattern_of]
-
-    def _symmetric(self, entries: np.ndarray) -> np.ndarray:
-        """(..., G, q, q) from the upper-triangle entries (..., u, G)."""
-        return np.moveaxis(entries[..., self._full, :], -1, -3)
+            return np.array([self._value(theta, S) for S in self._patterns], dtype=float).T
+        U = len(self._S[0])
+        return np.stack([v if isinstance(v, np.ndarray) and v.shape == (U,) else np.full(U, float(v))
+                         for v in self._value(theta, self._S)])
 
     def state(self, theta) -> DevianceState:
         s = self.stats
         theta = np.asarray(theta, dtype=float)
-        out = self._kernel(self._value, theta)
-        W, logdet = self._symmetric(out[:-1]), out[-1]
-        WX = np.einsum("gab,gbp->gap", W, s.ZtX)
-        Wy = np.einsum("gab,gb->ga", W, s.Zty)
-        A = s.XtX - np.einsum("gap,gar->pr", s.ZtX, WX)
-        c = s.Xty - np.einsum("gap,ga->p", s.ZtX, Wy)
-        yVy = s.yty - float(np.einsum("ga,ga->", s.Zty, Wy))
-        logdetM = float(logdet.sum())
+        out = self._kernel(theta)
+        Wp = np.moveaxis(out[:-1][self._full], -1, 0)                           # (U, q, q)
+        w = Wp.ravel()
+        A = s.XtX - self._gram(Wp)
+        c = s.Xty - w @ self._zxzy.reshape(len(w), -1)
+        yVy = s.yty - float(w @ self._zyzy.ravel())
         beta, rss, logdetA = self._profile(theta, A, c, yVy)
         e = s.Zty - s.ZtX @ beta                                  # Z_g^T (y_g - X_g beta)
-        b = np.einsum("gab,gb->ga", W, e)                         # Lambda u = W_g Z_g^T r_g, per group
-        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=logdetM, logdetA=logdetA,
-                             b=self._layout(b), work=dict(e=e, W=W))
+        b = np.einsum("gab,gb->ga", Wp[self._pattern_of], e)      # Lambda u = W_g Z_g^T r_g, per group
+        return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=float(self._counts @ out[-1]),
+                             logdetA=logdetA, b=self._layout(b), work=dict(e=e, W=Wp))
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
         """diag(W_g) = diag(T M_g^-1 T^T) per group."""
-        return self._layout(np.diagonal(st.work["W"], axis1=1, axis2=2))
+        return self._layout(np.diagonal(st.work["W"], axis1=1, axis2=2)[self._pattern_of])
 
     def _layout(self, b: np.ndarray) -> np.ndarray:
         """Per-group (G, q) modes to Z's columns (term by term, level-major)."""
@@ -599,17 +661,52 @@ class BlockDeviance(ThetaDeviance):
             col += lay.q
         return np.concatenate(out)
 
+    def _first_order(self, st: DevianceState) -> dict:
+        """Per pattern: T, R = I - W S, Sigma_k, dW_k = R Sigma_k R^T, B = S - S W S; and the residual
+        products EE = sum_g e_g e_g^T and Ze = sum_g (Z^T X)_g e_g^T by pattern (computed once per state)."""
+        if "first" not in st.work:
+            S, W, q = self._Sfull, st.work["W"], self._Sfull.shape[1]
+            T = np.zeros((q, q))
+            T[self._T_index] = st.theta
+            R = np.eye(q) - W @ S
+            ET = self._E @ T.T
+            Sk = ET + ET.transpose(0, 2, 1)                                     # (k, q, q)
+            Rt = R.transpose(0, 2, 1)
+            e = st.work["e"]
+            st.work["first"] = dict(
+                R=R, Rt=Rt, Sk=Sk, dW=R[:, None] @ Sk[None] @ Rt[:, None], B=S - S @ W @ S,
+                EE=self._by_pattern(e[:, :, None] * e[:, None, :]),
+                Ze=self._by_pattern(self.stats.ZtX[:, :, None, :] * e[:, None, :, None]))
+        return st.work["first"]
+
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|M| = sum_g dlog|M_g|, dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z_g^T X_g)^T dW_g (Z_g^T X_g),
-        from the sympy derivatives of the per-group forms."""
-        k, u = self.n_theta, len(self._upper)
-        out = self._kernel(self._derivs, st.theta)
-        dW = self._symmetric(out[:k * u].reshape(k, u, -1))
-        e, ZtX = st.work["e"], self.stats.ZtX
-        dlogdet = out[k * u:].sum(axis=1)
-        drss = -np.einsum("ga,kgab,gb->k", e, dW, e)
-        dA = -np.einsum("gap,kgab,gbr->kpr", ZtX, dW, ZtX)
+        """d log|M| = sum_g tr(B_g Sigma_k), dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z^T X)_g^T dW_g (Z^T X)_g."""
+        f = self._first_order(st)
+        dW = f["dW"]                                                            # (U, k, q, q)
+        dlogdet = np.einsum("ab,kba->k", np.tensordot(self._counts, f["B"], axes=1), f["Sk"])
+        drss = -np.einsum("ukab,uab->k", dW, f["EE"])
+        dA = -self._gram(dW.transpose(1, 0, 2, 3))
         return dlogdet, drss, dA
+
+    def hessian(self, st: DevianceState) -> np.ndarray:
+        """d'' of the profiled deviance (:meth:`ThetaDeviance._profiled_hessian`), per distinct S_g from
+          d2W_kl = R Sigma_kl R^T - dW_l S Sigma_k R^T - R Sigma_k S dW_l,
+          d2log|M_g| = tr(B Sigma_kl) - tr(S dW_l S Sigma_k),   Sigma_kl = E_k E_l^T + E_l E_k^T,
+        and beta's movement with theta through h_k = dA_k beta - dc_k = sum_g (Z^T X)_g^T dW_k e_g."""
+        f = self._first_order(st)
+        S, k, p = self._Sfull, self.n_theta, self.p
+        U, q = S.shape[:2]
+        R, Rt, Sk, dW = f["R"], f["Rt"], f["Sk"], f["dW"]
+        SdWS = S[:, None] @ dW @ S[:, None]
+        G = dW[:, None, :] @ (S[:, None] @ Sk[None] @ Rt[:, None])[:, :, None]  # [u, k, l] = dW_l S Sigma_k R^T
+        d2W = R[:, None, None] @ self._Skl[None] @ Rt[:, None, None] - G - G.transpose(0, 1, 2, 4, 3)
+        d2logdet = (np.einsum("ab,klba->kl", np.tensordot(self._counts, f["B"], axes=1), self._Skl)
+                    - np.einsum("lab,kba->kl", np.tensordot(self._counts, SdWS, axes=1), Sk))
+        d2W_flat = d2W.transpose(1, 2, 0, 3, 4).reshape(k * k, U * q * q)
+        d2rss = -(d2W_flat @ f["EE"].ravel()).reshape(k, k)
+        h = dW.transpose(1, 0, 2, 3).reshape(k, U * q * q) @ f["Ze"].reshape(U * q * q, p)
+        d2A = -self._gram(d2W.transpose(1, 2, 0, 3, 4)) if self.reml and p else None
+        return self._profiled_hessian(st, d2logdet, d2rss, h, d2A)
 
 
 # ------------------------------------------------------------------------- any Z, few random effects: dense M
@@ -663,14 +760,14 @@ class DenseDeviance(ThetaDeviance):
         except np.linalg.LinAlgError:
             raise NumericalError(f"Lambda^T Z^T Z Lambda + I lost positive definiteness at theta = {theta}") from None
         LZX, LZy = L.T @ self.ZtX, L.T @ self.Zty
-        sol = scipy.linalg.cho_solve((R, True), np.column_stack([LZX, LZy]), check_finite=False)
+        sol = cholesky_solve(R, np.column_stack([LZX, LZy]))
         A, beta, rss, logdetA, u = self._woodbury_profile(theta, LZX, LZy, sol)
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=2.0 * float(np.log(np.diag(R)).sum()),
                              logdetA=logdetA, b=L @ u, work=dict(L=L, R=R, ZtZL=ZtZL))
 
     def _minv(self, st: DevianceState) -> np.ndarray:
         if "Minv" not in st.work:
-            st.work["Minv"] = scipy.linalg.cho_solve((st.work["R"], True), self._eye, check_finite=False)
+            st.work["Minv"] = cholesky_solve(st.work["R"], self._eye)
         return st.work["Minv"]
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
@@ -685,7 +782,7 @@ class DenseDeviance(ThetaDeviance):
         dlogdet = 2.0 * np.bincount(which, weights=G[cols, rows], minlength=k)
         # Z^T V^-1 w = Z^T w - Z^T Z Lambda M^-1 Lambda^T Z^T w, for w = y - X beta and the columns of X
         rhs = np.column_stack([self.Zty - self.ZtX @ st.beta, self.ZtX])
-        Zt = rhs - ZtZL @ scipy.linalg.cho_solve((R, True), L.T @ rhs, check_finite=False)
+        Zt = rhs - ZtZL @ cholesky_solve(R, L.T @ rhs)
         LtZt = L.T @ Zt
         v, Lv = Zt[:, 0], LtZt[:, 0]
         drss = -2.0 * np.bincount(which, weights=v[rows] * Lv[cols], minlength=k)

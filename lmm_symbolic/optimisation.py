@@ -17,7 +17,7 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import DevianceState, ThetaDeviance, difference_hessian
+from .compilation import DevianceState, ThetaDeviance, cholesky_solve, difference_hessian
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import NumericalError
 from .specification import Design
@@ -230,8 +230,7 @@ def optimise(objective: ThetaDeviance) -> Optimum:
         H = (objective.hessian(st) if hasattr(objective, "hessian")
              else difference_hessian(lambda th: objective.gradient(objective.state(th)), theta))
     else:
-        theta, message, H = _minimise_several(objective, theta0, lower, path)
-        optimizer = "L-BFGS-B (scipy) + chord-Newton polish"
+        theta, message, H, optimizer = _minimise_several(objective, theta0, lower, path)
         st = objective.state(theta)
     at_bound = theta <= lower + 1e-12
     projected = _projected_gradient(objective, st, theta, lower)
@@ -309,6 +308,53 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
     return np.array([x]), message
 
 
+def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int = 100) -> tuple[np.ndarray, str, bool]:
+    """Newton's method on the unconstrained theta with the analytic Hessian, made globally convergent as
+    Levenberg-Marquardt: the step solves (H + lambda D) s = -g with D = diag|H| (so the damping does not
+    depend on theta's scale), lambda = 0 while full Newton steps decrease the criterion, raised fourfold
+    until a step does. Stops when a step no longer lowers the criterion beyond its rounding and the Newton
+    decrement g^T s is below 1e-10 (relative), or the step is at machine precision. Returns (theta, message,
+    converged)."""
+    def evaluate(x):
+        path.append(np.array(x))
+        try:
+            st = objective.state(x)
+            return st, objective.value(st)
+        except NumericalError:
+            return None, np.inf
+
+    st, f = evaluate(x)
+    if st is None:
+        return x, "the criterion cannot be evaluated at the start", False
+    lam = 0.0
+    for _ in range(max_steps):
+        g, H = objective.gradient(st), objective.hessian(st)
+        d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-300))
+        Hs, gs = H / np.outer(d, d), g / d
+        while True:
+            try:
+                step = -cholesky_solve(np.linalg.cholesky(Hs + lam * np.eye(len(x))), gs)
+            except (np.linalg.LinAlgError, NumericalError):
+                lam = max(4.0 * lam, 1e-3)
+                continue
+            st_new, f_new = evaluate(x + step / d)
+            decrement = -float(gs @ step)
+            if f_new <= f + 1e-13 * max(1.0, abs(f)):
+                break
+            if decrement <= 1e-10 * max(1.0, abs(f)):
+                return x, "converged: the Newton decrement is below the criterion's rounding", True
+            lam = max(4.0 * lam, 1e-3)
+            if lam > 1e10:
+                return x, "no descent along the damped Newton direction", False
+        x_new = x + step / d
+        small = np.max(np.abs(x_new - x)) <= 1e-12 * max(1.0, float(np.max(np.abs(x))))
+        x, st, f = x_new, st_new, f_new
+        lam = lam / 16.0 if lam > 1e-6 else 0.0
+        if small or (decrement <= 1e-10 * max(1.0, abs(f)) and lam == 0.0):
+            return x, "converged: Newton steps with the analytic Hessian", True
+    return x, f"iteration limit ({max_steps} Newton steps)", False
+
+
 def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndarray, path: list):
     """L-BFGS-B (analytic gradient) over unconstrained theta, then lme4's canonical form, a retest of each
     theta on its bound, a second start in standardised slope coordinates where lme4's are badly
@@ -320,6 +366,11 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     column with a negative diagonal changes sign, and a diagonal within rounding of 0 is put on the bound
     when the deviance does not rise (lme4's boundary fit)."""
 
+    if hasattr(objective, "hessian"):
+        found = _newton_several(objective, theta0, lower, path)
+        if found is not None:
+            return (*found, "Newton (analytic Hessian), damped")
+    quasi = "L-BFGS-B (scipy) + chord-Newton polish"
     bounds = [(lo, None) for lo in objective.lower_bounds]
 
     def fun(x):
@@ -367,12 +418,12 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
             if not np.any(theta <= lower + 1e-12):
                 theta, H = _polish_general(objective, theta, lower)
                 if H is not None:
-                    return theta, "converged in centred and scaled slope coordinates", H
+                    return theta, "converged in centred and scaled slope coordinates", H, quasi
         theta, res = raw()
         message = str(res.message)
         if first is not None and _value(objective, first) < _value(objective, theta):
             kept, H = _polish_general(objective, first, lower)
-            return kept, f"{message}; centred and scaled slope coordinates better", H
+            return kept, f"{message}; centred and scaled slope coordinates better", H, quasi
     else:
         theta, res = raw()
         message = str(res.message)
@@ -383,6 +434,35 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
             if second is not None and _value(objective, second) < _value(objective, theta):
                 theta, message = second, f"{message}; second start in centred and scaled slope coordinates"
     theta, H = _polish_general(objective, theta, lower)
+    return theta, message, H, quasi
+
+
+def _newton_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndarray, path: list):
+    """Newton (:func:`_newton`) from lme4's start mapped to centred and scaled slope coordinates (the same
+    covariance, better scaled), made canonical, diagonal thetas within rounding of 0 put on their bound.
+    A theta on its bound whose curvature there is not positive may be a saddle of the even criterion
+    (theta = 0 is stationary in its column): the grid inward is scanned and Newton restarted from any better
+    point. Returns (theta, message, Hessian) when the result is stationary, None otherwise (then the
+    quasi-Newton search runs instead)."""
+    standard = _standardising_map(objective)
+    start = np.asarray(theta0, dtype=float) if standard is None else standard.theta(np.asarray(theta0, float))
+    for _ in range(objective.n_theta + 1):
+        theta, message, ok = _newton(objective, start, path)
+        if not ok:
+            return None
+        theta = _on_the_bounds(objective, _canonical(objective, theta), lower)
+        try:
+            st = objective.state(theta)
+            H = objective.hessian(st)
+        except NumericalError:
+            return None
+        flat = (theta <= lower + 1e-12) & (np.diag(H) <= 1e-8 * max(1.0, float(np.max(np.abs(np.diag(H))))))
+        inward = _inward_of_the_bound(objective, theta, lower, which=flat) if flat.any() else None
+        if inward is None:
+            break
+        start = inward
+    if _projected_gradient(objective, st, theta, lower) >= GRADIENT_TOL * max(1.0, abs(objective.value(st))):
+        return None
     return theta, message, H
 
 
@@ -549,12 +629,13 @@ def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarr
 
 
 def _inward_of_the_bound(objective, theta: np.ndarray, lower: np.ndarray, grid=np.geomspace(1e-4, 10.0, 16),
-                         rel: float = 1e-10) -> np.ndarray | None:
+                         rel: float = 1e-10, which: np.ndarray | None = None) -> np.ndarray | None:
     """The best point found by moving one theta that sits at its bound inward along ``grid``, when it beats
     theta by more than ``rel`` (relative); None when none does."""
     f0 = _value(objective, theta)
     best, best_f = None, f0 - rel * max(1.0, abs(f0))
-    for i in np.flatnonzero(theta <= lower + 1e-12):
+    at = theta <= lower + 1e-12
+    for i in np.flatnonzero(at if which is None else at & which):
         for t in grid:
             trial = theta.copy()
             trial[i] = t

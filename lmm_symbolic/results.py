@@ -536,7 +536,7 @@ def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float) -> tuple[np.nd
     dV_beta/dsigma = 2 sigma A^-1."""
     H, st, dA = ob.varpar_hessian(opt.theta, sig_w, hessian=opt.hessian, st=opt.state)
     cov_varpar = 2.0 * np.linalg.pinv(H)
-    Ainv = np.linalg.inv(st.A)
+    Ainv = ob.a_inverse(st)
     vcov = sig_w**2 * Ainv
     jac = [-sig_w**2 * Ainv @ dAk @ Ainv for dAk in dA] + [2.0 * sig_w * Ainv]
     df = np.empty(ob.p)
