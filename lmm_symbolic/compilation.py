@@ -743,6 +743,7 @@ class DenseDeviance(ThetaDeviance):
                 which.append(np.full(lay.n_levels, k))
                 k += 1
         self._rows, self._cols, self._which = (np.concatenate(v) for v in (rows, cols, which))
+        self._by_theta = [(r, c) for r, c in zip(rows, cols)]             # E_k's (row, column) indices
         self._eye = np.eye(self.width)
 
     def _lambda(self, theta) -> np.ndarray:
@@ -787,8 +788,7 @@ class DenseDeviance(ThetaDeviance):
         v, Lv = Zt[:, 0], LtZt[:, 0]
         drss = -2.0 * np.bincount(which, weights=v[rows] * Lv[cols], minlength=k)
         Q, LQ = Zt[:, 1:], LtZt[:, 1:]
-        dA = np.zeros((k, self.p, self.p))
-        np.add.at(dA, which, Q[rows][:, :, None] * LQ[cols][:, None, :])
+        dA = np.stack([Q[r].T @ LQ[c] for r, c in self._by_theta])
         return dlogdet, drss, -(dA + dA.transpose(0, 2, 1))
 
 
@@ -994,8 +994,8 @@ class SparseDeviance(ThetaDeviance):
         Zt_P = self.ZtX - ZtZ_lambda(self._solve(f, np.einsum("k,kwp->wp", theta, self._EtZtX)))
         v = np.stack([e @ Zt_r for e in self._Et])                     # E_k^T Z^T r
         Q = np.stack([e @ Zt_P for e in self._Et])                     # E_k^T Z^T P
-        drss = -2.0 * np.einsum("l,kw,lw->k", theta, v, v)
-        QQ = np.einsum("l,kwp,lwr->kpr", theta, Q, Q)
+        drss = -2.0 * (v @ (theta @ v))
+        QQ = Q.transpose(0, 2, 1) @ np.tensordot(theta, Q, axes=1)    # sum_l theta_l Q_k^T Q_l
         return trace, drss, -(QQ + QQ.transpose(0, 2, 1))
 
 
