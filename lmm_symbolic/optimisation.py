@@ -3,8 +3,9 @@ sympy where the design is balanced.
 
 Like lme4's ``optimizeLmer`` the numeric search is over theta alone (sigma_s / sigma for (1|g), the relative
 covariance factors' entries otherwise); sigma^2 and beta follow in closed form. One theta: Newton with the
-analytic second derivative; several: L-BFGS-B with the analytic gradient over unconstrained theta, made
-canonical and polished. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in one
+analytic second derivative; several: damped Newton with the analytic Hessian where the criterion has one
+(terms sharing one grouping factor), otherwise L-BFGS-B with the analytic gradient over unconstrained theta,
+made canonical and polished. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in one
 immutable object (as MixedModels.jl's ``OptSummary``).
 """
 from __future__ import annotations
@@ -217,7 +218,8 @@ def optimise(objective: ThetaDeviance) -> Optimum:
 
     One theta (a random intercept, a kinship matrix, one scalar term): Newton's method on d'(theta) with the
     analytic second derivative where the criterion has one (:meth:`InterceptDeviance.hessian`), safeguarded
-    by backtracking; several: L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal
+    by backtracking; several: damped Newton where the criterion has an analytic Hessian
+    (:meth:`BlockDeviance.hessian`), else L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal
     theta at its bound 0 is a stationary point (the deviance is even in each column of T), so a stop there
     is tested by moving that theta inward, and the search restarts from any better point."""
     path: list[np.ndarray] = []
