@@ -692,21 +692,45 @@ class BlockDeviance(ThetaDeviance):
         """d'' of the profiled deviance (:meth:`ThetaDeviance._profiled_hessian`), per distinct S_g from
           d2W_kl = R Sigma_kl R^T - dW_l S Sigma_k R^T - R Sigma_k S dW_l,
           d2log|M_g| = tr(B Sigma_kl) - tr(S dW_l S Sigma_k),   Sigma_kl = E_k E_l^T + E_l E_k^T,
-        and beta's movement with theta through h_k = dA_k beta - dc_k = sum_g (Z^T X)_g^T dW_k e_g."""
+        and beta's movement with theta through h_k = dA_k beta - dc_k = sum_g (Z^T X)_g^T dW_k e_g. d2W is
+        only needed in the sums sum_g <Y_g, d2W_g,kl> (Y_g = e_g e_g^T for RSS, (Z^T X)_g,.p (Z^T X)_g,.r^T for
+        A): :meth:`_against_d2W` forms them without the (k, k, q, q) array per group."""
         f = self._first_order(st)
         S, k, p = self._Sfull, self.n_theta, self.p
         U, q = S.shape[:2]
-        R, Rt, Sk, dW = f["R"], f["Rt"], f["Sk"], f["dW"]
+        Sk, dW = f["Sk"], f["dW"]
         SdWS = S[:, None] @ dW @ S[:, None]
-        G = dW[:, None, :] @ (S[:, None] @ Sk[None] @ Rt[:, None])[:, :, None]  # [u, k, l] = dW_l S Sigma_k R^T
-        d2W = R[:, None, None] @ self._Skl[None] @ Rt[:, None, None] - G - G.transpose(0, 1, 2, 4, 3)
         d2logdet = (np.einsum("ab,klba->kl", np.tensordot(self._counts, f["B"], axes=1), self._Skl)
                     - np.einsum("lab,kba->kl", np.tensordot(self._counts, SdWS, axes=1), Sk))
-        d2W_flat = d2W.transpose(1, 2, 0, 3, 4).reshape(k * k, U * q * q)
-        d2rss = -(d2W_flat @ f["EE"].ravel()).reshape(k, k)
+        d2rss = -self._against_d2W(f, f["EE"][:, None])[0]
         h = dW.transpose(1, 0, 2, 3).reshape(k, U * q * q) @ f["Ze"].reshape(U * q * q, p)
-        d2A = -self._gram(d2W.transpose(1, 2, 0, 3, 4)) if self.reml and p else None
+        d2A = None
+        if self.reml and p:
+            if self._zxzx is not None:
+                Y = self._zxzx.transpose(0, 3, 4, 1, 2).reshape(U, p * p, q, q)
+                d2A = -self._against_d2W(f, Y).reshape(p, p, k, k).transpose(2, 3, 0, 1)
+            else:                       # the per-pattern products would not fit: d2W itself, summed by group
+                R, Rt = f["R"], f["Rt"]
+                G = dW[:, None, :] @ (S[:, None] @ Sk[None] @ Rt[:, None])[:, :, None]
+                d2W = R[:, None, None] @ self._Skl[None] @ Rt[:, None, None] - G - G.transpose(0, 1, 2, 4, 3)
+                d2A = -self._gram(d2W.transpose(1, 2, 0, 3, 4))
         return self._profiled_hessian(st, d2logdet, d2rss, h, d2A)
+
+    def _against_d2W(self, f: dict, Y: np.ndarray) -> np.ndarray:
+        """sum_u <Y_u,j, d2W_u,kl> for symmetric weights Y (U, J, q, q), as (J, k, k):
+        <Y, R Sigma_kl R^T> = <R^T Y R, Sigma_kl> and <Y, dW_l S Sigma_k R^T + its transpose> =
+        2 tr(R^T Y dW_l S Sigma_k), each summed over the patterns before the contraction with Sigma."""
+        R, Rt, Sk, dW, S = f["R"], f["Rt"], f["Sk"], f["dW"], self._Sfull
+        U, J, q = Y.shape[0], Y.shape[1], Y.shape[2]
+        k = Sk.shape[0]
+        RtY = np.einsum("uab,ujbc->ujac", Rt, Y)                                  # (U, J, q, q)
+        RtYR = (RtY.transpose(1, 2, 0, 3).reshape(J * q, U * q) @ R.reshape(U * q, q)).reshape(J, q, q)
+        first = np.einsum("jab,klab->jkl", RtYR, self._Skl)                       # sum_u R^T Y R
+        dWS = dW @ S[:, None]                                                     # (U, k, q, q)
+        # sum_u (R^T Y)_uj dW_ul S_u as one matrix product over (u, b)
+        Z = (RtY.transpose(1, 2, 0, 3).reshape(J * q, U * q)
+             @ dWS.transpose(0, 2, 1, 3).reshape(U * q, k * q)).reshape(J, q, k, q).transpose(0, 2, 1, 3)
+        return first - 2.0 * np.einsum("jlab,kba->jkl", Z, Sk)
 
 
 # ------------------------------------------------------------------------- any Z, few random effects: dense M
