@@ -468,7 +468,7 @@ def _interaction_codes(frame: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray
     for c in cols:
         codes, uniques = pd.factorize(frame[c])
         combined = combined * max(len(uniques), 1) + codes
-        labels.append(list(pd.Index(uniques).astype(str)))
+        labels.append([str(v) for v in uniques.tolist()])       # few values: no Index of strings built
     present, inverse = np.unique(combined, return_inverse=True)
     parts, rest = [], present
     for lab in reversed(labels):
