@@ -624,7 +624,10 @@ def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarr
             f_new, g_new = objective.value(st), objective.gradient(st)[free]
             if not (np.linalg.norm(g_new) < np.linalg.norm(g) and f_new <= f + 1e-10 * max(1.0, abs(f))):
                 break
+            small = np.max(np.abs(new - theta)) <= 1e-10 * max(1.0, float(np.max(np.abs(theta))))
             theta, f, g = new, f_new, g_new
+            if small:                   # the next step would be below the criterion's rounding
+                break
     except (np.linalg.LinAlgError, NumericalError):
         pass
     return theta, H
@@ -634,10 +637,14 @@ def _inward_of_the_bound(objective, theta: np.ndarray, lower: np.ndarray, grid=n
                          rel: float = 1e-10, which: np.ndarray | None = None) -> np.ndarray | None:
     """The best point found by moving one theta that sits at its bound inward along ``grid``, when it beats
     theta by more than ``rel`` (relative); None when none does."""
+    at = theta <= lower + 1e-12
+    if which is not None:
+        at &= which
+    if not at.any():
+        return None
     f0 = _value(objective, theta)
     best, best_f = None, f0 - rel * max(1.0, abs(f0))
-    at = theta <= lower + 1e-12
-    for i in np.flatnonzero(at if which is None else at & which):
+    for i in np.flatnonzero(at):
         for t in grid:
             trial = theta.copy()
             trial[i] = t
