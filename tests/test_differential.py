@@ -186,3 +186,19 @@ def test_covariate_affine_keeps_fitted_values(base, scale, shift):
         a, b = _fit(base, formula), _fit(d, formula)
         np.testing.assert_allclose(b.fitted, a.fitted, rtol=1e-5, atol=1e-6, err_msg=formula)
         assert b.loglik == pytest.approx(a.loglik, rel=1e-8), formula
+        if "(x | g)" in formula:
+            # reported for the user's x: b0 + b1 x = (b0 - b1 shift / scale) + (b1 / scale) x', so
+            # b' = C b and D' = C D C^T with C = [[1, -shift/scale], [0, 1/scale]]
+            C = np.array([[1.0, -shift / scale], [0.0, 1.0 / scale]])
+            Da, Db = _covariance(a), _covariance(b)
+            np.testing.assert_allclose(Db, C @ Da @ C.T, rtol=1e-4, atol=1e-6 * np.abs(Db).max())
+            ba, bb = a.random_effects[["(Intercept)", "x"]].to_numpy(), b.random_effects[["(Intercept)", "x"]].to_numpy()
+            np.testing.assert_allclose(bb, ba @ C.T, rtol=1e-4, atol=1e-5 * np.abs(bb).max())
+
+
+def _covariance(fit):
+    """D of the (x | g) term from VarCorr."""
+    vc = fit.variance_components.set_index("term")
+    sd = vc.loc[["(Intercept)", "x"], "sd"].to_numpy(float)
+    rho = float(fit.correlations["corr"].iloc[0])
+    return np.outer(sd, sd) * np.array([[1.0, rho], [rho, 1.0]])
