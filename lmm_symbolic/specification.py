@@ -153,8 +153,12 @@ def _basis(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
     n, p = A.shape
     if p < 2 or n < p or not isinstance(A, np.ndarray):
         return None
-    norms = np.sqrt((A * A).sum(axis=0))
-    if not (np.all(np.isfinite(norms)) and np.all(norms > 0)):
+    gram = A.T @ A                                    # a cheap first test: cond(G) = cond(A D^-1)^2
+    norms = np.sqrt(np.diag(gram))
+    if not (np.all(np.isfinite(gram)) and np.all(norms > 0)):
+        return None
+    lam = np.linalg.eigvalsh(gram / np.outer(norms, norms))
+    if lam[0] > 0 and lam[-1] <= CONDITION_LIMIT ** 2 * lam[0] / 4:
         return None
     ones = [k for k in range(p) if A[0, k] == 1.0 and bool(np.all(A[:, k] == 1.0))][:1]
     order = ones + [k for k in range(p) if k not in ones]
