@@ -30,7 +30,7 @@ from .errors import LMMWarning, ModelError, NumericalError
 from .optimisation import SINGULAR_TOL, ExactOptimum, Optimum, exact_optimum, optimise
 from .derivation import EXACT_N
 from .progress import stage
-from .specification import Design, whitened
+from .specification import Conditioning, Design, conditioned, whitened
 
 SINGULAR_ADVICE = ("boundary (singular) fit: the estimated random-effect variance is zero, so the groups "
                    "differ no more than the residual noise predicts; the model is over-fitted for these data "
@@ -462,35 +462,50 @@ def n_parameters(design: Design) -> int:
 _NO_CORRELATIONS = pd.DataFrame({"group": [], "term1": [], "term2": [], "corr": []})
 
 
-def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) -> FitResult:
+def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = (),
+                cond: Conditioning | None = None) -> FitResult:
     """Everything a user reads off a fit, computed once from the optimum of the one profiled deviance:
     VarCorr from the relative factors (D_k = sigma^2 T_k T_k^T), the conditional modes with their SDs,
-    Satterthwaite's df, then the inference every fit shares (:func:`_assemble`)."""
+    Satterthwaite's df, then the inference every fit shares (:func:`_assemble`). ``opt`` is the optimum of
+    the design the core fitted (``opt.objective.design``: :func:`conditioned`'s basis), ``cond`` the maps
+    from it to ``design``'s parametrisation: beta = C_X beta~, theta of C_k T~_k, b = C_k b~."""
     ob = opt.objective
+    cond = Conditioning() if cond is None else cond
+    work = ob.design
+    qs = [lay.q for lay in ob.layouts]
+    theta = cond.theta(opt.theta, qs)
+    beta = cond.beta(opt.beta)
+    deviance = opt.deviance - (2.0 * cond.logdet if ob.reml else 0.0)
+    summary = opt.summary
+    if not cond.identity:
+        summary = dataclasses.replace(
+            summary, theta=tuple(map(float, theta)), initial=tuple(map(float, cond.theta(summary.initial, qs))),
+            fmin=summary.fmin - (2.0 * cond.logdet if ob.reml else 0.0),
+            path=tuple(tuple(map(float, cond.theta(p, qs))) for p in summary.path))
     sig_w = opt.sigma / ob.scale
     if sig_w < 1e-6:
         messages = (*messages, ZERO_RESIDUAL_ADVICE)
         warnings.warn(ZERO_RESIDUAL_ADVICE, LMMWarning, stacklevel=3)
     try:
-        df_s, vcov_w = _satterthwaite(ob, opt, sig_w)
+        df_s, vcov_w = _satterthwaite(ob, opt, sig_w, cond)
     except NumericalError:
         # the criterion cannot be evaluated beside theta (lme4's theta ill-conditioned: a slope covariate far
         # from 0): the standard errors from X^T V^-1 X at theta, no Satterthwaite df
-        df_s, vcov_w = np.full(ob.p, np.nan), (sig_w**2) * np.linalg.inv(opt.state.A)
+        df_s, vcov_w = np.full(ob.p, np.nan), cond.vcov((sig_w**2) * np.linalg.inv(opt.state.A))
         note = ("Satterthwaite's df are not available: the criterion's curvature cannot be evaluated beside "
                 "this theta (lme4's theta is ill-conditioned here; centre the slope covariates)")
         messages = (*messages, note)
         warnings.warn(note, LMMWarning, stacklevel=3)
-    variances = ob.conditional_variances(opt.state)
-    Ts = ob.terms(opt.theta)
+    variances = _conditional_variances(design, opt, cond, theta)
+    Ts = ob.terms(theta)
     if design.kinship is not None:
         sd = opt.sigma * float(Ts[0][0, 0])
         vc = pd.DataFrame({"group": ["kinship", "Residual"], "term": ["K", ""],
                            "variance": [sd**2, opt.sigma**2], "sd": [sd, opt.sigma]})
         ranef = pd.DataFrame({"kinship": opt.b}, index=pd.RangeIndex(design.n, name="observation"))
-        return _assemble(design, opt.summary.method, opt.beta, vcov_w * ob.scale**2, df_s, opt.sigma, sd,
-                         opt.deviance, float(opt.theta[0]) < SINGULAR_TOL, opt.summary, vc, _NO_CORRELATIONS,
-                         ranef, design.X @ opt.beta + opt.b, messages)
+        return _assemble(design, summary.method, beta, vcov_w * ob.scale**2, df_s, opt.sigma, sd,
+                         deviance, float(theta[0]) < SINGULAR_TOL, summary, vc, _NO_CORRELATIONS,
+                         ranef, work.X @ opt.beta + opt.b, messages)
     rows, corr_rows, seen = [], [], {}
     for term, T in zip(design.terms, Ts):
         D = opt.sigma**2 * T @ T.T
@@ -501,8 +516,9 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
         corr_rows += [(label, term.names[a], term.names[b], D[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else 0.0)
                       for a in range(term.q) for b in range(a + 1, term.q)]
     rows.append(("Residual", "", opt.sigma**2, opt.sigma))
-    modes = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
-    fitted = fitted_values(design, opt.beta, modes)      # lazy for a Dask design
+    modes_t = [opt.b[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q) for lay in ob.layouts]
+    fitted = fitted_values(work, opt.beta, modes_t)      # lazy for a Dask design
+    modes = [cond.modes(b, k) for k, b in enumerate(modes_t)]
     frames: dict[str, list[pd.DataFrame]] = {}
     for term, lay, b in zip(design.terms, ob.layouts, modes):
         sd = opt.sigma * np.sqrt(variances[lay.offset: lay.offset + lay.width].reshape(lay.n_levels, lay.q))
@@ -524,21 +540,39 @@ def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) ->
     columns = lambda rs, names: {k: [r[j] for r in rs] for j, k in enumerate(names)}  # noqa: E731
     vc = pd.DataFrame(columns(rows, ("group", "term", "variance", "sd")))
     corr = pd.DataFrame(columns(corr_rows, ("group", "term1", "term2", "corr"))) if corr_rows else _NO_CORRELATIONS
-    return _assemble(design, opt.summary.method, opt.beta, vcov_w * ob.scale**2, df_s, opt.sigma,
-                     rows[0][3], opt.deviance, min(diag) < SINGULAR_TOL, opt.summary, vc, corr, ranef, fitted,
+    return _assemble(design, summary.method, beta, vcov_w * ob.scale**2, df_s, opt.sigma,
+                     rows[0][3], deviance, min(diag) < SINGULAR_TOL, summary, vc, corr, ranef, fitted,
                      messages)
 
 
-def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float) -> tuple[np.ndarray, np.ndarray]:
+def _conditional_variances(design: Design, opt: Optimum, cond: Conditioning, theta: np.ndarray) -> np.ndarray:
+    """diag Var(b | y) / sigma^2 in Z's layout for the user's columns. Where a term was fitted in another
+    basis (b = C_k b~) the diagonal needs Var(b~ | y)'s off-diagonal entries, so it is read off the criterion
+    of the user's Z (the fitted X basis kept) at the mapped theta; NaN if that cannot be evaluated."""
+    ob = opt.objective
+    if all(C is None for C in cond.terms):
+        return ob.conditional_variances(opt.state)
+    own = profiled_deviance(dataclasses.replace(ob.design, terms=design.terms), ob.reml)
+    try:
+        return np.asarray(own.conditional_variances(own.state(theta)), dtype=float)
+    except (NumericalError, np.linalg.LinAlgError):
+        return np.full(len(opt.b), np.nan)
+
+
+def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float,
+                   cond: Conditioning | None = None) -> tuple[np.ndarray, np.ndarray]:
     """lmerTest's Satterthwaite df: A = 2 H^-1 from the Hessian of the (theta, sigma) deviance (from the
     optimiser's Hessian of the profiled deviance, :meth:`ThetaDeviance.varpar_hessian`), and the gradient of
     V_beta = sigma^2 (X^T V^-1 X)^-1 in closed form: dV_beta/dtheta_k = -sigma^2 A^-1 dA_k A^-1,
-    dV_beta/dsigma = 2 sigma A^-1."""
+    dV_beta/dsigma = 2 sigma A^-1. In the core's basis (theta~ and beta~, :func:`conditioned`): the df do
+    not depend on how the variance parameters are parametrised (g^T A g is invariant under a change of
+    variables), and V_beta and its derivatives map to the user's beta as C_X V C_X^T."""
+    cond = Conditioning() if cond is None else cond
     H, st, dA = ob.varpar_hessian(opt.theta, sig_w, hessian=opt.hessian, st=opt.state)
     cov_varpar = 2.0 * np.linalg.pinv(H)
     Ainv = ob.a_inverse(st)
-    vcov = sig_w**2 * Ainv
-    jac = [-sig_w**2 * Ainv @ dAk @ Ainv for dAk in dA] + [2.0 * sig_w * Ainv]
+    vcov = cond.vcov(sig_w**2 * Ainv)
+    jac = [cond.vcov(-sig_w**2 * Ainv @ dAk @ Ainv) for dAk in dA] + [cond.vcov(2.0 * sig_w * Ainv)]
     df = np.empty(ob.p)
     for c in range(ob.p):
         g = np.array([J[c, c] for J in jac])
@@ -561,12 +595,13 @@ def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto")
     reml = method == "REML"
     if design.weights is not None or design.offset is not None:
         return _with_weights_and_offset(fit_design(whitened(design), method, exact=False), design)
-    objective = profiled_deviance(design, reml)
+    work, cond = conditioned(design)
+    objective = profiled_deviance(work, reml)
     if design.is_random_intercept and design.kinship is None:
-        _check_group_variance_estimable(design, objective.stats)
+        _check_group_variance_estimable(work, objective.stats)
     with stage("optimising the profiled %s criterion over theta", method), _blas_threads(objective):
         opt = optimise(objective)
-        fit = make_result(design, opt, design.messages)
+        fit = make_result(design, opt, design.messages, cond)
     if not exact:
         return fit
     if not design.is_random_intercept or design.kinship is not None:
@@ -656,9 +691,12 @@ def deviance_function(design: Design, method: str = "REML"):
             return inner(theta) + shift
         weighted.n_theta, weighted.lower_bounds = inner.n_theta, inner.lower_bounds
         return weighted
-    ob = profiled_deviance(design, reml)
+    work, cond = conditioned(design)
+    ob = profiled_deviance(work, reml)
+    qs = [lay.q for lay in ob.layouts]
+    const = 2 * ob.n_eff * np.log(ob.scale) - (2.0 * cond.logdet if reml else 0.0)
 
     def general(theta):
-        return ob(np.asarray(theta, dtype=float)) + 2 * ob.n_eff * np.log(ob.scale)
+        return ob(cond.theta_tilde(np.asarray(theta, dtype=float), qs)) + const
     general.n_theta, general.lower_bounds = ob.n_theta, ob.lower_bounds
     return general

@@ -129,6 +129,143 @@ def whitened(design: Design) -> Design:
     return dataclasses.replace(design, y=y * r, X=design.X * r[:, None], terms=terms, weights=None, offset=None)
 
 
+#: the condition number (columns scaled to unit norm) above which X, or a correlated random term's Z, is
+#: fitted in a well-conditioned basis (:func:`conditioned`); below it the design is used as given
+CONDITION_LIMIT = 1e3
+
+
+def _lower_factor(A: np.ndarray) -> np.ndarray:
+    """The lower-triangular L with a non-negative diagonal and L L^T = A A^T (an LQ factorisation of A:
+    A^T = Q R gives A A^T = R^T R); it exists when A is singular too (a boundary fit)."""
+    R = np.linalg.qr(A.T, mode="r")
+    R = R * np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
+    return np.ascontiguousarray(R.T)
+
+
+def _basis(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(A~, C, log|det C|) with A~ = A C well conditioned, or None when A's columns (scaled to unit norm) have a
+    condition number within :data:`CONDITION_LIMIT` (or A is rank deficient: left to the core to report).
+
+    Householder QR of A with its all-ones column (if any) first, A P = Q R; A~ = Q S with S = diag(s),
+    s = sqrt(n) sign(R_kk) (columns of RMS 1), s_0 = R_00 for the ones column so that it stays exactly the
+    ones column; then C = P R^-1 S. Q is orthonormal to rounding however ill-conditioned A is, which the
+    normal equations of A are not (they square its condition number)."""
+    n, p = A.shape
+    if p < 2 or n < p or not isinstance(A, np.ndarray):
+        return None
+    gram = A.T @ A                                    # a cheap first test: cond(G) = cond(A D^-1)^2
+    norms = np.sqrt(np.diag(gram))
+    if not (np.all(np.isfinite(gram)) and np.all(norms > 0)):
+        return None
+    lam = np.linalg.eigvalsh(gram / np.outer(norms, norms))
+    if lam[0] > 0 and lam[-1] <= CONDITION_LIMIT ** 2 * lam[0] / 4:
+        return None
+    ones = [k for k in range(p) if A[0, k] == 1.0 and bool(np.all(A[:, k] == 1.0))][:1]
+    order = ones + [k for k in range(p) if k not in ones]
+    Q, R = np.linalg.qr(A[:, order])
+    d = np.diag(R)
+    if not np.all(np.abs(d) > 0):
+        return None
+    cond = np.linalg.cond(R / norms[order])
+    if not np.isfinite(cond) or cond <= CONDITION_LIMIT:
+        return None
+    s = np.where(d < 0, -1.0, 1.0) * np.sqrt(n)
+    if ones:
+        s[0] = d[0]
+    At = Q * s
+    if ones:
+        At[:, 0] = 1.0
+    import scipy.linalg
+    C = np.empty((p, p))
+    C[order, :] = scipy.linalg.solve_triangular(R, np.diag(s))
+    return At, C, float(np.log(np.abs(s)).sum() - np.log(np.abs(d)).sum())
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How a design was re-expressed for the core (:func:`conditioned`), and the maps back.
+
+    X~ = X C_X, so X beta = X~ beta~ with beta = C_X beta~ and Var(beta) = C_X Var(beta~) C_X^T; the REML
+    criterion's log|X^T V^-1 X| = log|X~^T V^-1 X~| - 2 log|det C_X| (ML is unchanged). For a correlated
+    term (q >= 2, an unstructured q x q covariance) Z~_k = Z_k C_k, so Z_k b = Z~_k b~ with b = C_k b~ and
+    D_k = C_k D~_k C_k^T: the same model, its relative factor T_k = lower factor of C_k T~_k (lme4's
+    theta for the user's columns). None where the design is used as given."""
+
+    fixed: np.ndarray | None = None
+    terms: tuple[np.ndarray | None, ...] = ()
+    logdet: float = 0.0          # log|det C_X|
+
+    @property
+    def identity(self) -> bool:
+        return self.fixed is None and all(C is None for C in self.terms)
+
+    def beta(self, beta_t: np.ndarray) -> np.ndarray:
+        return beta_t if self.fixed is None else self.fixed @ beta_t
+
+    def vcov(self, V: np.ndarray) -> np.ndarray:
+        return V if self.fixed is None else self.fixed @ V @ self.fixed.T
+
+    def _map_theta(self, theta, qs, inverse: bool) -> np.ndarray:
+        theta = np.asarray(theta, dtype=float)
+        if all(C is None for C in self.terms):
+            return theta
+        out, k = [], 0
+        for q, C in zip(qs, self.terms):
+            rows, cols = np.triu_indices(q)          # lme4's column-major lower triangle: (col, row) pairs
+            idx = (cols, rows)
+            size = len(rows)
+            block = theta[k:k + size]
+            k += size
+            if C is None:
+                out.append(block)
+                continue
+            T = np.zeros((q, q))
+            T[idx] = block
+            T = _lower_factor((np.linalg.solve(C, T) if inverse else C @ T))
+            out.append(T[idx])
+        return np.concatenate(out + [theta[k:]]) if out else theta
+
+    def theta(self, theta_t, qs) -> np.ndarray:
+        """lme4's theta for the user's Z from theta~ of Z~ (formula order, q_k per term)."""
+        return self._map_theta(theta_t, qs, inverse=False)
+
+    def theta_tilde(self, theta, qs) -> np.ndarray:
+        """theta~ of Z~ from lme4's theta."""
+        return self._map_theta(theta, qs, inverse=True)
+
+    def modes(self, b_t: np.ndarray, k: int) -> np.ndarray:
+        """Term k's conditional modes (levels x q) for the user's columns: b = C_k b~ per level."""
+        C = self.terms[k] if k < len(self.terms) else None
+        return b_t if C is None else b_t @ C.T
+
+
+def conditioned(design: Design) -> tuple[Design, Conditioning]:
+    """The design the core fits: X, and the Z of each correlated term (q >= 2), replaced by a well-conditioned
+    basis of the same column space where their condition number exceeds :data:`CONDITION_LIMIT`
+    (near-collinear covariates, a covariate far from 0 such as x = 1000 + 0.01 z), with the maps back
+    (:class:`Conditioning`). The model is the same: col(X) and each unstructured term's family of
+    covariances do not change, so the ML optimum is the same point and every reported quantity is mapped to
+    the user's parametrisation. The normal equations X^T V^-1 X of an X with condition number k lose
+    k^2 eps of the criterion; in the new basis they lose eps. Scalar terms (q = 1) are left as they are
+    (centring their covariate would change the model)."""
+    import dataclasses
+
+    if not isinstance(design.X, np.ndarray):
+        return design, Conditioning()
+    fixed = _basis(design.X)
+    terms, Cs = [], []
+    for t in design.terms:
+        basis = _basis(t.Z) if t.q >= 2 and isinstance(t.Z, np.ndarray) else None
+        Cs.append(None if basis is None else basis[1])
+        terms.append(t if basis is None else dataclasses.replace(t, Z=basis[0]))
+    cond = Conditioning(fixed=None if fixed is None else fixed[1], terms=tuple(Cs),
+                        logdet=0.0 if fixed is None else fixed[2])
+    if cond.identity:
+        return design, cond
+    work = dataclasses.replace(design, X=design.X if fixed is None else fixed[0], terms=tuple(terms))
+    return work, cond
+
+
 def random_effects_matrix(design: Design):
     """Z = [Z_1 ... Z_K] of Eq. 4 (n x sum_k q_k G_k, scipy.sparse): term k's column c for level j sits at
     offset_k + j q_k + c (lme4's layout), so each row has sum_k q_k non-zeros."""
