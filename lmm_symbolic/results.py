@@ -94,6 +94,14 @@ class FitResult:
         return self._memo["exact"][0]
 
     @property
+    def theta(self) -> pd.Series:
+        """lme4's theta, named and ordered as ``getME(fit, "theta")`` (terms by decreasing number of levels;
+        within a term the lower triangle of its relative Cholesky factor, column by column).
+        ``opt.theta`` is the same vector in the formula's order of terms."""
+        order, names = lme4_theta_order(self.design, len(self.opt.theta))
+        return pd.Series([float(self.opt.theta[k]) for k in order], index=names, name="theta")
+
+    @property
     def exact_reason(self) -> str | None:
         """Why ``exact`` is None (not balanced, too many digits, not requested); None when it was derived."""
         self.exact
@@ -253,7 +261,6 @@ class FitResult:
                   "df_satterthwaite": num(self.df_satterthwaite[name]),
                   "p_value_satterthwaite": num(self.pvalues_satterthwaite[name])}
                  for name in self.params.index]
-        order, names = lme4_theta_order(self.design, len(self.opt.theta))
         random = [{"group": r["group"], "term": r["term"] or None, "variance": float(r["variance"]),
                    "sd": float(r["sd"])} for _, r in self.variance_components.iterrows()]
         return {
@@ -263,8 +270,8 @@ class FitResult:
                          "df_satterthwaite": "Satterthwaite (lmerTest); p_value_satterthwaite from t_value"}, "random_effects": random,
             "correlations": [{"group": r["group"], "term1": r["term1"], "term2": r["term2"],
                               "corr": float(r["corr"])} for _, r in self.correlations.iterrows()],
-            "theta": [float(self.opt.theta[k]) for k in order],
-            "theta_names": names,
+            "theta": self.theta.tolist(),
+            "theta_names": list(self.theta.index),
             "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "deviance": self.deviance,
             "converged": self.converged, "singular": self.singular,
             "exact": None if self.exact is None else {"sigma2": str(self.exact.sigma2),

@@ -43,8 +43,22 @@ def test_theta_is_lme4s(fitted):
     """The relative covariance parameters, in lme4's order (getME(fit, "theta")), in the summary and JSON."""
     case, fit = fitted
     np.testing.assert_allclose(fit.opt.theta, case["lme4"]["theta"], rtol=10 * _tolerance(*fitted), atol=1e-6)
-    assert fit.to_dict()["theta"] == list(fit.opt.theta)
+    assert fit.to_dict()["theta"] == fit.theta.tolist()
     assert len(fit.opt.path) == fit.opt.evaluations and len(fit.opt.path[0]) == len(fit.opt.theta)
+    if "theta_names" in case["lme4"]:
+        assert list(fit.theta.index) == case["lme4"]["theta_names"]
+    np.testing.assert_allclose(fit.theta.to_numpy(), case["lme4"]["theta"], rtol=10 * _tolerance(*fitted), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ML", "REML"])
+def test_theta_is_in_lme4s_order_whatever_the_formulas_order(method):
+    """fit.theta is getME(fit, "theta"): Penicillin's terms written sample first still give plate (24 levels)
+    first, as lme4 sorts terms by decreasing number of levels; opt.theta stays in the formula's order."""
+    case = REFERENCE[f"penicillin_{method.lower()}"]
+    fit = lmm.fit("diameter ~ 1 + (1|sample) + (1|plate)", lmm.datasets.load("Penicillin"), method=method)
+    assert list(fit.theta.index) == case["lme4"]["theta_names"] == ["plate.(Intercept)", "sample.(Intercept)"]
+    np.testing.assert_allclose(fit.theta.to_numpy(), case["lme4"]["theta"], rtol=1e-4)
+    np.testing.assert_allclose(fit.opt.theta, case["lme4"]["theta"][::-1], rtol=1e-4)
 
 
 def test_the_criterion_at_lme4s_theta_is_lme4s(fitted):
