@@ -67,6 +67,7 @@ autodoc_typehints = "signature"
 
 _LITERAL = re.compile(r"(``.+?``|:[a-z:]+:`[^`]+`)")
 _ITEM = re.compile(r"\s*([*-]|\d+\.)\s")
+_DIRECTIVE = re.compile(r"\s*\.\. [a-z-]+::")
 
 
 def _indent(line: str) -> int:
@@ -85,13 +86,26 @@ def plain_maths_docstring(app, what, name, obj, options, lines) -> None:
     The docstrings write maths in plain text (``|Sigma| = sigma^(2m) ...``), with formulas on indented
     lines under a sentence. reStructuredText would read ``|x|`` as a substitution and the indented lines as
     an error; here bars are escaped, an indented run under a paragraph becomes a literal block (aligned, as
-    in the source), and a list that starts or ends without a blank line gets one.
+    in the source), and a list that starts or ends without a blank line gets one. Maths written as
+    reStructuredText (``:math:`` roles, ``.. math::`` blocks) is left as written and typeset by MathJax.
     """
     out: list[str] = []
     in_run = False
     base = 0
     item = None  # indentation of the list being read
+    directive = None  # indentation of a ``.. math::`` (or other directive) whose body is read as written
     for line in lines:
+        if directive is not None:
+            if not line.strip() or _indent(line) > directive:
+                out.append(line)
+                continue
+            directive = None
+        if _DIRECTIVE.match(line):
+            directive = _indent(line)
+            if out and out[-1].strip():
+                out.append("")
+            out.append(line)
+            continue
         if item is not None and line.strip() and not _ITEM.match(line) and _indent(line) <= item:
             item = None
             if out and out[-1].strip():
