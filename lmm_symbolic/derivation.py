@@ -1,14 +1,18 @@
-"""Derivation: the tutorial's Eq. 1-12 derived with sympy from the design's structure.
+r"""Derivation: the tutorial's Eq. 1-12 derived with sympy from the design's structure.
 
-Sigma is block-diagonal by group, each block sigma^2 I_m + Z_g D Z_g^T. The determinant lemma and the
-Woodbury identity are applied once, for a block of symbolic size m, and the results are assembled over the
-groups, so the cost does not grow with the number of observations:
+:math:`\Sigma` is block-diagonal by group, each block :math:`\sigma^2 I_m + Z_g D Z_g^\top`. The determinant
+lemma and the Woodbury identity are applied once, for a block of symbolic size :math:`m`, and the results
+are assembled over the groups, so the cost does not grow with the number of observations
+(:math:`S_g = Z_g^\top Z_g`, :math:`W_g = D\,(\sigma^2 I_q + S_g D)^{-1}`):
 
-    |Sigma_g|            = sigma^(2m) |I_q + D S_g / sigma^2|                 (S_g = Z_g^T Z_g)
-    Sigma_g^(-1)         = (I_m - Z_g W_g Z_g^T) / sigma^2,  W_g = D (sigma^2 I_q + S_g D)^(-1)
-    r^T Sigma_g^(-1) r   = (r^T r - (Z_g^T r)^T W_g (Z_g^T r)) / sigma^2
+.. math::
 
-For a random intercept (q = 1, Z_g = 1, D = sigma_s^2) these give Eq. 11 and Eq. 12.
+    |\Sigma_g| &= \sigma^{2m}\, |I_q + D S_g / \sigma^2|, \\
+    \Sigma_g^{-1} &= (I_m - Z_g W_g Z_g^\top) / \sigma^2, \\
+    r^\top \Sigma_g^{-1} r &= \bigl(r^\top r - (Z_g^\top r)^\top W_g\, (Z_g^\top r)\bigr) / \sigma^2.
+
+For a random intercept (:math:`q = 1`, :math:`Z_g = \mathbf{1}`, :math:`D = \sigma_s^2`) these give Eq. 11
+and Eq. 12.
 """
 from __future__ import annotations
 
@@ -68,10 +72,12 @@ class Equation:
 # ------------------------------------------------------------------------------ the block identities
 @dataclass(frozen=True)
 class BlockIdentities:
-    """Closed forms for one group's block Sigma_g = sigma^2 I_m + Z D Z^T, from the lemma and Woodbury.
+    r"""Closed forms for one group's block :math:`\Sigma_g = \sigma^2 I_m + Z D Z^\top`, from the lemma and
+    Woodbury.
 
-    ``S`` (q x q) stands for Z^T Z, ``Zr`` (q x 1) for Z^T r and ``R2`` for r^T r; for a random intercept
-    S = [m] and Zr = [1^T r].
+    ``S`` (:math:`q \times q`) stands for :math:`Z^\top Z`, ``Zr`` (:math:`q \times 1`) for :math:`Z^\top r`
+    and ``R2`` for :math:`r^\top r`; for a random intercept :math:`S = [m]` and
+    :math:`Z^\top r = [\mathbf{1}^\top r]`.
     """
 
     D: sp.Matrix
@@ -86,7 +92,8 @@ class BlockIdentities:
 
 
 def block_identities(D: sp.Matrix, S: sp.Matrix, Zr: sp.Matrix, params: tuple[sp.Symbol, ...]) -> BlockIdentities:
-    """Apply the matrix determinant lemma and Woodbury's identity to sigma^2 I_m + Z D Z^T (size m)."""
+    r"""Apply the matrix determinant lemma and Woodbury's identity to :math:`\sigma^2 I_m + Z D Z^\top`
+    (size :math:`m`)."""
     q = D.shape[0]
     A = sigma**2 * sp.Identity(m)
     det_A = sp.Determinant(A).doit().subs(sp.Determinant(sp.Identity(m)), 1)  # sigma^(2m)
@@ -135,7 +142,8 @@ def _matrix_latex(M: sp.Matrix, total_rows: int, total_cols: int, names: dict) -
 # ------------------------------------------------------------------------------------ derivation
 @dataclass(frozen=True)
 class Symbols:
-    """The names ``derive`` uses: sigma, sigma_s, beta_k, y_ij (data-row order), u_j, epsilon_ij.
+    r"""The names ``derive`` uses: :math:`\sigma`, :math:`\sigma_s`, :math:`\beta_k`, :math:`y_{ij}` (data-row
+    order), :math:`u_j`, :math:`\varepsilon_{ij}`.
 
     ``y_names`` lists every observation's name; for a large design ``y``, ``u`` and ``epsilon`` hold the
     symbols of the rows and groups that are shown (the data's values stand in the closed forms).
@@ -186,7 +194,7 @@ class GroupStructure:
 
 
 def u_symbol(j: int) -> sp.Symbol:
-    """u_(j+1), the random effect of group j (0-based)."""
+    r""":math:`u_{j+1}`, the random effect of group :math:`j` (0-based)."""
     return sp.Symbol(f"u_{j + 1}", real=True)
 
 
@@ -214,12 +222,12 @@ def _symbols(design: Design, groups: GroupStructure, shown: int) -> Symbols:
 
 
 class Derivation:
-    """Eq. 1-12 of the tutorial for one random-intercept design, derived by sympy.
+    r"""Eq. 1-12 of the tutorial for one random-intercept design, derived by sympy.
 
-    Attributes: ``equations`` (Eq. 1-12 as :class:`Equation`), ``det`` (|Sigma|, Eq. 11), ``logdet``
-    (log|Sigma| as a sum of logs), ``quadratic_form`` (Eq. 12), ``inverse`` (Sigma^-1, None when large),
-    ``loglik`` (Eq. 10 in closed form) and ``reml_loglik`` (the restricted log-likelihood, in which beta
-    stands for its GLS estimate).
+    Attributes: ``equations`` (Eq. 1-12 as :class:`Equation`), ``det`` (:math:`|\Sigma|`, Eq. 11),
+    ``logdet`` (:math:`\log|\Sigma|` as a sum of logs), ``quadratic_form`` (Eq. 12), ``inverse``
+    (:math:`\Sigma^{-1}`, None when large), ``loglik`` (Eq. 10 in closed form) and ``reml_loglik`` (the
+    restricted log-likelihood, in which :math:`\beta` stands for its GLS estimate).
     """
 
     def __init__(self, design: Design):
@@ -396,9 +404,13 @@ class Derivation:
         return r",\quad ".join(self._weight_name(k) + " = " + self._latex(self._weight(k)) for k in self.size_counts)
 
     def quadratic_latex(self) -> str:
-        """Eq. 12 as a reader checks it: one aligned line per group in the residuals r_ij = y_ij - x_ij^T beta,
-        [r_1j^2 + r_2j^2 + ... - w (r_1j + r_2j + ...)^2] / sigma^2, w = sigma_s^2/(sigma^2 + m sigma_s^2);
-        then w and the residuals, one group per line. The same expression as ``quadratic_form`` (tests
+        r"""Eq. 12 as a reader checks it: one aligned line per group in the residuals
+        :math:`r_{ij} = y_{ij} - x_{ij}^\top \beta`,
+
+        .. math:: \bigl[r_{1j}^2 + r_{2j}^2 + \dots - w\,(r_{1j} + r_{2j} + \dots)^2\bigr] / \sigma^2,
+           \qquad w = \frac{\sigma_s^2}{\sigma^2 + m \sigma_s^2};
+
+        then :math:`w` and the residuals, one group per line. The same expression as ``quadratic_form`` (tests
         check it through :meth:`quadratic_text`), written for reading."""
         if not self._readable():
             return self._latex(self.quadratic_form)
@@ -452,13 +464,15 @@ class Derivation:
         return sp.latex(k) if k.q == 1 else rf"\tfrac{{{k.p}}}{{{k.q}}}"
 
     def loglik_latex(self) -> str:
-        """Eq. 10 with Eq. 11 and 12 in it, terms in the tutorial's order:
-        log L = -n/2 log 2 pi - (log-determinant terms) - 1/2 Q, Q as in :meth:`quadratic_latex`."""
+        r"""Eq. 10 with Eq. 11 and 12 in it, terms in the tutorial's order:
+        :math:`\log L = -\frac{n}{2} \log 2\pi - (\text{log-determinant terms}) - \frac{1}{2} Q`, :math:`Q` as in
+        :meth:`quadratic_latex`."""
         n = self.design.n
         return (rf"\log L = -{self._half(n)}\log 2\pi{self._logdet_half_latex()} - \tfrac{{1}}{{2}} Q")
 
     def reml_latex(self) -> str:
-        """The REML criterion in the same layout: log L_R = -(n-p)/2 log 2 pi - ... - 1/2 log|X^T Sigma^-1 X| - 1/2 Q."""
+        r"""The REML criterion in the same layout:
+        :math:`\log L_R = -\frac{n-p}{2} \log 2\pi - \dots - \frac{1}{2} \log|X^\top \Sigma^{-1} X| - \frac{1}{2} Q`."""
         n, p = self.design.n, self.design.p
         return (rf"\log L_R = -{self._half(n - p)}\log 2\pi{self._logdet_half_latex()}"
                 r" - \tfrac{1}{2}\log\left|X^{T}\Sigma^{-1}X\right| - \tfrac{1}{2} Q(\hat\beta)")
@@ -797,11 +811,13 @@ class _Component:
 
 
 class GeneralDerivation(Derivation):
-    """Eq. 1-12 for slopes, nested and crossed terms: Sigma = Z D Z^T + sigma^2 I with D block-diagonal.
+    r"""Eq. 1-12 for slopes, nested and crossed terms: :math:`\Sigma = Z D Z^\top + \sigma^2 I` with
+    :math:`D` block-diagonal.
 
-    Sigma splits into independent blocks, one per connected component of Z's columns; on each block the
-    determinant lemma and Woodbury's identity (:func:`block_identities`, with q x q D and S = Z_c^T Z_c)
-    give |Sigma_c| and r^T Sigma_c^-1 r. Blocks with the same S and D are pooled; a block of more than
+    :math:`\Sigma` splits into independent blocks, one per connected component of :math:`Z`'s columns; on
+    each block the determinant lemma and Woodbury's identity (:func:`block_identities`, with
+    :math:`q \times q` :math:`D` and :math:`S = Z_c^\top Z_c`) give :math:`|\Sigma_c|` and
+    :math:`r^\top \Sigma_c^{-1} r`. Blocks with the same S and D are pooled; a block of more than
     ``MAX_BLOCK`` random effects (crossed factors) keeps its determinant unexpanded.
     """
 
