@@ -1,20 +1,25 @@
-"""Compilation: the derived closed forms turned into numpy functions, and the one profiled deviance.
+r"""Compilation: the derived closed forms turned into numpy functions, and the one profiled deviance.
 
-Every model is fitted through one criterion, lme4's profiled deviance in theta (:class:`ThetaDeviance`:
-beta and sigma^2 profiled out, -2 log L for ML, the REML criterion otherwise), with its analytic gradient.
-:func:`profiled_deviance` picks the cheapest evaluation of it that the model's structure allows:
+Every model is fitted through one criterion, lme4's profiled deviance in :math:`\theta`
+(:class:`ThetaDeviance`: :math:`\beta` and :math:`\sigma^2` profiled out, :math:`-2 \log L` for ML, the REML
+criterion otherwise), with its analytic gradient. :func:`profiled_deviance` picks the cheapest evaluation
+of it that the model's structure allows:
 
-* :class:`InterceptDeviance` -- ``(1|g)`` (and Sigma = sigma_s^2 K + sigma^2 I after K's rotation): the
-  log-likelihood sees the data only through per-group sums (:mod:`lmm_symbolic.statistics`); the derived
-  per-group closed forms (Eq. 11-12 for a block of size m: the Woodbury weight and the determinant lemma)
-  are lambdified with ``cse=True`` (:class:`ProfiledDeviance`) and evaluated over all groups at once, O(G p^2)
-  per evaluation, with the analytic second derivative;
-* :class:`BlockDeviance` -- terms sharing one factor: the derived q x q block forms (:func:`block_forms`);
-* :class:`DenseDeviance` -- few random effects in all: M = Lambda^T Z^T Z Lambda + I in dense arrays;
-* :class:`SparseDeviance` -- nested and crossed terms: M factorised by blocks, the largest term's
+* :class:`InterceptDeviance` -- ``(1|g)`` (and :math:`\Sigma = \sigma_s^2 K + \sigma^2 I` after
+  :math:`K`'s rotation): the log-likelihood sees the data only through per-group sums
+  (:mod:`lmm_symbolic.statistics`); the derived per-group closed forms (Eq. 11-12 for a block of size
+  :math:`m`: the Woodbury weight and the determinant lemma) are lambdified with ``cse=True``
+  (:class:`ProfiledDeviance`) and evaluated over all groups at once, :math:`O(G p^2)` per evaluation, with
+  the analytic second derivative;
+* :class:`BlockDeviance` -- terms sharing one factor: the derived :math:`q \times q` block forms
+  (:func:`block_forms`);
+* :class:`DenseDeviance` -- few random effects in all: :math:`M = \Lambda^\top Z^\top Z \Lambda + I` in
+  dense arrays;
+* :class:`SparseDeviance` -- nested and crossed terms: :math:`M` factorised by blocks, the largest term's
   block-diagonal part first, then the dense Schur complement.
 
-:class:`LogLikelihood` is Eq. 10 as a function of (sigma, sigma_s, beta), with its sympy gradient and Hessian.
+:class:`LogLikelihood` is Eq. 10 as a function of :math:`(\sigma, \sigma_s, \beta)`, with its sympy gradient
+and Hessian.
 """
 from __future__ import annotations
 
@@ -53,13 +58,13 @@ def intercept_kernels():
 
 
 def weighted_gram(w: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """sum_g w_g c_g c_g^T for the rows c_g of C."""
+    r""":math:`\sum_g w_g c_g c_g^\top` for the rows :math:`c_g` of :math:`C`."""
     return (C * w[:, None]).T @ C
 
 
 @dataclass(frozen=True)
 class ProfileState:
-    """Everything the profiled criterion knows at one theta (scaled response units)."""
+    r"""Everything the profiled criterion knows at one :math:`\theta` (scaled response units)."""
 
     theta: float
     w: np.ndarray
@@ -77,11 +82,17 @@ class ProfileState:
 
 
 class ProfiledDeviance:
-    """-2 log L (ML) or the REML criterion as a function of theta = sigma_s / sigma (lme4's devfun).
+    r""":math:`-2 \log L` (ML) or the REML criterion as a function of :math:`\theta = \sigma_s / \sigma`
+    (lme4's devfun).
 
-    With V = Sigma / sigma^2 (block I + theta^2 J), beta and sigma^2 profiled out:
-      ML:   d(theta) = n log(2 pi RSS / n) + log|V| + n
-      REML: d(theta) = (n - p) log(2 pi RSS / (n - p)) + log|V| + log|X^T V^-1 X| + (n - p)
+    With :math:`V = \Sigma / \sigma^2` (block :math:`I + \theta^2 J`), :math:`\beta` and :math:`\sigma^2`
+    profiled out:
+
+    .. math::
+
+        \text{ML:} \quad d(\theta) &= n \log(2\pi\, \mathrm{RSS} / n) + \log|V| + n, \\
+        \text{REML:} \quad d(\theta) &= (n - p) \log\bigl(2\pi\, \mathrm{RSS} / (n - p)\bigr) + \log|V| \\
+            &\quad + \log|X^\top V^{-1} X| + (n - p).
     """
 
     def __init__(self, stats: GroupStatistics, reml: bool):
@@ -126,7 +137,8 @@ class ProfiledDeviance:
         return float(dev + (st.logdetA if self.reml else 0.0))
 
     def derivative(self, st: ProfileState) -> float:
-        """d d/d theta: n_eff RSS'/RSS + log|V|' (+ tr(A^-1 A') for REML), RSS' = -sum_g w'_g e_g^2."""
+        r""":math:`\mathrm{d}d/\mathrm{d}\theta = n_\text{eff}\, \mathrm{RSS}'/\mathrm{RSS} + \log|V|'`
+        (:math:`+ \operatorname{tr}(A^{-1} A')` for REML), :math:`\mathrm{RSS}' = -\sum_g w'_g e_g^2`."""
         drss = -float(st.dw @ st.e ** 2)
         out = self.n_eff * drss / st.rss + st.dlogdet
         if self.reml and self.stats.p:
@@ -164,8 +176,8 @@ def _loglik_kernel(p: int):
 
 
 class LogLikelihood:
-    """Eq. 10, log L(sigma, sigma_s, beta), in the original units of the response, with its gradient and
-    Hessian from sympy (the closed form of Eq. 11-12 per group, summed over groups)."""
+    r"""Eq. 10, :math:`\log L(\sigma, \sigma_s, \beta)`, in the original units of the response, with its
+    gradient and Hessian from sympy (the closed form of Eq. 11-12 per group, summed over groups)."""
 
     def __init__(self, stats: GroupStatistics):
         self.stats = stats
@@ -194,7 +206,7 @@ class LogLikelihood:
         return self._evaluate(sig, sig_s, beta)[0]
 
     def gradient(self, sig: float, sig_s: float, beta) -> np.ndarray:
-        """d log L / d(sigma, sigma_s, beta)."""
+        r""":math:`\partial \log L / \partial(\sigma, \sigma_s, \beta)`."""
         return self._evaluate(sig, sig_s, beta)[1]
 
     def hessian(self, sig: float, sig_s: float, beta) -> np.ndarray:
@@ -203,14 +215,16 @@ class LogLikelihood:
 
 # -------------------------------------------------------------- several terms, slopes, crossed factors
 def theta_index(q: int) -> tuple[tuple[int, int], ...]:
-    """(row, col) of the lower triangle of a q x q relative factor T, in lme4's column-major order."""
+    r"""(row, col) of the lower triangle of a :math:`q \times q` relative factor :math:`T`, in lme4's
+    column-major order."""
     return tuple((r, c) for c in range(q) for r in range(c, q))
 
 
 @dataclass(frozen=True)
 class TermLayout:
-    """Where one random term's parameters sit: its relative Cholesky factor T (q x q, lower triangular,
-    D = sigma^2 T T^T) fills Lambda = diag(I_G kron T) in the term's block of Z's columns."""
+    r"""Where one random term's parameters sit: its relative Cholesky factor :math:`T`
+    (:math:`q \times q`, lower triangular, :math:`D = \sigma^2 T T^\top`) fills
+    :math:`\Lambda = \operatorname{diag}(I_G \otimes T)` in the term's block of :math:`Z`'s columns."""
 
     q: int
     n_levels: int
@@ -232,9 +246,10 @@ def term_layouts(design: Design) -> tuple[TermLayout, ...]:
 
 @dataclass(frozen=True)
 class DevianceState:
-    """The profiled criterion at one theta (scaled response units): A = X^T V^-1 X, the GLS beta,
-    RSS = (y - X beta)^T V^-1 (y - X beta), log|M| = log|V|, log|A| and the conditional modes
-    b = Lambda u in Z's column layout; ``work`` keeps what the gradient reuses."""
+    r"""The profiled criterion at one :math:`\theta` (scaled response units): :math:`A = X^\top V^{-1} X`,
+    the GLS :math:`\hat\beta`, :math:`\mathrm{RSS} = (y - X\hat\beta)^\top V^{-1} (y - X\hat\beta)`,
+    :math:`\log|M| = \log|V|`, :math:`\log|A|` and the conditional modes :math:`b = \Lambda u` in :math:`Z`'s
+    column layout; ``work`` keeps what the gradient reuses."""
 
     theta: np.ndarray
     A: np.ndarray
@@ -247,14 +262,21 @@ class DevianceState:
 
 
 class ThetaDeviance:
-    """lme4's profiled deviance in theta for any set of random terms, beta and sigma^2 profiled out.
+    r"""lme4's profiled deviance in :math:`\theta` for any set of random terms, :math:`\beta` and
+    :math:`\sigma^2` profiled out.
 
-    With Lambda(theta) the relative covariance factor (D_k = sigma^2 T_k T_k^T), M = Lambda^T Z^T Z Lambda + I
-    and V = Sigma / sigma^2 = I + Z Lambda Lambda^T Z^T, the determinant lemma gives |V| = |M| and Woodbury
-    gives V^-1 = I - Z Lambda M^-1 Lambda^T Z^T (Eq. 11-12 generalised):
-      ML:   d = log|M| + n (1 + log(2 pi RSS / n))
-      REML: d = log|M| + log|X^T V^-1 X| + (n - p)(1 + log(2 pi RSS / (n - p)))
-    Subclasses evaluate these for block-diagonal Sigma (:class:`BlockDeviance`) or any Z
+    With :math:`\Lambda(\theta)` the relative covariance factor (:math:`D_k = \sigma^2 T_k T_k^\top`),
+    :math:`M = \Lambda^\top Z^\top Z \Lambda + I` and :math:`V = \Sigma / \sigma^2 = I + Z \Lambda \Lambda^\top Z^\top`,
+    the determinant lemma gives :math:`|V| = |M|` and Woodbury gives
+    :math:`V^{-1} = I - Z \Lambda M^{-1} \Lambda^\top Z^\top` (Eq. 11-12 generalised):
+
+    .. math::
+
+        \text{ML:} \quad d &= \log|M| + n \bigl(1 + \log(2\pi\, \mathrm{RSS} / n)\bigr), \\
+        \text{REML:} \quad d &= \log|M| + \log|X^\top V^{-1} X| \\
+            &\quad + (n - p)\bigl(1 + \log(2\pi\, \mathrm{RSS} / (n - p))\bigr).
+
+    Subclasses evaluate these for block-diagonal :math:`\Sigma` (:class:`BlockDeviance`) or any :math:`Z`
     (:class:`SparseDeviance`).
     """
 
@@ -273,14 +295,14 @@ class ThetaDeviance:
 
     @property
     def lower_bounds(self) -> list[float | None]:
-        """0 for the diagonal of each T (standard deviations), unbounded off the diagonal (lme4)."""
+        r"""0 for the diagonal of each :math:`T` (standard deviations), unbounded off the diagonal (lme4)."""
         return [0.0 if r == c else None for lay in self.layouts for r, c in lay.theta_index]
 
     def initial(self) -> np.ndarray:
         return np.array([1.0 if r == c else 0.0 for lay in self.layouts for r, c in lay.theta_index])
 
     def terms(self, theta) -> tuple[np.ndarray, ...]:
-        """T_k (q_k x q_k) for each term."""
+        r""":math:`T_k` (:math:`q_k \times q_k`) for each term."""
         out, k = [], 0
         for lay in self.layouts:
             T = np.zeros((lay.q, lay.q))
@@ -325,11 +347,13 @@ class ThetaDeviance:
         raise NotImplementedError
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|M| / d theta_k (k,), dRSS / d theta_k at fixed beta (k,) and dA / d theta_k (k, p, p)."""
+        r""":math:`\partial \log|M| / \partial\theta_k` (k,), :math:`\partial \mathrm{RSS} / \partial\theta_k` at
+        fixed :math:`\beta` (k,) and :math:`\partial A / \partial\theta_k` (k, p, p)."""
         raise NotImplementedError
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """diag(Lambda M^-1 Lambda^T) in Z's column layout: Var(b | y) / sigma^2 at beta (lme4's condVar)."""
+        r""":math:`\operatorname{diag}(\Lambda M^{-1} \Lambda^\top)` in :math:`Z`'s column layout:
+        :math:`\operatorname{Var}(b \mid y) / \sigma^2` at :math:`\hat\beta` (lme4's condVar)."""
         raise NotImplementedError
 
     def _combine(self, st: DevianceState, derivatives, rss_weight: float) -> np.ndarray:
