@@ -365,7 +365,8 @@ class ThetaDeviance:
         return grad
 
     def gradient(self, st: DevianceState) -> np.ndarray:
-        """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
+        r""":math:`\partial \log|M| + n_\text{eff}\, \partial\mathrm{RSS} / \mathrm{RSS}` (:math:`\hat\beta`'s change
+        does not move RSS: envelope), :math:`+ \operatorname{tr}(A^{-1} \partial A)` for REML."""
         return self._combine(st, self.cached_derivatives(st), self.n_eff / st.rss)
 
     def cached_derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -379,19 +380,27 @@ class ThetaDeviance:
         return self.value(st), self.gradient(st)
 
     def varpar_deviance(self, theta, sig: float) -> float:
-        """lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value (scaled response units):
-        log|M| + RSS / sigma^2 + n log(2 pi sigma^2)  [+ log|A| - p log(2 pi sigma^2) for REML]."""
+        r"""lmerTest's deviance in varpar :math:`= (\theta, \sigma)`, :math:`\beta` at its GLS value (scaled
+        response units): :math:`\log|M| + \mathrm{RSS} / \sigma^2 + n \log(2\pi\sigma^2)`
+        (:math:`{} + \log|A| - p \log(2\pi\sigma^2)` for REML)."""
         st = self.state(theta)
         dev = st.logdetM + st.rss / sig**2 + self.n_eff * np.log(2 * np.pi * sig**2)
         return float(dev + (st.logdetA if self.reml else 0.0))
 
     def varpar_hessian(self, theta, sig: float, hessian: np.ndarray | None = None,
                        st: DevianceState | None = None) -> tuple[np.ndarray, DevianceState, np.ndarray]:
-        """The Hessian of :meth:`varpar_deviance` in (theta, sigma), with the state and dA at theta. The sigma
-        row is closed form: D_ts = -2 dRSS / sigma^3, D_ss = 6 RSS / sigma^4 - 2 n_eff / sigma^2. The theta
-        block: given the Hessian d'' of the profiled deviance d(theta) = min_sigma D(theta, sigma) at
-        sigma = sigma_hat(theta) (the optimiser's), by the envelope relation D_tt = d'' + D_ts D_ts^T / D_ss;
-        otherwise by central differences of the analytic gradient d log|M| + dRSS / sigma^2 (+ tr(A^-1 dA))."""
+        r"""The Hessian of :meth:`varpar_deviance` in :math:`(\theta, \sigma)`, with the state and
+        :math:`\partial A` at :math:`\theta`. The :math:`\sigma` row is closed form:
+        :math:`D_{\theta\sigma} = -2\, \partial\mathrm{RSS} / \sigma^3`,
+        :math:`D_{\sigma\sigma} = 6\, \mathrm{RSS} / \sigma^4 - 2 n_\text{eff} / \sigma^2`. The :math:`\theta`
+        block: given the Hessian :math:`d''` of the profiled deviance
+        :math:`d(\theta) = \min_\sigma D(\theta, \sigma)` at :math:`\sigma = \hat\sigma(\theta)` (the
+        optimiser's), by the envelope relation
+
+        .. math:: D_{\theta\theta} = d'' + D_{\theta\sigma} D_{\theta\sigma}^\top / D_{\sigma\sigma};
+
+        otherwise by central differences of the analytic gradient
+        :math:`\partial \log|M| + \partial\mathrm{RSS} / \sigma^2` (:math:`+ \operatorname{tr}(A^{-1} \partial A)`)."""
         theta = np.asarray(theta, dtype=float)
         k = self.n_theta
         st = self.state(theta) if st is None else st
@@ -412,8 +421,9 @@ class ThetaDeviance:
 
 
 def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
-    """The Hessian as central differences of an analytic gradient, H[:, i] = (g(theta + h_i e_i) -
-    g(theta - h_i e_i)) / 2 h_i with h_i = 1e-5 max(|theta_i|, 0.01), symmetrised."""
+    r"""The Hessian as central differences of an analytic gradient,
+    :math:`H_{:,i} = \bigl(g(\theta + h_i e_i) - g(\theta - h_i e_i)\bigr) / 2h_i` with
+    :math:`h_i = 10^{-5} \max(|\theta_i|, 0.01)`, symmetrised."""
     k = len(theta)
     H = np.empty((k, k))
     h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
@@ -425,13 +435,15 @@ def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------- one random intercept, or a kinship matrix
 class InterceptDeviance(ThetaDeviance):
-    """The profiled deviance of ``(1|g)`` in theta = sigma_s / sigma, evaluated from the per-group sums with
-    the derived Woodbury weight w(m, theta) and determinant lemma log|V_g|(m, theta) (Eq. 11-12, through
-    :class:`ProfiledDeviance`): the same criterion as :class:`ThetaDeviance`, in O(G p^2) per evaluation,
-    with its analytic second derivative. Sigma = sigma_s^2 K + sigma^2 I is the same object after the
-    rotation by K's eigenvectors (:class:`SpectralStatistics`: each observation a group of size lambda_i).
+    r"""The profiled deviance of ``(1|g)`` in :math:`\theta = \sigma_s / \sigma`, evaluated from the
+    per-group sums with the derived Woodbury weight :math:`w(m, \theta)` and determinant lemma
+    :math:`\log|V_g|(m, \theta)` (Eq. 11-12, through :class:`ProfiledDeviance`): the same criterion as
+    :class:`ThetaDeviance`, in :math:`O(G p^2)` per evaluation, with its analytic second derivative.
+    :math:`\Sigma = \sigma_s^2 K + \sigma^2 I` is the same object after the rotation by :math:`K`'s
+    eigenvectors (:class:`SpectralStatistics`: each observation a group of size :math:`\lambda_i`).
 
-    Conditional modes (scaled units): b_g = w_g 1^T r_g; for the kinship fit U (sqrt(lambda) w e)."""
+    Conditional modes (scaled units): :math:`b_g = w_g \mathbf{1}^\top r_g`; for the kinship fit
+    :math:`U (\sqrt{\lambda}\, w\, e)`."""
 
     def __init__(self, design: Design, reml: bool, stats: GroupStatistics | None = None):
         if stats is None:
@@ -453,18 +465,22 @@ class InterceptDeviance(ThetaDeviance):
                              logdetA=ps.logdetA, b=b, work=dict(profile=ps))
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|V| = sum_g dlog|V_g|, dRSS = -sum_g w'_g e_g^2, dA = -sum_g w'_g (X_g^T 1)(X_g^T 1)^T."""
+        r""":math:`\partial \log|V| = \sum_g \partial \log|V_g|`,
+        :math:`\partial\mathrm{RSS} = -\sum_g w'_g e_g^2`,
+        :math:`\partial A = -\sum_g w'_g (X_g^\top \mathbf{1})(X_g^\top \mathbf{1})^\top`."""
         ps = st.work["profile"]
         return (np.array([ps.dlogdet]), np.array([-float(ps.dw @ ps.e ** 2)]),
                 -weighted_gram(ps.dw, self.stats.Xt1)[None])
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """Var(u_g | y) / sigma^2 = w_g (lme4's condVar for (1|g))."""
+        r""":math:`\operatorname{Var}(u_g \mid y) / \sigma^2 = w_g` (lme4's condVar for (1|g))."""
         return np.asarray(st.work["profile"].w, dtype=float)
 
     def hessian(self, st: DevianceState) -> np.ndarray:
-        """d'' = n_eff (RSS''/RSS - (RSS'/RSS)^2) + log|V|'' (+ tr(A^-1 A'') - tr((A^-1 A')^2) for REML), with
-        the total RSS'' = -sum w'' e^2 - 2 sum w' e e' (beta moves with theta: e' = -X_g^T 1 beta')."""
+        r""":math:`d'' = n_\text{eff} \bigl(\mathrm{RSS}''/\mathrm{RSS} - (\mathrm{RSS}'/\mathrm{RSS})^2\bigr) + \log|V|''`
+        (:math:`+ \operatorname{tr}(A^{-1} A'') - \operatorname{tr}\bigl((A^{-1} A')^2\bigr)` for REML), with the
+        total :math:`\mathrm{RSS}'' = -\sum w'' e^2 - 2 \sum w' e e'` (:math:`\hat\beta` moves with
+        :math:`\theta`: :math:`e' = -X_g^\top \mathbf{1}\, \hat\beta'`)."""
         ps, s = st.work["profile"], self.stats
         dA = -weighted_gram(ps.dw, s.Xt1)
         dc = -s.Xt1.T @ (ps.dw * s.one_y)
@@ -482,8 +498,8 @@ class InterceptDeviance(ThetaDeviance):
 
 # ------------------------------------------------------------------- one grouping factor: q x q blocks
 def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ...]]:
-    """Lambda_g = diag(T_1, ..., T_K) for terms of sizes ``qs`` on one factor, T_k lower triangular in
-    theta_0, theta_1, ... (lme4's order)."""
+    r""":math:`\Lambda_g = \operatorname{diag}(T_1, \dots, T_K)` for terms of sizes ``qs`` on one factor,
+    :math:`T_k` lower triangular in :math:`\theta_0, \theta_1, \dots` (lme4's order)."""
     T = sp.zeros(sum(qs), sum(qs))
     thetas, offset = [], 0
     for q in qs:
@@ -496,17 +512,23 @@ def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ..
 
 
 def block_symbols(q: int) -> sp.Matrix:
-    """S = Z_g^T Z_g as a symmetric matrix of symbols S_a_b (a <= b)."""
+    r""":math:`S = Z_g^\top Z_g` as a symmetric matrix of symbols ``S_a_b`` (:math:`a \le b`)."""
     return sp.Matrix(q, q, lambda a, b: sp.Symbol(f"S_{min(a, b)}_{max(a, b)}", real=True))
 
 
 @dataclass(frozen=True)
 class BlockForms:
-    """One group's closed forms in theta and S = Z_g^T Z_g (sigma = 1): the lemma's
-    log|I_m + Z_g T T^T Z_g^T| = log|M_g|, M_g = I_q + T^T S T, as the sum of the logs of M_g's LDL^T
-    pivots (each >= 1), and Woodbury's weight W_g = T M_g^-1 T^T (so V_g^-1 = I - Z_g W_g Z_g^T). Their
-    theta-derivatives, with E_k = dT/dtheta_k and dM_k = E_k^T S T + T^T S E_k:
-      dlog|M_g| = tr(M_g^-1 dM_k),   dW_g = E_k M_g^-1 T^T + T M_g^-1 E_k^T - T M_g^-1 dM_k M_g^-1 T^T."""
+    r"""One group's closed forms in :math:`\theta` and :math:`S = Z_g^\top Z_g` (:math:`\sigma = 1`):
+    the lemma's :math:`\log|I_m + Z_g T T^\top Z_g^\top| = \log|M_g|`, :math:`M_g = I_q + T^\top S T`, as the
+    sum of the logs of :math:`M_g`'s :math:`LDL^\top` pivots (each :math:`\ge 1`), and Woodbury's weight
+    :math:`W_g = T M_g^{-1} T^\top` (so :math:`V_g^{-1} = I - Z_g W_g Z_g^\top`). Their
+    :math:`\theta`-derivatives, with :math:`E_k = \partial T / \partial\theta_k` and
+    :math:`\partial M_k = E_k^\top S T + T^\top S E_k`:
+
+    .. math::
+
+        \partial \log|M_g| &= \operatorname{tr}(M_g^{-1}\, \partial M_k), \\
+        \partial W_g &= E_k M_g^{-1} T^\top + T M_g^{-1} E_k^\top - T M_g^{-1}\, \partial M_k\, M_g^{-1} T^\top."""
 
     T: sp.Matrix
     thetas: tuple[sp.Symbol, ...]
@@ -554,12 +576,19 @@ FEW_PATTERNS = 16
 
 
 class BlockDeviance(ThetaDeviance):
-    """The profiled deviance when all terms share one grouping factor: Sigma is block-diagonal, and each
-    group enters through S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g (:class:`BlockStatistics`):
-      log|V| = sum_g log|M_g|,  X^T V^-1 X = X^T X - sum_g (Z_g^T X_g)^T W_g (Z_g^T X_g),
-      X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`);
-    the gradient uses their sympy derivatives. Each evaluation costs O(G (q^3 + q p^2)); the kernels run
-    once per distinct S_g (one for a balanced design, whatever G)."""
+    r"""The profiled deviance when all terms share one grouping factor: :math:`\Sigma` is
+    block-diagonal, and each group enters through :math:`S_g = Z_g^\top Z_g`, :math:`Z_g^\top X_g` and
+    :math:`Z_g^\top y_g` (:class:`BlockStatistics`):
+
+    .. math::
+
+        \log|V| &= \textstyle\sum_g \log|M_g|, \\
+        X^\top V^{-1} X &= X^\top X - \textstyle\sum_g (Z_g^\top X_g)^\top W_g\, (Z_g^\top X_g),
+
+    :math:`X^\top V^{-1} y` and :math:`y^\top V^{-1} y` likewise, with the derived per-group :math:`W_g` and
+    :math:`\log|M_g|` (:func:`block_forms`); the gradient uses their sympy derivatives. Each evaluation costs
+    :math:`O\bigl(G (q^3 + q p^2)\bigr)`; the kernels run once per distinct :math:`S_g` (one for a balanced
+    design, whatever :math:`G`)."""
 
     def __init__(self, design: Design, reml: bool):
         stats = BlockStatistics.of(design)
@@ -612,7 +641,7 @@ class BlockDeviance(ThetaDeviance):
                              b=self._layout(b), work=dict(e=e, W=W))
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """diag(W_g) = diag(T M_g^-1 T^T) per group."""
+        r""":math:`\operatorname{diag}(W_g) = \operatorname{diag}(T M_g^{-1} T^\top)` per group."""
         return self._layout(np.diagonal(st.work["W"], axis1=1, axis2=2))
 
     def _layout(self, b: np.ndarray) -> np.ndarray:
@@ -624,8 +653,10 @@ class BlockDeviance(ThetaDeviance):
         return np.concatenate(out)
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|M| = sum_g dlog|M_g|, dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z_g^T X_g)^T dW_g (Z_g^T X_g),
-        from the sympy derivatives of the per-group forms."""
+        r""":math:`\partial \log|M| = \sum_g \partial \log|M_g|`,
+        :math:`\partial\mathrm{RSS} = -\sum_g e_g^\top\, \partial W_g\, e_g`,
+        :math:`\partial A = -\sum_g (Z_g^\top X_g)^\top\, \partial W_g\, (Z_g^\top X_g)`, from the sympy
+        derivatives of the per-group forms."""
         k, u = self.n_theta, len(self._upper)
         out = self._kernel(self._derivs, st.theta)
         dW = self._symmetric(out[:k * u].reshape(k, u, -1))
@@ -642,13 +673,19 @@ DENSE_MAX = 120
 
 
 class DenseDeviance(ThetaDeviance):
-    """The profiled deviance for any random terms when they have few random effects in all (w <= DENSE_MAX):
-    the same M = Lambda^T Z^T Z Lambda + I and formulas as :class:`SparseDeviance`, held in dense arrays
-    (one Cholesky factor of M per evaluation, no sparse bookkeeping). With G = M^-1 Lambda^T Z^T Z,
-    v = Z^T V^-1 (y - X beta) and Q = Z^T V^-1 X, and E_k the 0/1 pattern of theta_k in Lambda:
-      dlog|M| / dtheta_k = tr(M^-1 dM_k) = 2 sum_{(i,j) in E_k} G_ji,
-      dRSS / dtheta_k = -2 sum_{(i,j) in E_k} v_i (Lambda^T v)_j,
-      dA_k = -(Q_{i.}^T (Lambda^T Q)_{j.} + its transpose) summed over (i, j) in E_k."""
+    r"""The profiled deviance for any random terms when they have few random effects in all
+    (:math:`w \le` ``DENSE_MAX``): the same :math:`M = \Lambda^\top Z^\top Z \Lambda + I` and formulas as
+    :class:`SparseDeviance`, held in dense arrays (one Cholesky factor of :math:`M` per evaluation, no sparse
+    bookkeeping). With :math:`G = M^{-1} \Lambda^\top Z^\top Z`, :math:`v = Z^\top V^{-1} (y - X\hat\beta)`
+    and :math:`Q = Z^\top V^{-1} X`, and :math:`E_k` the 0/1 pattern of :math:`\theta_k` in :math:`\Lambda`:
+
+    .. math::
+
+        \partial \log|M| / \partial\theta_k &= \operatorname{tr}(M^{-1}\, \partial M_k)
+            = 2 \textstyle\sum_{(i,j) \in E_k} G_{ji}, \\
+        \partial\mathrm{RSS} / \partial\theta_k &= -2 \textstyle\sum_{(i,j) \in E_k} v_i\, (\Lambda^\top v)_j, \\
+        \partial A_k &= -\textstyle\sum_{(i,j) \in E_k} \bigl(Q_{i\cdot}^\top (\Lambda^\top Q)_{j\cdot}
+            + \text{its transpose}\bigr)."""
 
     def __init__(self, design: Design, reml: bool):
         X = np.asarray(design.X, dtype=float)
@@ -735,19 +772,31 @@ def _inverse_from_cholesky(R: np.ndarray) -> np.ndarray:
 
 
 class SparseDeviance(ThetaDeviance):
-    """The profiled deviance for any random terms (nested, crossed), with Z^T Z sparse (scipy.sparse).
+    r"""The profiled deviance for any random terms (nested, crossed), with :math:`Z^\top Z` sparse
+    (scipy.sparse).
 
-    Lambda = sum_k theta_k E_k is linear in theta, so M = I + sum_kl theta_k theta_l P_kl with the constant
-    sparse P_kl = E_k^T Z^T Z E_l, all held on M's one sparsity pattern: an evaluation starts from a weighted
-    sum of their non-zeros. M is factorised by blocks, the w_1 columns of the term with the most random
-    effects first: its block M_11 is block-diagonal (q_1 x q_1 per level: each observation has one level of
-    it), so with F = M_11^-1 M_12 and the Schur complement S = M_22 - M_12^T F (dense w_2 x w_2, Cholesky)
-      log|M| = sum_levels log|M_11,l| + log|S|,
-      M^-1 = [[M_11^-1 + F S^-1 F^T, -F S^-1], [-S^-1 F^T, S^-1]]
+    :math:`\Lambda = \sum_k \theta_k E_k` is linear in :math:`\theta`, so
+    :math:`M = I + \sum_{kl} \theta_k \theta_l P_{kl}` with the constant sparse
+    :math:`P_{kl} = E_k^\top Z^\top Z E_l`, all held on :math:`M`'s one sparsity pattern: an evaluation
+    starts from a weighted sum of their non-zeros. :math:`M` is factorised by blocks, the :math:`w_1`
+    columns of the term with the most random effects first: its block :math:`M_{11}` is block-diagonal
+    (:math:`q_1 \times q_1` per level: each observation has one level of it), so with
+    :math:`F = M_{11}^{-1} M_{12}` and the Schur complement :math:`S = M_{22} - M_{12}^\top F` (dense
+    :math:`w_2 \times w_2`, Cholesky)
+
+    .. math::
+
+        \log|M| = \sum_\text{levels} \log|M_{11,l}| + \log|S|,
+
+        M^{-1} = \begin{bmatrix} M_{11}^{-1} + F S^{-1} F^\top & -F S^{-1} \\
+                                 -S^{-1} F^\top & S^{-1} \end{bmatrix}
+
     (the fill a sparse Cholesky of a crossed design makes too). The derivatives:
-    tr(M^-1 dM_k) = 2 sum_l theta_l tr(M^-1 P_kl), which needs M^-1 only on the pattern;
-    dRSS = -r^T Z dLL^T Z^T r and dA = -P^T Z dLL^T Z^T P, dLL^T = sum_l theta_l (E_k E_l^T + E_l E_k^T)
-    (r = V^-1 (y - X beta), P = V^-1 X).
+    :math:`\operatorname{tr}(M^{-1}\, \partial M_k) = 2 \sum_l \theta_l \operatorname{tr}(M^{-1} P_{kl})`, which
+    needs :math:`M^{-1}` only on the pattern; :math:`\partial\mathrm{RSS} = -r^\top Z\, \partial(\Lambda\Lambda^\top) Z^\top r`
+    and :math:`\partial A = -P^\top Z\, \partial(\Lambda\Lambda^\top) Z^\top P`, with
+    :math:`\partial(\Lambda\Lambda^\top) = \sum_l \theta_l (E_k E_l^\top + E_l E_k^\top)`
+    (:math:`r = V^{-1} (y - X\hat\beta)`, :math:`P = V^{-1} X`).
     """
 
     def __init__(self, design: Design, reml: bool):
@@ -873,7 +922,8 @@ class SparseDeviance(ThetaDeviance):
                              b=b, work=f)
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """(Lambda M^-1 Lambda^T)_ii needs M^-1 only within each level's block, which lies on M's pattern."""
+        r""":math:`(\Lambda M^{-1} \Lambda^\top)_{ii}` needs :math:`M^{-1}` only within each level's block, which lies
+        on :math:`M`'s pattern."""
         Minv = scipy.sparse.csr_matrix((self._inverse_on_pattern(st.work), (self._rows, self._cols)),
                                        shape=(self.width, self.width))
         L = sum(t * e for t, e in zip(st.theta, self._E))
@@ -927,10 +977,11 @@ class SparseDeviance(ThetaDeviance):
 
 
 def profiled_deviance(design: Design, reml: bool) -> ThetaDeviance:
-    """lme4's profiled deviance in theta for ``design``: one criterion, evaluated the cheapest way its
-    structure allows -- per-group sums and the derived (1|g) forms for a random intercept or a kinship
-    matrix, the derived q x q block forms when the terms share one factor (q <= BLOCK_Q), dense M for few
-    random effects (:class:`DenseDeviance`), else the blocked factorisation of M (:class:`SparseDeviance`)."""
+    r"""lme4's profiled deviance in :math:`\theta` for ``design``: one criterion, evaluated the cheapest
+    way its structure allows -- per-group sums and the derived (1|g) forms for a random intercept or a
+    kinship matrix, the derived :math:`q \times q` block forms when the terms share one factor
+    (:math:`q \le` ``BLOCK_Q``), dense :math:`M` for few random effects (:class:`DenseDeviance`), else the
+    blocked factorisation of :math:`M` (:class:`SparseDeviance`)."""
     if design.kinship is not None or design.is_random_intercept:
         return InterceptDeviance(design, reml)
     if single_factor(design) and sum(t.q for t in design.terms) <= BLOCK_Q:
