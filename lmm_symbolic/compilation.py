@@ -440,7 +440,7 @@ class InterceptDeviance(ThetaDeviance):
     :math:`\log|V_g|(m, \theta)` (Eq. 11-12, through :class:`ProfiledDeviance`): the same criterion as
     :class:`ThetaDeviance`, in :math:`O(G p^2)` per evaluation, with its analytic second derivative.
     :math:`\Sigma = \sigma_s^2 K + \sigma^2 I` is the same object after the rotation by :math:`K`'s
-    eigenvectors (:class:`SpectralStatistics`: each observation a group of size :math:`\lambda_i`).
+    eigenvectors (:class:`~lmm_symbolic.statistics.SpectralStatistics`: each observation a group of size :math:`\lambda_i`).
 
     Conditional modes (scaled units): :math:`b_g = w_g \mathbf{1}^\top r_g`; for the kinship fit
     :math:`U (\sqrt{\lambda}\, w\, e)`."""
@@ -541,6 +541,7 @@ class BlockForms:
 
 @functools.lru_cache(maxsize=None)
 def block_forms(qs: tuple[int, ...]) -> BlockForms:
+    """:class:`BlockForms` for terms of sizes ``qs`` on one factor, derived and lambdified once per ``qs``."""
     T, thetas = relative_factor(qs)
     S = block_symbols(T.shape[0])
     M = (sp.eye(T.shape[0]) + T.T * S * T).applyfunc(sp.expand)
@@ -578,7 +579,7 @@ FEW_PATTERNS = 16
 class BlockDeviance(ThetaDeviance):
     r"""The profiled deviance when all terms share one grouping factor: :math:`\Sigma` is
     block-diagonal, and each group enters through :math:`S_g = Z_g^\top Z_g`, :math:`Z_g^\top X_g` and
-    :math:`Z_g^\top y_g` (:class:`BlockStatistics`):
+    :math:`Z_g^\top y_g` (:class:`~lmm_symbolic.statistics.BlockStatistics`):
 
     .. math::
 
