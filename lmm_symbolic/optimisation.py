@@ -216,7 +216,7 @@ def optimise(objective: ThetaDeviance) -> Optimum:
     """Minimise lme4's profiled deviance over theta within lme4's bounds (diagonal entries of each T >= 0).
 
     One theta (a random intercept, a kinship matrix, one scalar term): Newton's method on d'(theta) with the
-    analytic second derivative where the criterion has one (:meth:`InterceptDeviance.hessian`), safeguarded
+    analytic second derivative where the criterion has one (:meth:`~lmm_symbolic.compilation.InterceptDeviance.hessian`), safeguarded
     by backtracking; several: L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal
     theta at its bound 0 is a stationary point (the deviance is even in each column of T), so a stop there
     is tested by moving that theta inward, and the search restarts from any better point."""
