@@ -265,7 +265,7 @@ def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0
 class Criterion:
     """log L(sigma, sigma_s) with beta at its GLS value (ML), or the REML log-likelihood.
 
-    ML: Eq. 10 compiled by the package (:class:`LogLikelihood`) at beta_hat(theta), theta = sigma_s/sigma.
+    ML: Eq. 10 compiled by the package (:class:`~lmm_symbolic.compilation.LogLikelihood`) at beta_hat(theta), theta = sigma_s/sigma.
     REML: the same, minus 1/2 log|X^T Sigma^-1 X| plus p/2 log(2 pi), with X^T Sigma^-1 X = A / sigma^2
     (A = X^T V^-1 X from the profiled criterion, V = Sigma / sigma^2). Its maximum is the fit's log L.
     """

@@ -1,7 +1,7 @@
 """Teaching helpers for the notebooks: ordinary least squares, the Resp_std trick, and the proof that the
 paired t-test is the REML t of ``Resp ~ Treat + (1|Ind)``.
 
-The proofs are derived with sympy from the package's own objects (a :class:`~lmm_symbolic.Derivation`
+The proofs are derived with sympy from the package's own objects (a :class:`~lmm_symbolic.derivation.Derivation`
 with symbolic responses y_ij, or the block identities of a group of symbolic size m), never from formulas
 typed in here:
 
@@ -121,7 +121,7 @@ def resp_std_regression(data: DataLike, response: str = "Resp", treatment: str =
 def pairs_data(n_pairs: int) -> pd.DataFrame:
     """A paired design with ``n_pairs`` individuals (Treat 0 then 1 each), as the toy data is laid out.
 
-    The responses are placeholders: for up to 100 pairs :func:`derive` keeps them as symbols y_ij.
+    The responses are placeholders: for up to 100 pairs :func:`~lmm_symbolic.derive` keeps them as symbols y_ij.
     """
     if n_pairs < 2:
         raise DataError("a paired design needs at least 2 pairs")
@@ -186,7 +186,7 @@ class PairedEquivalence:
 def paired_equivalence(n_pairs: int) -> PairedEquivalence:
     """Prove with sympy, responses symbolic, that the REML t of Treat equals the paired t for G pairs.
 
-    Steps, each on the package's :class:`Derivation` of ``Resp ~ Treat + (1|Ind)``:
+    Steps, each on the package's :class:`~lmm_symbolic.derivation.Derivation` of ``Resp ~ Treat + (1|Ind)``:
     1. beta_hat solves d log L / d beta = 0 (Eq. 10); it comes out free of sigma and sigma_s (balance).
     2. The REML log-likelihood at beta_hat, written in a = sigma^2, b = sigma^2 + 2 sigma_s^2 (the two
        eigenvalues of a pair's block), separates; each score equation is solved for its own parameter.
