@@ -120,8 +120,9 @@ class Design:
 def whitened(design: Design) -> Design:
     r"""The design with its prior weights and offset moved into the data: with :math:`W = \operatorname{diag}(w)`,
 
-    .. math:: y^* = W^{1/2} (y - o), \quad X^* = W^{1/2} X, \quad Z^* = W^{1/2} Z, \quad
-       \text{so} \quad y^* = X^* \beta + Z^* u + \varepsilon^*,
+    .. math:: y^* = W^{1/2} (y - o), \quad X^* = W^{1/2} X, \quad Z^* = W^{1/2} Z,
+
+    so :math:`y^* = X^* \beta + Z^* u + \varepsilon^*`,
 
     :math:`\operatorname{Var}(\varepsilon^*) = \sigma^2 I`, and
     :math:`\log|\Sigma| = \log|\Sigma^*| - \sum_i \log w_i` (Eq. 6 and 11 with :math:`\sigma^2 W^{-1}` for
