@@ -32,15 +32,15 @@ sigma_s = sp.Symbol("sigma_s", positive=True)
 m = sp.Symbol("m", positive=True, integer=True)
 n_obs = sp.Symbol("n", positive=True, integer=True)
 
-#: designs up to this many observations keep the responses y_ij as symbols and Sigma^-1 written out
+#: designs up to this many observations keep the responses :math:`y_{ij}` as symbols and :math:`\Sigma^{-1}` written out
 SYMBOLIC_N = 200
 INVERSE_N = 40
-#: designs up to this many observations carry X as exact rationals (for X^T Sigma^-1 X, exact estimates)
+#: designs up to this many observations carry :math:`X` as exact rationals (for :math:`X^\top \Sigma^{-1} X`, exact estimates)
 EXACT_N = 5000
 #: written-out matrices (Eq. 1, 3) show this many rows before the ellipsis
 SHOWN_ROWS = 8
 #: ... and Eq. 3's K (or Z) this many columns; Eq. 7 and 8 this many observations of each of two groups
-#: (Sigma's entries are wide: 2 + 2 columns and the ellipsis fit a 671 px column)
+#: (:math:`\Sigma`'s entries are wide: 2 + 2 columns and the ellipsis fit a 671 px column)
 SHOWN_COLUMNS = 4
 SHOWN_PER_GROUP = 2
 #: a display line holds about this many characters of LaTeX source before it is broken
@@ -110,7 +110,8 @@ def block_identities(D: sp.Matrix, S: sp.Matrix, Zr: sp.Matrix, params: tuple[sp
 
 @functools.lru_cache(maxsize=None)
 def random_intercept_block() -> BlockIdentities:
-    """The compound-symmetric block sigma^2 I_m + sigma_s^2 J_m: |.| = sigma^(2(m-1)) (sigma^2 + m sigma_s^2)."""
+    r"""The compound-symmetric block :math:`\sigma^2 I_m + \sigma_s^2 J_m`, whose determinant is
+    :math:`\sigma^{2(m-1)} (\sigma^2 + m \sigma_s^2)`."""
     R1 = sp.Symbol("R1")
     return block_identities(sp.Matrix([[sigma_s**2]]), sp.Matrix([[m]]), sp.Matrix([[R1]]), (sigma, sigma_s))
 
@@ -155,7 +156,7 @@ class Symbols:
     epsilon: tuple[sp.Symbol, ...]
     y_names: tuple[str, ...]
     latex_names: dict = field(default_factory=dict, compare=False, repr=False)
-    #: further names of shown symbols (a slope model's short sigma_0, sigma_1, rho and their long names)
+    #: further names of shown symbols (a slope model's short :math:`\sigma_0`, :math:`\sigma_1`, :math:`\rho` and their long names)
     aliases: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -267,23 +268,23 @@ class Derivation:
 
     @functools.cached_property
     def det(self) -> sp.Expr:
-        """Eq. 11: |Sigma| = prod_g sigma^(2(m_g - 1)) (sigma^2 + m_g sigma_s^2)."""
+        r"""Eq. 11: :math:`|\Sigma| = \prod_g \sigma^{2(m_g - 1)} (\sigma^2 + m_g \sigma_s^2)`."""
         return sp.Mul(*[self.block.det.subs(m, s) ** c for s, c in self.size_counts.items()])
 
     @functools.cached_property
     def logdet(self) -> sp.Expr:
-        """log|Sigma| as a sum of logs over the group sizes (never the log of a polynomial)."""
+        r""":math:`\log|\Sigma|` as a sum of logs over the group sizes (never the log of a polynomial)."""
         return sp.Add(*[c * self.block.logdet.subs(m, s) for s, c in self.size_counts.items()])
 
     @functools.cached_property
     def residuals(self) -> list[sp.Expr]:
-        """r = Y - X beta, one entry per observation (data-row order); symbolic designs only."""
+        r""":math:`r = Y - X\beta`, one entry per observation (data-row order); symbolic designs only."""
         xb = self.X_exact * sp.Matrix(self.symbols.beta)
         return [y - v for y, v in zip(self.symbols.y, xb)]
 
     @functools.cached_property
     def quadratic_form(self) -> sp.Expr:
-        """Eq. 12: (Y - X beta)^T Sigma^-1 (Y - X beta) = sum_g (r_g^T r_g - w_g (1^T r_g)^2) / sigma^2."""
+        r"""Eq. 12: :math:`(Y - X\beta)^\top \Sigma^{-1} (Y - X\beta) = \sum_g \bigl(r_g^\top r_g - w_g (\mathbf{1}^\top r_g)^2\bigr) / \sigma^2`."""
         R1, R2 = self.block.Zr[0, 0], self.block.R2
         if self.symbolic_y:
             terms = []
@@ -315,7 +316,7 @@ class Derivation:
 
     @functools.cached_property
     def inverse(self) -> sp.Matrix | None:
-        """Sigma^-1 in closed form (Woodbury per block), in data-row order; None for large designs."""
+        r""":math:`\Sigma^{-1}` in closed form (Woodbury per block), in data-row order; None for large designs."""
         n = self.design.n
         if n > INVERSE_N:
             return None
@@ -330,7 +331,7 @@ class Derivation:
 
     @functools.cached_property
     def kinship(self) -> sp.Matrix | None:
-        """Eq. 7: K K^T, 1 where two observations share a group (None for large designs)."""
+        r"""Eq. 7: :math:`K K^\top`, 1 where two observations share a group (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
         K = sp.Matrix(self.design.terms[0].indicator().astype(int))
@@ -338,20 +339,22 @@ class Derivation:
 
     @functools.cached_property
     def sigma_matrix(self) -> sp.Matrix | None:
-        """Eq. 8: Sigma = sigma_s^2 K K^T + sigma^2 I written out (None for large designs)."""
+        r"""Eq. 8: :math:`\Sigma = \sigma_s^2 K K^\top + \sigma^2 I` written out (None for large designs)."""
         if self.kinship is None:
             return None
         return sigma_s**2 * self.kinship + sigma**2 * sp.eye(self.design.n)
 
     @functools.cached_property
     def loglik(self) -> sp.Expr:
-        """Eq. 10 in closed form: -n/2 log(2 pi) - 1/2 log|Sigma| - 1/2 (Y - X beta)^T Sigma^-1 (Y - X beta)."""
+        r"""Eq. 10 in closed form:
+        :math:`-\frac{n}{2} \log(2\pi) - \frac12 \log|\Sigma| - \frac12 (Y - X\beta)^\top \Sigma^{-1} (Y - X\beta)`."""
         n = self.design.n
         return -sp.Rational(n, 2) * sp.log(2 * sp.pi) - self.logdet / 2 - self.quadratic_form / 2
 
     @functools.cached_property
     def gls_information(self) -> sp.Matrix:
-        """X^T Sigma^-1 X = sum_g (X_g^T X_g - w_g X_g^T 1 1^T X_g) / sigma^2, pooled by group size."""
+        r""":math:`X^\top \Sigma^{-1} X = \sum_g (X_g^\top X_g - w_g X_g^\top \mathbf{1} \mathbf{1}^\top X_g) / \sigma^2`,
+        pooled by group size."""
         d, G = self.design, len(self.groups.sizes)
         Xt1 = np.zeros((G, d.p))
         np.add.at(Xt1, self.groups.codes, d.X)
@@ -363,7 +366,8 @@ class Derivation:
 
     @functools.cached_property
     def reml_loglik(self) -> sp.Expr:
-        """The restricted log-likelihood: loglik - 1/2 log|X^T Sigma^-1 X| + p/2 log(2 pi), beta = beta_hat."""
+        r"""The restricted log-likelihood:
+        :math:`\text{loglik} - \frac12 \log|X^\top \Sigma^{-1} X| + \frac{p}{2} \log(2\pi)`, :math:`\beta = \hat\beta`."""
         p = self.design.p
         info = self.gls_information
         if p <= 4 and self._few_blocks:
@@ -941,7 +945,8 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def classes(self) -> list[tuple[BlockIdentities | None, int, list[_Component], sp.Matrix, sp.Matrix]]:
-        """Components pooled by (size, Z_c^T Z_c, D_c): their identities, size m, members, S and D."""
+        r"""Components pooled by (size, :math:`Z_c^\top Z_c`, :math:`D_c`): their identities, size :math:`m`,
+        members, :math:`S` and :math:`D`."""
         Zd = self.Z.tocsc()
         pooled: dict = {}
         for comp in self.components:
@@ -968,7 +973,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def det(self) -> sp.Expr:
-        """Eq. 11: prod over blocks of sigma^(2 m_c) |I + D_c S_c / sigma^2| (determinant lemma)."""
+        r"""Eq. 11: :math:`\prod_c \sigma^{2 m_c} |I + D_c S_c / \sigma^2|` over the blocks (determinant lemma)."""
         return sp.Mul(*[self._block_det(i, size, S, D) ** len(mem) for i, size, mem, S, D in self.classes])
 
     @functools.cached_property
@@ -984,7 +989,8 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def quadratic_form(self) -> sp.Expr:
-        """Eq. 12: (r^T r - sum_c (Z_c^T r)^T W_c (Z_c^T r)) / sigma^2, W_c = D_c (sigma^2 I + S_c D_c)^-1."""
+        r"""Eq. 12: :math:`\bigl(r^\top r - \sum_c (Z_c^\top r)^\top W_c (Z_c^\top r)\bigr) / \sigma^2`,
+        :math:`W_c = D_c (\sigma^2 I + S_c D_c)^{-1}`."""
         d = self.design
         beta = sp.Matrix(self.symbols.beta)
         Zd = self.Z.tocsc()
@@ -1043,7 +1049,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def sigma_matrix(self) -> sp.Matrix | None:
-        """Eq. 8: Sigma = Z D Z^T + sigma^2 I written out (None for large designs)."""
+        r"""Eq. 8: :math:`\Sigma = Z D Z^\top + \sigma^2 I` written out (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
         Z = _exact_matrix(self.Z.toarray())
@@ -1052,7 +1058,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def inverse(self) -> sp.Matrix | None:
-        """Sigma^-1 assembled from the blocks' Woodbury forms (None for large designs)."""
+        r""":math:`\Sigma^{-1}` assembled from the blocks' Woodbury forms (None for large designs)."""
         if self.design.n > INVERSE_N or any(i is None for i, *_ in self.classes):
             return None
         n = self.design.n
@@ -1069,7 +1075,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def kinship(self) -> sp.Matrix | None:
-        """Z Z^T, which observations share a random effect (None for large designs)."""
+        r""":math:`Z Z^\top`, which observations share a random effect (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
         Z = _exact_matrix(self.Z.toarray())
@@ -1077,7 +1083,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def gls_information(self) -> sp.Matrix:
-        """X^T Sigma^-1 X = (X^T X - sum_c (Z_c^T X)^T W_c (Z_c^T X)) / sigma^2."""
+        r""":math:`X^\top \Sigma^{-1} X = \bigl(X^\top X - \sum_c (Z_c^\top X)^\top W_c (Z_c^\top X)\bigr) / \sigma^2`."""
         if any(ident is None for ident, *_ in self.classes):   # crossed: the matrix form
             n, q = n_obs, sp.Symbol("q", positive=True, integer=True)
             X, Z = sp.MatrixSymbol("X", n, self.design.p), sp.MatrixSymbol("Z", n, q)
