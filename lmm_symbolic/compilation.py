@@ -43,10 +43,11 @@ theta = sp.Symbol("theta", nonnegative=True)
 # ------------------------------------------------------------------------------ lambdified kernels
 @functools.lru_cache(maxsize=None)
 def intercept_kernels():
-    """w(m, theta), log|V_g|(m, theta) and their first two theta-derivatives, V = Sigma / sigma^2.
+    r""":math:`w(m, \theta)`, :math:`\log|V_g|(m, \theta)` and their first two :math:`\theta`-derivatives,
+    :math:`V = \Sigma / \sigma^2`.
 
-    From the derived block: w = W[0,0] and log|V_g| = log|Sigma_g| - 2 m log sigma at sigma = 1,
-    sigma_s = theta (the Woodbury weight and the determinant lemma of Eq. 11-12).
+    From the derived block: :math:`w = W_{11}` and :math:`\log|V_g| = \log|\Sigma_g| - 2 m \log\sigma` at
+    :math:`\sigma = 1`, :math:`\sigma_s = \theta` (the Woodbury weight and the determinant lemma of Eq. 11-12).
     """
     block = random_intercept_block()
     at = {sigma: 1, sigma_s: theta}
@@ -561,8 +562,9 @@ def block_forms(qs: tuple[int, ...]) -> BlockForms:
 
 @functools.lru_cache(maxsize=None)
 def block_kernels(qs: tuple[int, ...]):
-    """Two functions of (theta, the entries S_a_b (a <= b) of every group at once), lambdified with cse:
-    [W_g entries, log|M_g|] and [dW_g/dtheta_k entries, dlog|M_g|/dtheta_k] (k-major)."""
+    r"""Two functions of (:math:`\theta`, the entries ``S_a_b`` (:math:`a \le b`) of every group at once),
+    lambdified with cse: [:math:`W_g` entries, :math:`\log|M_g|`] and [:math:`\partial W_g / \partial\theta_k`
+    entries, :math:`\partial \log|M_g| / \partial\theta_k`] (:math:`k`-major)."""
     f = block_forms(qs)
     q = f.T.shape[0]
     upper = [(a, b) for a in range(q) for b in range(a, q)]
@@ -572,7 +574,7 @@ def block_kernels(qs: tuple[int, ...]):
     return value, sp.lambdify(args, derivs, modules="numpy", cse=True)
 
 
-#: groups with this many distinct S_g or fewer evaluate the kernels in Python floats, one pattern at a time
+#: groups with this many distinct :math:`S_g` or fewer evaluate the kernels in Python floats, one pattern at a time
 FEW_PATTERNS = 16
 
 
@@ -760,7 +762,7 @@ class DenseDeviance(ThetaDeviance):
 # --------------------------------------------------------------------------- any Z: sparse Z^T Z, M by blocks
 #: at most this many random effects outside the term with the most (the dense Schur complement)
 SCHUR_MAX = 5000
-#: levels of the largest term handled at once when M^-1 is formed on M's pattern
+#: levels of the largest term handled at once when :math:`M^{-1}` is formed on :math:`M`'s pattern
 LEVEL_CHUNK = 4096
 
 
