@@ -88,16 +88,24 @@ EXACT_LIMITS = {"auto": (2_000, 40_000), "requested": (30_000, 400_000)}
 
 @functools.lru_cache(maxsize=None)
 def balanced_score_solution(reml: bool):
-    """The score equations of a balanced random-intercept model, solved once by sympy in closed form.
+    r"""The score equations of a balanced random-intercept model, solved once by sympy in closed form.
 
-    Every group has size m, so Sigma_g = sigma^2 I + sigma_s^2 J has two eigenvalues: v = sigma^2 (m - 1
-    times) and lambda = sigma^2 + m sigma_s^2 (once). With R2 = r^T r and S1 = sum_g (1^T r_g)^2 at the OLS
-    residuals (GLS = OLS under balance), Eq. 10 summed over the G groups is, after v_s = (lambda - v)/m,
-        log L = -n/2 log 2 pi - G/2 log|Sigma_g| - (R2 - w S1)/(2 v),   w = sigma_s^2 / lambda,
-    which separates into a function of v and one of lambda. REML adds -1/2 log|X^T Sigma^-1 X|, which
-    under balance is p_w/2 log v + p_b/2 log lambda + const (X's columns split into p_b between-group and
-    p_w within-group directions). Each score equation is then solved in its own variable. Returns
-    (v, v_s) at the interior root and v on the boundary v_s = 0, as expressions in R2, S1, n, G, m, p_w, p_b.
+    Every group has size :math:`m`, so :math:`\Sigma_g = \sigma^2 I + \sigma_s^2 J` has two eigenvalues:
+    :math:`v = \sigma^2` (:math:`m - 1` times) and :math:`\lambda = \sigma^2 + m \sigma_s^2` (once). With
+    :math:`R_2 = r^\top r` and :math:`S_1 = \sum_g (\mathbf{1}^\top r_g)^2` at the OLS residuals (GLS = OLS
+    under balance), Eq. 10 summed over the :math:`G` groups is, after :math:`v_s = (\lambda - v)/m`,
+
+    .. math::
+
+        \log L = -\frac{n}{2} \log 2\pi - \frac{G}{2} \log|\Sigma_g| - \frac{R_2 - w S_1}{2 v},
+        \qquad w = \sigma_s^2 / \lambda,
+
+    which separates into a function of :math:`v` and one of :math:`\lambda`. REML adds
+    :math:`-\frac12 \log|X^\top \Sigma^{-1} X|`, which under balance is
+    :math:`\frac{p_w}{2} \log v + \frac{p_b}{2} \log\lambda + \text{const}` (:math:`X`'s columns split into
+    :math:`p_b` between-group and :math:`p_w` within-group directions). Each score equation is then solved
+    in its own variable. Returns :math:`(v, v_s)` at the interior root and :math:`v` on the boundary
+    :math:`v_s = 0`, as expressions in :math:`R_2, S_1, n, G, m, p_w, p_b`.
     """
     block = random_intercept_block()
     v, lam, vs = sp.symbols("v lambda v_s", positive=True)
