@@ -84,14 +84,16 @@ def _ranef_blocks(fit) -> list[np.ndarray]:
 
 
 def varpar_names(design: Design) -> list[str]:
-    """lme4's names of the variance parameters on the SD/correlation scale: .sig01, .sig02, ... (each
-    term's lower triangle column by column: an SD on the diagonal, a correlation below it), .sigma."""
+    """lme4's names of the variance parameters on the SD/correlation scale: ``.sig01``, ``.sig02``, ...
+    (each term's lower triangle column by column: an SD on the diagonal, a correlation below it),
+    ``.sigma``."""
     m = sum(t.q * (t.q + 1) // 2 for t in design.terms)
     return [f".sig{k:02d}" for k in range(1, m + 1)] + [".sigma"]
 
 
 def varpar_labels(design: Design) -> list[str]:
-    """What each .sigNN is, in words: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma."""
+    """What each ``.sigNN`` is, in words: ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``,
+    ``sigma``."""
     out = []
     for t in design.terms:
         rows, cols = np.tril_indices(t.q)
@@ -373,7 +375,8 @@ def refit(fit, y, method: str | None = None):
 
 
 def parameters(fit) -> pd.Series:
-    """Every parameter as lme4's confint names it: .sig01, ... (SDs and correlations), .sigma, then beta."""
+    r"""Every parameter as lme4's confint names it: ``.sig01``, ... (SDs and correlations), ``.sigma``,
+    then :math:`\beta`."""
     if fit.design.kinship is not None:
         var = pd.Series([fit.sigma_s, fit.sigma], index=[".sig01", ".sigma"])
     else:
@@ -424,8 +427,8 @@ class Bootstrap:
 
 
 def bootstrap(fit, nsim: int = 200, seed=None, use_u: bool = False) -> Bootstrap:
-    """lme4's bootMer(fit, FUN = every parameter, nsim, type = 'parametric'): simulate nsim responses from
-    the fit, refit each by the fit's method, keep (SDs, correlations, sigma, beta). Progress lines under
+    r"""lme4's bootMer(fit, FUN = every parameter, nsim, type = 'parametric'): simulate nsim responses from
+    the fit, refit each by the fit's method, keep (SDs, correlations, :math:`\sigma`, :math:`\beta`). Progress lines under
     the ``lmm_symbolic`` logger (``lmm_symbolic.progress.enable()``) every tenth of the way once it takes
     longer than REPORT_AFTER seconds."""
     import warnings
@@ -656,7 +659,7 @@ def conf_int(fit, alpha: float = 0.05, method: str = "profile", nsim: int = 500,
     r"""Intervals for every parameter (lme4's confint): 'profile' (lme4's default: the likelihood-ratio
     interval :math:`\{\psi : |\zeta(\psi)| \le z_{1-\alpha/2}\}` of the ML profile), 'wald'
     (:math:`\hat\beta \pm z_{1-\alpha/2}\, \mathrm{se}`; NaN for the variance parameters, as lme4) or 'boot' (percentile intervals of a parametric bootstrap of nsim
-    refits). Rows .sig01, ..., .sigma, then the fixed effects, as lme4 prints them."""
+    refits). Rows ``.sig01``, ..., ``.sigma``, then the fixed effects, as lme4 prints them."""
     method = method.lower()
     lo_name, hi_name = _percent_labels(alpha)
     names = list(parameters(fit).index)

@@ -367,7 +367,7 @@ def lme4_theta_order(design: Design, n_theta: int) -> tuple[list[int], list[str]
     has more levels than the one before it: ``ord <- rev(order(nl))`` (so terms with equal counts come out
     in reverse formula order). Within a term :math:`\theta` is the lower triangle of its Cholesky factor, column by
     column, named ``g.a`` on the diagonal and ``g.b.a`` below it. Returns the permutation of formula-order
-    indices and the names, in lme4's order; a kinship design keeps its single theta."""
+    indices and the names, in lme4's order; a kinship design keeps its single :math:`\theta`."""
     terms = list(design.terms)
     sizes = [t.q * (t.q + 1) // 2 for t in terms]
     if not terms or sum(sizes) != n_theta:
@@ -552,7 +552,7 @@ def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float) -> tuple[np.nd
 
 
 def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto") -> FitResult:
-    """Fit a design by ML or REML (lme4's default, REML): the one profiled deviance in theta
+    r"""Fit a design by ML or REML (lme4's default, REML): the one profiled deviance in :math:`\theta`
     (:func:`~lmm_symbolic.compilation.profiled_deviance`), minimised
     (:func:`~lmm_symbolic.optimisation.optimise`), and the result
     assembled (:func:`make_result`). ``exact`` ("auto", True, False): the bound of the exact estimates, which
