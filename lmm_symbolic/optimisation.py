@@ -32,7 +32,7 @@ GRADIENT_TOL = 1e-4
 @dataclass(frozen=True)
 class OptSummary:
     r"""The optimiser's settings, path and outcome. :math:`\theta` is lme4's relative covariance parameter
-    vector (getME(fit, "theta")): :math:`\sigma_s / \sigma` for (1|g), the relative Cholesky factors' entries
+    vector (``getME(fit, "theta")``): :math:`\sigma_s / \sigma` for (1|g), the relative Cholesky factors' entries
     otherwise; ``initial`` its start and ``path`` every point the optimiser evaluated."""
 
     method: str
