@@ -314,7 +314,7 @@ def _from_sums(S: np.ndarray, p: int, ones: tuple[int, ...], shift: float, scale
 
 
 def response_scaling(y: np.ndarray, X: np.ndarray) -> tuple[float, float, np.ndarray]:
-    r"""(shift, scale, beta_shift): the response is used as :math:`(y - \text{shift}) / \text{scale}`,
+    r"""(``shift``, ``scale``, ``beta_shift``): the response is used as :math:`(y - \text{shift}) / \text{scale}`,
     centred on its mean when the constant lies in :math:`\operatorname{col}(X)` (:math:`\beta` then absorbs
     the shift exactly: beta_shift) and divided by its SD, so sums of squares do not cancel for a response
     far from 0 or of extreme size."""
