@@ -71,7 +71,7 @@ const overflow = [];
 if (arguments[0]) {
   const seen = new Set();
   column.querySelectorAll('*').forEach((el) => {
-    if (el.closest('pre, .highlight, mjx-container[display="true"], table, dt.sig')) return;
+    if (el.closest('pre, .highlight, mjx-container[display="true"], mjx-assistive-mml, table, dt.sig')) return;
     const r = el.getBoundingClientRect();
     if (r.width === 0 || r.right <= colRight + 1) return;
     const box = el.closest('dd, p, li, section') || el;

@@ -122,7 +122,7 @@ _OPERATOR_CHARS = {"·": "*", "⋅": "*", "∙": "*", "×": "*", "÷": "/", "−
 
 
 def normalise_unicode(text: str, latex: bool) -> str:
-    """Maths pasted from a PDF in ASCII: Greek letters (σ, σs for sigma_s), superscript and subscript
+    """Maths pasted from a PDF in ASCII: Greek letters (σ, σs for ``sigma_s``), superscript and subscript
     digits (σ⁴, σ₀), the product signs · and ×, and the minus sign U+2212. Only characters are rewritten;
     the whitelist parser still reads the result."""
     if all(c < "\x80" for c in text):

@@ -641,7 +641,7 @@ class _Profiler:
 
 def profile(fit, which=None, points: int = 13, level: float = 0.99) -> pd.DataFrame:
     r"""lme4's profile(fit): :math:`\zeta(\psi)` on a grid of each parameter between its limits at ``level`` (lme4's
-    alphamax = 0.01); columns .par, value, .zeta (the data of a profile-zeta plot)."""
+    alphamax = 0.01); columns ``.par``, ``value``, ``.zeta`` (the data of lme4's ``xyplot`` of the profile)."""
     pr = _Profiler(fit)
     z = scipy.stats.norm.ppf(1 - (1 - level) / 2)
     rows = []

@@ -326,7 +326,7 @@ class FitResult:
         return inference.bootstrap(self, nsim, seed, use_u=use_u)
 
     def profile(self, which=None, points: int = 13, level: float = 0.99) -> pd.DataFrame:
-        r"""lme4's profile: :math:`\zeta` on a grid of each parameter (for a profile-zeta plot)."""
+        r"""lme4's profile: :math:`\zeta` on a grid of each parameter (the data of lme4's ``xyplot`` of the profile)."""
         from . import inference
         return inference.profile(self, which=which, points=points, level=level)
 
@@ -361,7 +361,7 @@ class FitResult:
 
 
 def lme4_theta_order(design: Design, n_theta: int) -> tuple[list[int], list[str]]:
-    r"""lme4's order of :math:`\theta` and its names (``getME(fit, "theta")``) from the formula-order theta.
+    r"""lme4's order of :math:`\theta` and its names (``getME(fit, "theta")``) from the formula-order :math:`\theta`.
 
     mkReTrms sorts the random terms by their grouping factor's number of levels, decreasing, when any term
     has more levels than the one before it: ``ord <- rev(order(nl))`` (so terms with equal counts come out

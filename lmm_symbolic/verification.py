@@ -843,8 +843,9 @@ def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
 
 
 def derived_quantity(der: Derivation, key: str):
-    """The quantity ``key`` of the derivation: an attribute (det, loglik, ...) or one derived here by
-    sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...)."""
+    """The quantity ``key`` of the derivation: an attribute (``det``, ``loglik``, ...) or one derived here
+    by sympy from the block forms (``gls_estimator``, ``beta_covariance``, ``deviance``, ``score_<symbol>``,
+    ...)."""
     if key in ("det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"):
         return getattr(der, QUANTITIES[key])
     if key == "deviance":
