@@ -435,8 +435,8 @@ def plot_profile_sigma_s(fit: FitResult, n: int = 41, upper: float | None = None
 
 def profile_interval_sigma_s(fit: FitResult, level: float = 0.95, method: str = "ML",
                              upper: float | None = None) -> tuple[float, float]:
-    """The profile-likelihood interval of sigma_s: where the profile (max over sigma and beta) is within
-    chi^2_1(level)/2 of its maximum. ``method="ML"`` profiles the likelihood, as lme4's
+    r"""The profile-likelihood interval of :math:`\sigma_s`: where the profile (max over :math:`\sigma` and
+    :math:`\beta`) is within :math:`\chi^2_1(\text{level})/2` of its maximum. ``method="ML"`` profiles the likelihood, as lme4's
     confint(method = "profile") does even for a REML fit (the fit is redone by ML); ``"REML"`` profiles
     the restricted likelihood. The lower end is 0 when the profile at 0 is above the cut-off."""
     method = method.upper()
@@ -461,10 +461,10 @@ def profile_interval_sigma_s(fit: FitResult, level: float = 0.95, method: str = 
 
 
 def plot_shrinkage(fit: FitResult, ax=None):
-    """Shrinkage: each group's own estimate (the mean of its residuals from the population line, what a
-    separate fit per group gives) against its conditional mode u_g. For (1|g) Eq. 12's Woodbury weight
-    gives u_g = m_g w_g (mean residual) with m_g w_g = sigma_s^2 / (sigma_s^2 + sigma^2 / m_g): the factor
-    by which a group's own estimate is pulled towards 0. Returns the Axes."""
+    r"""Shrinkage: each group's own estimate (the mean of its residuals from the population line, what a
+    separate fit per group gives) against its conditional mode :math:`\hat u_g`. For (1|g) Eq. 12's Woodbury
+    weight gives :math:`\hat u_g = m_g w_g \bar r_g` (:math:`\bar r_g` the mean residual) with
+    :math:`m_g w_g = \sigma_s^2 / (\sigma_s^2 + \sigma^2 / m_g)`: the factor by which a group's own estimate is pulled towards 0. Returns the Axes."""
     _require_intercept(fit, "the shrinkage plot")
     design = fit.design
     term = design.terms[0]
@@ -603,7 +603,7 @@ def explorer(fit_or_design: FitResult | Design, sigma: float | None = None, sigm
     ``interactive=False`` or the environment variable ``LMM_SYMBOLIC_STATIC`` is set, as
     ``notebooks/run.py`` does -- it returns a static Figure drawn at ``sigma``, ``sigma_s``, ``beta``
     (default: the ML estimates). The static figure is closed in pyplot, so showing it is up to the caller
-    (a notebook shows it as the cell's value). ``n`` is the resolution of the surface (n x n points).
+    (a notebook shows it as the cell's value). ``n`` is the resolution of the surface (:math:`n \times n` points).
     """
     if isinstance(fit_or_design, Design):
         fit = fit_design(fit_or_design, method="ML", exact=False)
