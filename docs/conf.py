@@ -73,6 +73,8 @@ nitpick_ignore_regex = [
 highlight_language = "none"  # literal blocks (the docstrings' formulas) are not code
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
+# a signature longer than this is written one parameter per line (fit, the deviance classes), not wrapped
+python_maximum_signature_line_length = 88
 
 _LITERAL = re.compile(r"(``.+?``|:[a-z:]+:`[^`]+`)")
 _ITEM = re.compile(r"\s*([*-]|\d+\.)\s")

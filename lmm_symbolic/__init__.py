@@ -1,7 +1,8 @@
 """lmm_symbolic: the linear mixed model derived in closed form with sympy, fitted with scipy.
 
 Pipeline (each stage returns a plain value to the next, like lme4's modular functions):
-specification (``specify``) -> derivation (``derive``) -> compilation -> optimisation -> results (``fit``).
+specification (:func:`~lmm_symbolic.specification.specify`) -> derivation (:func:`derive`) -> compilation -> optimisation -> results
+(:func:`fit`).
 """
 from __future__ import annotations
 

@@ -2,12 +2,13 @@ r"""Results: inference from an optimum, and the immutable fit object with lmer-s
 
 Standard errors from :math:`(X^\top \Sigma^{-1} X)^{-1}` (lme4's); p values with nlme's between/within
 degrees of freedom and nlme's t (for ML fits lme scales the fixed-effects covariance by :math:`n/(n-p)`,
-which is why lmer's and lme's ML standard errors differ), and with Satterthwaite's (as lmerTest:
+which is why lmer's and lme's ML standard errors differ), and with Satterthwaite's degrees of freedom as
+lmerTest computes them,
 
 .. math:: \nu = \frac{2\,(L V L^\top)^2}{g^\top A g},
 
-:math:`A = 2 H^{-1}` the covariance of the variance parameters :math:`(\theta, \sigma)`, :math:`g` the
-gradient of :math:`L V(\theta, \sigma) L^\top`); log-likelihood, AIC and BIC as lme4; conditional modes
+where :math:`A = 2 H^{-1}` is the covariance of the variance parameters :math:`(\theta, \sigma)` and
+:math:`g` the gradient of :math:`L V(\theta, \sigma) L^\top`; log-likelihood, AIC and BIC as lme4; conditional modes
 (BLUPs) :math:`\hat u_g = w_g \mathbf{1}^\top r_g` with conditional variance :math:`\sigma^2 w_g`.
 """
 from __future__ import annotations
