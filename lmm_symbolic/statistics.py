@@ -316,7 +316,7 @@ def _from_sums(S: np.ndarray, p: int, ones: tuple[int, ...], shift: float, scale
 def response_scaling(y: np.ndarray, X: np.ndarray) -> tuple[float, float, np.ndarray]:
     r"""(``shift``, ``scale``, ``beta_shift``): the response is used as :math:`(y - \text{shift}) / \text{scale}`,
     centred on its mean when the constant lies in :math:`\operatorname{col}(X)` (:math:`\beta` then absorbs
-    the shift exactly: beta_shift) and divided by its SD, so sums of squares do not cancel for a response
+    the shift exactly: ``beta_shift``) and divided by its SD, so sums of squares do not cancel for a response
     far from 0 or of extreme size."""
     p = X.shape[1]
     scale = (float(np.std(y)) or 1.0) if len(y) else 1.0     # the SD does not depend on the shift
