@@ -82,6 +82,9 @@ if (arguments[0]) {
                    column: Math.round(colRight - colLeft), owner: owner, text: describe(el)});
   });
 }
+// a signature the Python domain could not parse is shown as raw text (``~numpy.ndarray``, ``<factory>``)
+const rawSignatures = [...document.querySelectorAll('dt.sig')]
+  .filter((el) => /~[A-Za-z_]\w*\.|<factory>/.test(el.textContent)).map(describe);
 // cross-references Sphinx could not resolve are rendered as code without a link
 const unresolved = [...document.querySelectorAll('code.xref')].filter((el) => !el.closest('a')).map(describe);
 const wideCode = [...document.querySelectorAll('article pre, main pre')]
@@ -122,6 +125,7 @@ return {
     .concat(arguments[0] ? (text.match(/.{0,40}\$.{0,40}/g) || []) : []),
   overflow: overflow,
   unresolved: unresolved,
+  rawSignatures: rawSignatures,
   plainMaths: plainMaths,
   tooWide: tooWide,
   wideCode: wideCode,
@@ -266,6 +270,8 @@ def run(html_root: Path, width: int = 980, shots: Path | None = None, widths_as_
                         f" ({over['owner'] or 'page'}): {over['text']}")
                 if not probe["typeset"]:
                     problems.append(f"{page}: no docstring equation typeset")
+            for text in probe["rawSignatures"]:
+                problems.append(f"{page}: signature left as raw text (not parsed): {text}")
             for text in probe["unresolved"]:
                 problems.append(f"{page}: unresolved cross-reference (no link): {text}")
             if not probe["title"]:

@@ -144,8 +144,18 @@ def plain_maths_docstring(app, what, name, obj, options, lines) -> None:
     lines[:] = out
 
 
+def factory_defaults(app, what, name, obj, options, signature, return_annotation):
+    """A dataclass field with ``default_factory`` shows as ``= <factory>``, which the Python domain cannot
+    parse, so the whole signature fell back to raw text (``~numpy.ndarray``, no line per parameter): write
+    it ``= ...`` instead (autodoc-process-signature)."""
+    if signature and "<factory>" in signature:
+        return signature.replace("<factory>", "..."), return_annotation
+    return None
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", plain_maths_docstring)
+    app.connect("autodoc-process-signature", factory_defaults)
 
 html_theme = "sphinx_book_theme"
 html_static_path = ["_static"]
