@@ -562,9 +562,8 @@ def block_forms(qs: tuple[int, ...]) -> BlockForms:
 
 @functools.lru_cache(maxsize=None)
 def block_kernels(qs: tuple[int, ...]):
-    r"""Two functions of (:math:`\theta`, the entries ``S_a_b`` (:math:`a \le b`) of every group at once),
-    lambdified with cse: [:math:`W_g` entries, :math:`\log|M_g|`] and [:math:`\partial W_g / \partial\theta_k`
-    entries, :math:`\partial \log|M_g| / \partial\theta_k`] (:math:`k`-major)."""
+    """Two functions of (theta, the entries S_a_b (a <= b) of every group at once), lambdified with cse:
+    [W_g entries, log|M_g|] and [dW_g/dtheta_k entries, dlog|M_g|/dtheta_k] (k-major)."""
     f = block_forms(qs)
     q = f.T.shape[0]
     upper = [(a, b) for a in range(q) for b in range(a, q)]
@@ -579,19 +578,12 @@ FEW_PATTERNS = 16
 
 
 class BlockDeviance(ThetaDeviance):
-    r"""The profiled deviance when all terms share one grouping factor: :math:`\Sigma` is
-    block-diagonal, and each group enters through :math:`S_g = Z_g^\top Z_g`, :math:`Z_g^\top X_g` and
-    :math:`Z_g^\top y_g` (:class:`~lmm_symbolic.statistics.BlockStatistics`):
-
-    .. math::
-
-        \log|V| &= \textstyle\sum_g \log|M_g|, \\
-        X^\top V^{-1} X &= X^\top X - \textstyle\sum_g (Z_g^\top X_g)^\top W_g\, (Z_g^\top X_g),
-
-    :math:`X^\top V^{-1} y` and :math:`y^\top V^{-1} y` likewise, with the derived per-group :math:`W_g` and
-    :math:`\log|M_g|` (:func:`block_forms`); the gradient uses their sympy derivatives. Each evaluation costs
-    :math:`O\bigl(G (q^3 + q p^2)\bigr)`; the kernels run once per distinct :math:`S_g` (one for a balanced
-    design, whatever :math:`G`)."""
+    """The profiled deviance when all terms share one grouping factor: Sigma is block-diagonal, and each
+    group enters through S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g (:class:`BlockStatistics`):
+      log|V| = sum_g log|M_g|,  X^T V^-1 X = X^T X - sum_g (Z_g^T X_g)^T W_g (Z_g^T X_g),
+      X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`);
+    the gradient uses their sympy derivatives. Each evaluation costs O(G (q^3 + q p^2)); the kernels run
+    once per distinct S_g (one for a balanced design, whatever G)."""
 
     def __init__(self, design: Design, reml: bool):
         stats = BlockStatistics.of(design)
@@ -644,7 +636,7 @@ class BlockDeviance(ThetaDeviance):
                              b=self._layout(b), work=dict(e=e, W=W))
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        r""":math:`\operatorname{diag}(W_g) = \operatorname{diag}(T M_g^{-1} T^\top)` per group."""
+        """diag(W_g) = diag(T M_g^-1 T^T) per group."""
         return self._layout(np.diagonal(st.work["W"], axis1=1, axis2=2))
 
     def _layout(self, b: np.ndarray) -> np.ndarray:
@@ -656,10 +648,8 @@ class BlockDeviance(ThetaDeviance):
         return np.concatenate(out)
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        r""":math:`\partial \log|M| = \sum_g \partial \log|M_g|`,
-        :math:`\partial\mathrm{RSS} = -\sum_g e_g^\top\, \partial W_g\, e_g`,
-        :math:`\partial A = -\sum_g (Z_g^\top X_g)^\top\, \partial W_g\, (Z_g^\top X_g)`, from the sympy
-        derivatives of the per-group forms."""
+        """d log|M| = sum_g dlog|M_g|, dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z_g^T X_g)^T dW_g (Z_g^T X_g),
+        from the sympy derivatives of the per-group forms."""
         k, u = self.n_theta, len(self._upper)
         out = self._kernel(self._derivs, st.theta)
         dW = self._symmetric(out[:k * u].reshape(k, u, -1))
