@@ -153,8 +153,26 @@ def factory_defaults(app, what, name, obj, options, signature, return_annotation
     return None
 
 
+def package_name_by_suffix(app, env, node, contnode):
+    """A docstring may name a class of another stage by its short name (``:class:`BlockStatistics``` in
+    compilation, ``:meth:`InterceptDeviance.hessian``` in optimisation): when exactly one documented
+    object of the package ends with that name, link to it (missing-reference); otherwise the reference
+    stays unresolved, which -W and the site check report."""
+    if node.get("refdomain") != "py":
+        return None
+    from sphinx.util.nodes import make_refnode
+    target = node["reftarget"].lstrip("~.")
+    objects = env.get_domain("py").objects
+    matches = [name for name in objects if name.startswith("lmm_symbolic.") and name.endswith("." + target)]
+    if len(matches) != 1:
+        return None
+    entry = objects[matches[0]]
+    return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, matches[0])
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", plain_maths_docstring)
+    app.connect("missing-reference", package_name_by_suffix)
     app.connect("autodoc-process-signature", factory_defaults)
 
 html_theme = "sphinx_book_theme"
