@@ -33,10 +33,10 @@ def fit(formula: str, data, method: str = "REML", exact: bool | str = "auto", ki
 
     ``weights`` and ``offset`` (column names or :math:`n` values) are lmer's:
     :math:`\operatorname{Var}(\varepsilon_i) = \sigma^2 / w_i`, and a known term added to the linear
-    predictor (as ``offset(z)`` in the formula). ``exact``: "auto"
-    derives the exact estimates of a balanced random-intercept design when that is cheap (bounded by the
-    data's size and digits, decided before any exact arithmetic), True allows more work, False skips it;
-    ``fit.exact_reason`` says why there are none.
+    predictor (as ``offset(z)`` in the formula). ``exact``: "auto" derives the exact estimates of a
+    balanced random-intercept design when that is cheap (bounded by the data's size and digits, decided
+    before any exact arithmetic), True allows more work, False skips it; ``fit.exact_reason`` says why
+    there are none.
 
     With ``kinship`` (an :math:`n \times n` relationship matrix :math:`K` over the rows) the formula names
     the fixed part only (``y ~ x``) and :math:`\Sigma = \sigma_s^2 K + \sigma^2 I`.
