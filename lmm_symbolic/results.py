@@ -468,9 +468,9 @@ _NO_CORRELATIONS = pd.DataFrame({"group": [], "term1": [], "term2": [], "corr": 
 
 
 def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = ()) -> FitResult:
-    r"""Everything a user reads off a fit, computed once from the optimum of the one profiled deviance:
-    VarCorr from the relative factors (:math:`D_k = \sigma^2 T_k T_k^\top`), the conditional modes with
-    their SDs, Satterthwaite's df, then the inference every fit shares (``_assemble``)."""
+    """Everything a user reads off a fit, computed once from the optimum of the one profiled deviance:
+    VarCorr from the relative factors (D_k = sigma^2 T_k T_k^T), the conditional modes with their SDs,
+    Satterthwaite's df, then the inference every fit shares (:func:`_assemble`)."""
     ob = opt.objective
     sig_w = opt.sigma / ob.scale
     if sig_w < 1e-6:
