@@ -61,12 +61,24 @@ mathjax3_config = {
     "tex": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]},
 }
 
+# every cross-reference resolves (CI builds with -W): the package's own names must be documented here;
+# numpy, pandas, sympy, scipy and the standard library are named in signatures without links (no
+# intersphinx: the build is offline), and private names are the code's, not the reader's
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(numpy|np|pandas|pd|sympy|sp|scipy|os|collections|logging|typing|pathlib|dask)(\..*)?"),
+    (r"py:.*", r"(.*\.)?_[A-Za-z].*"),
+]
+
 highlight_language = "none"  # literal blocks (the docstrings' formulas) are not code
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
+# a signature longer than this is written one parameter per line (fit, the deviance classes), not wrapped
+python_maximum_signature_line_length = 88
 
 _LITERAL = re.compile(r"(``.+?``|:[a-z:]+:`[^`]+`)")
 _ITEM = re.compile(r"\s*([*-]|\d+\.)\s")
+_DIRECTIVE = re.compile(r"\s*\.\. [a-z-]+::")
 
 
 def _indent(line: str) -> int:
@@ -85,13 +97,26 @@ def plain_maths_docstring(app, what, name, obj, options, lines) -> None:
     The docstrings write maths in plain text (``|Sigma| = sigma^(2m) ...``), with formulas on indented
     lines under a sentence. reStructuredText would read ``|x|`` as a substitution and the indented lines as
     an error; here bars are escaped, an indented run under a paragraph becomes a literal block (aligned, as
-    in the source), and a list that starts or ends without a blank line gets one.
+    in the source), and a list that starts or ends without a blank line gets one. Maths written as
+    reStructuredText (``:math:`` roles, ``.. math::`` blocks) is left as written and typeset by MathJax.
     """
     out: list[str] = []
     in_run = False
     base = 0
     item = None  # indentation of the list being read
+    directive = None  # indentation of a ``.. math::`` (or other directive) whose body is read as written
     for line in lines:
+        if directive is not None:
+            if not line.strip() or _indent(line) > directive:
+                out.append(line)
+                continue
+            directive = None
+        if _DIRECTIVE.match(line):
+            directive = _indent(line)
+            if out and out[-1].strip():
+                out.append("")
+            out.append(line)
+            continue
         if item is not None and line.strip() and not _ITEM.match(line) and _indent(line) <= item:
             item = None
             if out and out[-1].strip():
@@ -119,8 +144,36 @@ def plain_maths_docstring(app, what, name, obj, options, lines) -> None:
     lines[:] = out
 
 
+def factory_defaults(app, what, name, obj, options, signature, return_annotation):
+    """A dataclass field with ``default_factory`` shows as ``= <factory>``, which the Python domain cannot
+    parse, so the whole signature fell back to raw text (``~numpy.ndarray``, no line per parameter): write
+    it ``= ...`` instead (autodoc-process-signature)."""
+    if signature and "<factory>" in signature:
+        return signature.replace("<factory>", "..."), return_annotation
+    return None
+
+
+def package_name_by_suffix(app, env, node, contnode):
+    """A docstring may name a class of another stage by its short name (``:class:`BlockStatistics``` in
+    compilation, ``:meth:`InterceptDeviance.hessian``` in optimisation): when exactly one documented
+    object of the package ends with that name, link to it (missing-reference); otherwise the reference
+    stays unresolved, which -W and the site check report."""
+    if node.get("refdomain") != "py":
+        return None
+    from sphinx.util.nodes import make_refnode
+    target = node["reftarget"].lstrip("~.")
+    objects = env.get_domain("py").objects
+    matches = [name for name in objects if name.startswith("lmm_symbolic.") and name.endswith("." + target)]
+    if len(matches) != 1:
+        return None
+    entry = objects[matches[0]]
+    return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, matches[0])
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", plain_maths_docstring)
+    app.connect("missing-reference", package_name_by_suffix)
+    app.connect("autodoc-process-signature", factory_defaults)
 
 html_theme = "sphinx_book_theme"
 html_static_path = ["_static"]

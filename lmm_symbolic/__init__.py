@@ -1,7 +1,8 @@
 """lmm_symbolic: the linear mixed model derived in closed form with sympy, fitted with scipy.
 
 Pipeline (each stage returns a plain value to the next, like lme4's modular functions):
-specification (``specify``) -> derivation (``derive``) -> compilation -> optimisation -> results (``fit``).
+specification (:func:`~lmm_symbolic.specification.specify`) -> derivation (:func:`derive`) -> compilation -> optimisation -> results
+(:func:`fit`).
 """
 from __future__ import annotations
 
@@ -28,16 +29,17 @@ def derive(formula: str, data) -> Derivation:
 
 def fit(formula: str, data, method: str = "REML", exact: bool | str = "auto", kinship=None, weights=None,
         offset=None) -> FitResult:
-    """Fit ``formula`` (lme4 syntax, e.g. ``Resp ~ Treat + (1|Ind)``) by REML (default) or ML.
+    r"""Fit ``formula`` (lme4 syntax, e.g. ``Resp ~ Treat + (1|Ind)``) by REML (default) or ML.
 
-    ``weights`` and ``offset`` (column names or n values) are lmer's: Var(epsilon_i) = sigma^2 / w_i, and
-    a known term added to the linear predictor (as ``offset(z)`` in the formula). ``exact``: "auto"
-    derives the exact estimates of a balanced random-intercept design when that is cheap (bounded by the
-    data's size and digits, decided before any exact arithmetic), True allows more work, False skips it;
-    ``fit.exact_reason`` says why there are none.
+    ``weights`` and ``offset`` (column names or :math:`n` values) are lmer's:
+    :math:`\operatorname{Var}(\varepsilon_i) = \sigma^2 / w_i`, and a known term added to the linear
+    predictor (as ``offset(z)`` in the formula). ``exact``: "auto" derives the exact estimates of a
+    balanced random-intercept design when that is cheap (bounded by the data's size and digits, decided
+    before any exact arithmetic), True allows more work, False skips it; ``fit.exact_reason`` says why
+    there are none.
 
-    With ``kinship`` (an n x n relationship matrix over the rows) the formula names the fixed part only
-    (``y ~ x``) and Sigma = sigma_s^2 K + sigma^2 I.
+    With ``kinship`` (an :math:`n \times n` relationship matrix :math:`K` over the rows) the formula names
+    the fixed part only (``y ~ x``) and :math:`\Sigma = \sigma_s^2 K + \sigma^2 I`.
 
     ``data`` may be a Dask DataFrame when the random terms share one grouping factor (``(1|g)``, ``(x|g)``,
     ``(1|g) + (0 + x|g)``): the per-group statistics are computed with Dask, partition by partition, on the

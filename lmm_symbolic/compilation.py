@@ -1,20 +1,25 @@
-"""Compilation: the derived closed forms turned into numpy functions, and the one profiled deviance.
+r"""Compilation: the derived closed forms turned into numpy functions, and the one profiled deviance.
 
-Every model is fitted through one criterion, lme4's profiled deviance in theta (:class:`ThetaDeviance`:
-beta and sigma^2 profiled out, -2 log L for ML, the REML criterion otherwise), with its analytic gradient.
-:func:`profiled_deviance` picks the cheapest evaluation of it that the model's structure allows:
+Every model is fitted through one criterion, lme4's profiled deviance in :math:`\theta`
+(:class:`ThetaDeviance`: :math:`\beta` and :math:`\sigma^2` profiled out, :math:`-2 \log L` for ML, the REML
+criterion otherwise), with its analytic gradient. :func:`profiled_deviance` picks the cheapest evaluation
+of it that the model's structure allows:
 
-* :class:`InterceptDeviance` -- ``(1|g)`` (and Sigma = sigma_s^2 K + sigma^2 I after K's rotation): the
-  log-likelihood sees the data only through per-group sums (:mod:`lmm_symbolic.statistics`); the derived
-  per-group closed forms (Eq. 11-12 for a block of size m: the Woodbury weight and the determinant lemma)
-  are lambdified with ``cse=True`` (:class:`ProfiledDeviance`) and evaluated over all groups at once, O(G p^2)
-  per evaluation, with the analytic second derivative;
-* :class:`BlockDeviance` -- terms sharing one factor: the derived q x q block forms (:func:`block_forms`);
-* :class:`DenseDeviance` -- few random effects in all: M = Lambda^T Z^T Z Lambda + I in dense arrays;
-* :class:`SparseDeviance` -- nested and crossed terms: M factorised by blocks, the largest term's
+* :class:`InterceptDeviance` -- ``(1|g)`` (and :math:`\Sigma = \sigma_s^2 K + \sigma^2 I` after
+  :math:`K`'s rotation): the log-likelihood sees the data only through per-group sums
+  (:mod:`lmm_symbolic.statistics`); the derived per-group closed forms (Eq. 11-12 for a block of size
+  :math:`m`: the Woodbury weight and the determinant lemma) are lambdified with ``cse=True``
+  (:class:`ProfiledDeviance`) and evaluated over all groups at once, :math:`O(G p^2)` per evaluation, with
+  the analytic second derivative;
+* :class:`BlockDeviance` -- terms sharing one factor: the derived :math:`q \times q` block forms
+  (:func:`block_forms`);
+* :class:`DenseDeviance` -- few random effects in all: :math:`M = \Lambda^\top Z^\top Z \Lambda + I` in
+  dense arrays;
+* :class:`SparseDeviance` -- nested and crossed terms: :math:`M` factorised by blocks, the largest term's
   block-diagonal part first, then the dense Schur complement.
 
-:class:`LogLikelihood` is Eq. 10 as a function of (sigma, sigma_s, beta), with its sympy gradient and Hessian.
+:class:`LogLikelihood` is Eq. 10 as a function of :math:`(\sigma, \sigma_s, \beta)`, with its sympy gradient
+and Hessian.
 """
 from __future__ import annotations
 
@@ -38,10 +43,11 @@ theta = sp.Symbol("theta", nonnegative=True)
 # ------------------------------------------------------------------------------ lambdified kernels
 @functools.lru_cache(maxsize=None)
 def intercept_kernels():
-    """w(m, theta), log|V_g|(m, theta) and their first two theta-derivatives, V = Sigma / sigma^2.
+    r""":math:`w(m, \theta)`, :math:`\log|V_g|(m, \theta)` and their first two :math:`\theta`-derivatives,
+    :math:`V = \Sigma / \sigma^2`.
 
-    From the derived block: w = W[0,0] and log|V_g| = log|Sigma_g| - 2 m log sigma at sigma = 1,
-    sigma_s = theta (the Woodbury weight and the determinant lemma of Eq. 11-12).
+    From the derived block: :math:`w = W_{11}` and :math:`\log|V_g| = \log|\Sigma_g| - 2 m \log\sigma` at
+    :math:`\sigma = 1`, :math:`\sigma_s = \theta` (the Woodbury weight and the determinant lemma of Eq. 11-12).
     """
     block = random_intercept_block()
     at = {sigma: 1, sigma_s: theta}
@@ -62,13 +68,13 @@ def cholesky_solve(R: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def weighted_gram(w: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """sum_g w_g c_g c_g^T for the rows c_g of C."""
+    r""":math:`\sum_g w_g c_g c_g^\top` for the rows :math:`c_g` of :math:`C`."""
     return (C * w[:, None]).T @ C
 
 
 @dataclass(frozen=True)
 class ProfileState:
-    """Everything the profiled criterion knows at one theta (scaled response units)."""
+    r"""Everything the profiled criterion knows at one :math:`\theta` (scaled response units)."""
 
     theta: float
     w: np.ndarray
@@ -86,11 +92,17 @@ class ProfileState:
 
 
 class ProfiledDeviance:
-    """-2 log L (ML) or the REML criterion as a function of theta = sigma_s / sigma (lme4's devfun).
+    r""":math:`-2 \log L` (ML) or the REML criterion as a function of :math:`\theta = \sigma_s / \sigma`
+    (lme4's devfun).
 
-    With V = Sigma / sigma^2 (block I + theta^2 J), beta and sigma^2 profiled out:
-      ML:   d(theta) = n log(2 pi RSS / n) + log|V| + n
-      REML: d(theta) = (n - p) log(2 pi RSS / (n - p)) + log|V| + log|X^T V^-1 X| + (n - p)
+    With :math:`V = \Sigma / \sigma^2` (block :math:`I + \theta^2 J`), :math:`\beta` and :math:`\sigma^2`
+    profiled out:
+
+    .. math::
+
+        \text{ML:} \quad d(\theta) &= n \log(2\pi\, \mathrm{RSS} / n) + \log|V| + n, \\
+        \text{REML:} \quad d(\theta) &= (n - p) \log\bigl(2\pi\, \mathrm{RSS} / (n - p)\bigr) + \log|V| \\
+            &\quad + \log|X^\top V^{-1} X| + (n - p).
     """
 
     def __init__(self, stats: GroupStatistics, reml: bool):
@@ -135,7 +147,8 @@ class ProfiledDeviance:
         return float(dev + (st.logdetA if self.reml else 0.0))
 
     def derivative(self, st: ProfileState) -> float:
-        """d d/d theta: n_eff RSS'/RSS + log|V|' (+ tr(A^-1 A') for REML), RSS' = -sum_g w'_g e_g^2."""
+        r""":math:`\mathrm{d}d/\mathrm{d}\theta = n_\text{eff}\, \mathrm{RSS}'/\mathrm{RSS} + \log|V|'`
+        (:math:`+ \operatorname{tr}(A^{-1} A')` for REML), :math:`\mathrm{RSS}' = -\sum_g w'_g e_g^2`."""
         drss = -float(st.dw @ st.e ** 2)
         out = self.n_eff * drss / st.rss + st.dlogdet
         if self.reml and self.stats.p:
@@ -173,8 +186,8 @@ def _loglik_kernel(p: int):
 
 
 class LogLikelihood:
-    """Eq. 10, log L(sigma, sigma_s, beta), in the original units of the response, with its gradient and
-    Hessian from sympy (the closed form of Eq. 11-12 per group, summed over groups)."""
+    r"""Eq. 10, :math:`\log L(\sigma, \sigma_s, \beta)`, in the original units of the response, with its
+    gradient and Hessian from sympy (the closed form of Eq. 11-12 per group, summed over groups)."""
 
     def __init__(self, stats: GroupStatistics):
         self.stats = stats
@@ -203,7 +216,7 @@ class LogLikelihood:
         return self._evaluate(sig, sig_s, beta)[0]
 
     def gradient(self, sig: float, sig_s: float, beta) -> np.ndarray:
-        """d log L / d(sigma, sigma_s, beta)."""
+        r""":math:`\partial \log L / \partial(\sigma, \sigma_s, \beta)`."""
         return self._evaluate(sig, sig_s, beta)[1]
 
     def hessian(self, sig: float, sig_s: float, beta) -> np.ndarray:
@@ -212,14 +225,16 @@ class LogLikelihood:
 
 # -------------------------------------------------------------- several terms, slopes, crossed factors
 def theta_index(q: int) -> tuple[tuple[int, int], ...]:
-    """(row, col) of the lower triangle of a q x q relative factor T, in lme4's column-major order."""
+    r"""(row, col) of the lower triangle of a :math:`q \times q` relative factor :math:`T`, in lme4's
+    column-major order."""
     return tuple((r, c) for c in range(q) for r in range(c, q))
 
 
 @dataclass(frozen=True)
 class TermLayout:
-    """Where one random term's parameters sit: its relative Cholesky factor T (q x q, lower triangular,
-    D = sigma^2 T T^T) fills Lambda = diag(I_G kron T) in the term's block of Z's columns."""
+    r"""Where one random term's parameters sit: its relative Cholesky factor :math:`T`
+    (:math:`q \times q`, lower triangular, :math:`D = \sigma^2 T T^\top`) fills
+    :math:`\Lambda = \operatorname{diag}(I_G \otimes T)` in the term's block of :math:`Z`'s columns."""
 
     q: int
     n_levels: int
@@ -241,9 +256,10 @@ def term_layouts(design: Design) -> tuple[TermLayout, ...]:
 
 @dataclass(frozen=True)
 class DevianceState:
-    """The profiled criterion at one theta (scaled response units): A = X^T V^-1 X, the GLS beta,
-    RSS = (y - X beta)^T V^-1 (y - X beta), log|M| = log|V|, log|A| and the conditional modes
-    b = Lambda u in Z's column layout; ``work`` keeps what the gradient reuses."""
+    r"""The profiled criterion at one :math:`\theta` (scaled response units): :math:`A = X^\top V^{-1} X`,
+    the GLS :math:`\hat\beta`, :math:`\mathrm{RSS} = (y - X\hat\beta)^\top V^{-1} (y - X\hat\beta)`,
+    :math:`\log|M| = \log|V|`, :math:`\log|A|` and the conditional modes :math:`b = \Lambda u` in :math:`Z`'s
+    column layout; ``work`` keeps what the gradient reuses."""
 
     theta: np.ndarray
     A: np.ndarray
@@ -256,14 +272,21 @@ class DevianceState:
 
 
 class ThetaDeviance:
-    """lme4's profiled deviance in theta for any set of random terms, beta and sigma^2 profiled out.
+    r"""lme4's profiled deviance in :math:`\theta` for any set of random terms, :math:`\beta` and
+    :math:`\sigma^2` profiled out.
 
-    With Lambda(theta) the relative covariance factor (D_k = sigma^2 T_k T_k^T), M = Lambda^T Z^T Z Lambda + I
-    and V = Sigma / sigma^2 = I + Z Lambda Lambda^T Z^T, the determinant lemma gives |V| = |M| and Woodbury
-    gives V^-1 = I - Z Lambda M^-1 Lambda^T Z^T (Eq. 11-12 generalised):
-      ML:   d = log|M| + n (1 + log(2 pi RSS / n))
-      REML: d = log|M| + log|X^T V^-1 X| + (n - p)(1 + log(2 pi RSS / (n - p)))
-    Subclasses evaluate these for block-diagonal Sigma (:class:`BlockDeviance`) or any Z
+    With :math:`\Lambda(\theta)` the relative covariance factor (:math:`D_k = \sigma^2 T_k T_k^\top`),
+    :math:`M = \Lambda^\top Z^\top Z \Lambda + I` and :math:`V = \Sigma / \sigma^2 = I + Z \Lambda \Lambda^\top Z^\top`,
+    the determinant lemma gives :math:`|V| = |M|` and Woodbury gives
+    :math:`V^{-1} = I - Z \Lambda M^{-1} \Lambda^\top Z^\top` (Eq. 11-12 generalised):
+
+    .. math::
+
+        \text{ML:} \quad d &= \log|M| + n \bigl(1 + \log(2\pi\, \mathrm{RSS} / n)\bigr), \\
+        \text{REML:} \quad d &= \log|M| + \log|X^\top V^{-1} X| \\
+            &\quad + (n - p)\bigl(1 + \log(2\pi\, \mathrm{RSS} / (n - p))\bigr).
+
+    Subclasses evaluate these for block-diagonal :math:`\Sigma` (:class:`BlockDeviance`) or any :math:`Z`
     (:class:`SparseDeviance`).
     """
 
@@ -282,14 +305,14 @@ class ThetaDeviance:
 
     @property
     def lower_bounds(self) -> list[float | None]:
-        """0 for the diagonal of each T (standard deviations), unbounded off the diagonal (lme4)."""
+        r"""0 for the diagonal of each :math:`T` (standard deviations), unbounded off the diagonal (lme4)."""
         return [0.0 if r == c else None for lay in self.layouts for r, c in lay.theta_index]
 
     def initial(self) -> np.ndarray:
         return np.array([1.0 if r == c else 0.0 for lay in self.layouts for r, c in lay.theta_index])
 
     def terms(self, theta) -> tuple[np.ndarray, ...]:
-        """T_k (q_k x q_k) for each term."""
+        r""":math:`T_k` (:math:`q_k \times q_k`) for each term."""
         out, k = [], 0
         for lay in self.layouts:
             T = np.zeros((lay.q, lay.q))
@@ -334,11 +357,13 @@ class ThetaDeviance:
         raise NotImplementedError
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|M| / d theta_k (k,), dRSS / d theta_k at fixed beta (k,) and dA / d theta_k (k, p, p)."""
+        r""":math:`\partial \log|M| / \partial\theta_k` (k,), :math:`\partial \mathrm{RSS} / \partial\theta_k` at
+        fixed :math:`\beta` (k,) and :math:`\partial A / \partial\theta_k` (k, p, p)."""
         raise NotImplementedError
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """diag(Lambda M^-1 Lambda^T) in Z's column layout: Var(b | y) / sigma^2 at beta (lme4's condVar)."""
+        r""":math:`\operatorname{diag}(\Lambda M^{-1} \Lambda^\top)` in :math:`Z`'s column layout:
+        :math:`\operatorname{Var}(b \mid y) / \sigma^2` at :math:`\hat\beta` (lme4's condVar)."""
         raise NotImplementedError
 
     def _combine(self, st: DevianceState, derivatives, rss_weight: float) -> np.ndarray:
@@ -357,7 +382,8 @@ class ThetaDeviance:
         return st.work["Ainv"]
 
     def gradient(self, st: DevianceState) -> np.ndarray:
-        """d log|M| + n_eff dRSS / RSS (beta's change does not move RSS: envelope), + tr(A^-1 dA) for REML."""
+        r""":math:`\partial \log|M| + n_\text{eff}\, \partial\mathrm{RSS} / \mathrm{RSS}` (:math:`\hat\beta`'s change
+        does not move RSS: envelope), :math:`+ \operatorname{tr}(A^{-1} \partial A)` for REML."""
         return self._combine(st, self.cached_derivatives(st), self.n_eff / st.rss)
 
     def cached_derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -387,19 +413,27 @@ class ThetaDeviance:
         return (H + H.T) / 2
 
     def varpar_deviance(self, theta, sig: float) -> float:
-        """lmerTest's deviance in varpar = (theta, sigma), beta at its GLS value (scaled response units):
-        log|M| + RSS / sigma^2 + n log(2 pi sigma^2)  [+ log|A| - p log(2 pi sigma^2) for REML]."""
+        r"""lmerTest's deviance in varpar :math:`= (\theta, \sigma)`, :math:`\beta` at its GLS value (scaled
+        response units): :math:`\log|M| + \mathrm{RSS} / \sigma^2 + n \log(2\pi\sigma^2)`
+        (:math:`{} + \log|A| - p \log(2\pi\sigma^2)` for REML)."""
         st = self.state(theta)
         dev = st.logdetM + st.rss / sig**2 + self.n_eff * np.log(2 * np.pi * sig**2)
         return float(dev + (st.logdetA if self.reml else 0.0))
 
     def varpar_hessian(self, theta, sig: float, hessian: np.ndarray | None = None,
                        st: DevianceState | None = None) -> tuple[np.ndarray, DevianceState, np.ndarray]:
-        """The Hessian of :meth:`varpar_deviance` in (theta, sigma), with the state and dA at theta. The sigma
-        row is closed form: D_ts = -2 dRSS / sigma^3, D_ss = 6 RSS / sigma^4 - 2 n_eff / sigma^2. The theta
-        block: given the Hessian d'' of the profiled deviance d(theta) = min_sigma D(theta, sigma) at
-        sigma = sigma_hat(theta) (the optimiser's), by the envelope relation D_tt = d'' + D_ts D_ts^T / D_ss;
-        otherwise by central differences of the analytic gradient d log|M| + dRSS / sigma^2 (+ tr(A^-1 dA))."""
+        r"""The Hessian of :meth:`varpar_deviance` in :math:`(\theta, \sigma)`, with the state and
+        :math:`\partial A` at :math:`\theta`. The :math:`\sigma` row is closed form:
+        :math:`D_{\theta\sigma} = -2\, \partial\mathrm{RSS} / \sigma^3`,
+        :math:`D_{\sigma\sigma} = 6\, \mathrm{RSS} / \sigma^4 - 2 n_\text{eff} / \sigma^2`. The :math:`\theta`
+        block: given the Hessian :math:`d''` of the profiled deviance
+        :math:`d(\theta) = \min_\sigma D(\theta, \sigma)` at :math:`\sigma = \hat\sigma(\theta)` (the
+        optimiser's), by the envelope relation
+
+        .. math:: D_{\theta\theta} = d'' + D_{\theta\sigma} D_{\theta\sigma}^\top / D_{\sigma\sigma};
+
+        otherwise by central differences of the analytic gradient
+        :math:`\partial \log|M| + \partial\mathrm{RSS} / \sigma^2` (:math:`+ \operatorname{tr}(A^{-1} \partial A)`)."""
         theta = np.asarray(theta, dtype=float)
         k = self.n_theta
         st = self.state(theta) if st is None else st
@@ -420,8 +454,9 @@ class ThetaDeviance:
 
 
 def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
-    """The Hessian as central differences of an analytic gradient, H[:, i] = (g(theta + h_i e_i) -
-    g(theta - h_i e_i)) / 2 h_i with h_i = 1e-5 max(|theta_i|, 0.01), symmetrised."""
+    r"""The Hessian as central differences of an analytic gradient,
+    :math:`H_{:,i} = \bigl(g(\theta + h_i e_i) - g(\theta - h_i e_i)\bigr) / 2h_i` with
+    :math:`h_i = 10^{-5} \max(|\theta_i|, 0.01)`, symmetrised."""
     k = len(theta)
     H = np.empty((k, k))
     h = 1e-5 * np.maximum(np.abs(theta), 1e-2)
@@ -433,13 +468,15 @@ def difference_hessian(grad, theta: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------- one random intercept, or a kinship matrix
 class InterceptDeviance(ThetaDeviance):
-    """The profiled deviance of ``(1|g)`` in theta = sigma_s / sigma, evaluated from the per-group sums with
-    the derived Woodbury weight w(m, theta) and determinant lemma log|V_g|(m, theta) (Eq. 11-12, through
-    :class:`ProfiledDeviance`): the same criterion as :class:`ThetaDeviance`, in O(G p^2) per evaluation,
-    with its analytic second derivative. Sigma = sigma_s^2 K + sigma^2 I is the same object after the
-    rotation by K's eigenvectors (:class:`SpectralStatistics`: each observation a group of size lambda_i).
+    r"""The profiled deviance of ``(1|g)`` in :math:`\theta = \sigma_s / \sigma`, evaluated from the
+    per-group sums with the derived Woodbury weight :math:`w(m, \theta)` and determinant lemma
+    :math:`\log|V_g|(m, \theta)` (Eq. 11-12, through :class:`ProfiledDeviance`): the same criterion as
+    :class:`ThetaDeviance`, in :math:`O(G p^2)` per evaluation, with its analytic second derivative.
+    :math:`\Sigma = \sigma_s^2 K + \sigma^2 I` is the same object after the rotation by :math:`K`'s
+    eigenvectors (:class:`~lmm_symbolic.statistics.SpectralStatistics`: each observation a group of size :math:`\lambda_i`).
 
-    Conditional modes (scaled units): b_g = w_g 1^T r_g; for the kinship fit U (sqrt(lambda) w e)."""
+    Conditional modes (scaled units): :math:`b_g = w_g \mathbf{1}^\top r_g`; for the kinship fit
+    :math:`U (\sqrt{\lambda}\, w\, e)`."""
 
     def __init__(self, design: Design, reml: bool, stats: GroupStatistics | None = None):
         if stats is None:
@@ -461,18 +498,22 @@ class InterceptDeviance(ThetaDeviance):
                              logdetA=ps.logdetA, b=b, work=dict(profile=ps))
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|V| = sum_g dlog|V_g|, dRSS = -sum_g w'_g e_g^2, dA = -sum_g w'_g (X_g^T 1)(X_g^T 1)^T."""
+        r""":math:`\partial \log|V| = \sum_g \partial \log|V_g|`,
+        :math:`\partial\mathrm{RSS} = -\sum_g w'_g e_g^2`,
+        :math:`\partial A = -\sum_g w'_g (X_g^\top \mathbf{1})(X_g^\top \mathbf{1})^\top`."""
         ps = st.work["profile"]
         return (np.array([ps.dlogdet]), np.array([-float(ps.dw @ ps.e ** 2)]),
                 -weighted_gram(ps.dw, self.stats.Xt1)[None])
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """Var(u_g | y) / sigma^2 = w_g (lme4's condVar for (1|g))."""
+        r""":math:`\operatorname{Var}(u_g \mid y) / \sigma^2 = w_g` (lme4's condVar for (1|g))."""
         return np.asarray(st.work["profile"].w, dtype=float)
 
     def hessian(self, st: DevianceState) -> np.ndarray:
-        """d'' = n_eff (RSS''/RSS - (RSS'/RSS)^2) + log|V|'' (+ tr(A^-1 A'') - tr((A^-1 A')^2) for REML), with
-        the total RSS'' = -sum w'' e^2 - 2 sum w' e e' (beta moves with theta: e' = -X_g^T 1 beta')."""
+        r""":math:`d'' = n_\text{eff} \bigl(\mathrm{RSS}''/\mathrm{RSS} - (\mathrm{RSS}'/\mathrm{RSS})^2\bigr) + \log|V|''`
+        (:math:`+ \operatorname{tr}(A^{-1} A'') - \operatorname{tr}\bigl((A^{-1} A')^2\bigr)` for REML), with the
+        total :math:`\mathrm{RSS}'' = -\sum w'' e^2 - 2 \sum w' e e'` (:math:`\hat\beta` moves with
+        :math:`\theta`: :math:`e' = -X_g^\top \mathbf{1}\, \hat\beta'`)."""
         ps, s = st.work["profile"], self.stats
         dA = -weighted_gram(ps.dw, s.Xt1)
         dc = -s.Xt1.T @ (ps.dw * s.one_y)
@@ -490,8 +531,8 @@ class InterceptDeviance(ThetaDeviance):
 
 # ------------------------------------------------------------------- one grouping factor: q x q blocks
 def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ...]]:
-    """Lambda_g = diag(T_1, ..., T_K) for terms of sizes ``qs`` on one factor, T_k lower triangular in
-    theta_0, theta_1, ... (lme4's order)."""
+    r""":math:`\Lambda_g = \operatorname{diag}(T_1, \dots, T_K)` for terms of sizes ``qs`` on one factor,
+    :math:`T_k` lower triangular in :math:`\theta_0, \theta_1, \dots` (lme4's order)."""
     T = sp.zeros(sum(qs), sum(qs))
     thetas, offset = [], 0
     for q in qs:
@@ -504,17 +545,23 @@ def relative_factor(qs: tuple[int, ...]) -> tuple[sp.Matrix, tuple[sp.Symbol, ..
 
 
 def block_symbols(q: int) -> sp.Matrix:
-    """S = Z_g^T Z_g as a symmetric matrix of symbols S_a_b (a <= b)."""
+    r""":math:`S = Z_g^\top Z_g` as a symmetric matrix of symbols ``S_a_b`` (:math:`a \le b`)."""
     return sp.Matrix(q, q, lambda a, b: sp.Symbol(f"S_{min(a, b)}_{max(a, b)}", real=True))
 
 
 @dataclass(frozen=True)
 class BlockForms:
-    """One group's closed forms in theta and S = Z_g^T Z_g (sigma = 1): the lemma's
-    log|I_m + Z_g T T^T Z_g^T| = log|M_g|, M_g = I_q + T^T S T, as the sum of the logs of M_g's LDL^T
-    pivots (each >= 1), and Woodbury's weight W_g = T M_g^-1 T^T (so V_g^-1 = I - Z_g W_g Z_g^T). Their
-    theta-derivatives, with E_k = dT/dtheta_k and dM_k = E_k^T S T + T^T S E_k:
-      dlog|M_g| = tr(M_g^-1 dM_k),   dW_g = E_k M_g^-1 T^T + T M_g^-1 E_k^T - T M_g^-1 dM_k M_g^-1 T^T."""
+    r"""One group's closed forms in :math:`\theta` and :math:`S = Z_g^\top Z_g` (:math:`\sigma = 1`):
+    the lemma's :math:`\log|I_m + Z_g T T^\top Z_g^\top| = \log|M_g|`, :math:`M_g = I_q + T^\top S T`, as the
+    sum of the logs of :math:`M_g`'s :math:`LDL^\top` pivots (each :math:`\ge 1`), and Woodbury's weight
+    :math:`W_g = T M_g^{-1} T^\top` (so :math:`V_g^{-1} = I - Z_g W_g Z_g^\top`). Their
+    :math:`\theta`-derivatives, with :math:`E_k = \partial T / \partial\theta_k` and
+    :math:`\partial M_k = E_k^\top S T + T^\top S E_k`:
+
+    .. math::
+
+        \partial \log|M_g| &= \operatorname{tr}(M_g^{-1}\, \partial M_k), \\
+        \partial W_g &= E_k M_g^{-1} T^\top + T M_g^{-1} E_k^\top - T M_g^{-1}\, \partial M_k\, M_g^{-1} T^\top."""
 
     T: sp.Matrix
     thetas: tuple[sp.Symbol, ...]
@@ -527,6 +574,7 @@ class BlockForms:
 
 @functools.lru_cache(maxsize=None)
 def block_forms(qs: tuple[int, ...]) -> BlockForms:
+    """:class:`BlockForms` for terms of sizes ``qs`` on one factor, derived and lambdified once per ``qs``."""
     T, thetas = relative_factor(qs)
     S = block_symbols(T.shape[0])
     M = (sp.eye(T.shape[0]) + T.T * S * T).applyfunc(sp.expand)
@@ -555,7 +603,7 @@ def block_kernels(qs: tuple[int, ...]):
     return sp.lambdify(args, [f.W[a, b] for a, b in upper] + [f.logdet], modules="numpy", cse=True)
 
 
-#: groups with this many distinct S_g or fewer evaluate the kernels in Python floats, one pattern at a time
+#: groups with this many distinct :math:`S_g` or fewer evaluate the kernels in Python floats, one pattern at a time
 FEW_PATTERNS = 16
 
 
@@ -739,13 +787,19 @@ DENSE_MAX = 120
 
 
 class DenseDeviance(ThetaDeviance):
-    """The profiled deviance for any random terms when they have few random effects in all (w <= DENSE_MAX):
-    the same M = Lambda^T Z^T Z Lambda + I and formulas as :class:`SparseDeviance`, held in dense arrays
-    (one Cholesky factor of M per evaluation, no sparse bookkeeping). With G = M^-1 Lambda^T Z^T Z,
-    v = Z^T V^-1 (y - X beta) and Q = Z^T V^-1 X, and E_k the 0/1 pattern of theta_k in Lambda:
-      dlog|M| / dtheta_k = tr(M^-1 dM_k) = 2 sum_{(i,j) in E_k} G_ji,
-      dRSS / dtheta_k = -2 sum_{(i,j) in E_k} v_i (Lambda^T v)_j,
-      dA_k = -(Q_{i.}^T (Lambda^T Q)_{j.} + its transpose) summed over (i, j) in E_k."""
+    r"""The profiled deviance for any random terms when they have few random effects in all
+    (:math:`w \le` ``DENSE_MAX``): the same :math:`M = \Lambda^\top Z^\top Z \Lambda + I` and formulas as
+    :class:`SparseDeviance`, held in dense arrays (one Cholesky factor of :math:`M` per evaluation, no sparse
+    bookkeeping). With :math:`G = M^{-1} \Lambda^\top Z^\top Z`, :math:`v = Z^\top V^{-1} (y - X\hat\beta)`
+    and :math:`Q = Z^\top V^{-1} X`, and :math:`E_k` the 0/1 pattern of :math:`\theta_k` in :math:`\Lambda`:
+
+    .. math::
+
+        \partial \log|M| / \partial\theta_k &= \operatorname{tr}(M^{-1}\, \partial M_k)
+            = 2 \textstyle\sum_{(i,j) \in E_k} G_{ji}, \\
+        \partial\mathrm{RSS} / \partial\theta_k &= -2 \textstyle\sum_{(i,j) \in E_k} v_i\, (\Lambda^\top v)_j, \\
+        \partial A_k &= -\textstyle\sum_{(i,j) \in E_k} \bigl(Q_{i\cdot}^\top (\Lambda^\top Q)_{j\cdot}
+            + \text{its transpose}\bigr)."""
 
     def __init__(self, design: Design, reml: bool):
         X = np.asarray(design.X, dtype=float)
@@ -819,7 +873,7 @@ class DenseDeviance(ThetaDeviance):
 # --------------------------------------------------------------------------- any Z: sparse Z^T Z, M by blocks
 #: at most this many random effects outside the term with the most (the dense Schur complement)
 SCHUR_MAX = 5000
-#: levels of the largest term handled at once when M^-1 is formed on M's pattern
+#: levels of the largest term handled at once when :math:`M^{-1}` is formed on :math:`M`'s pattern
 LEVEL_CHUNK = 4096
 
 
@@ -832,19 +886,31 @@ def _inverse_from_cholesky(R: np.ndarray) -> np.ndarray:
 
 
 class SparseDeviance(ThetaDeviance):
-    """The profiled deviance for any random terms (nested, crossed), with Z^T Z sparse (scipy.sparse).
+    r"""The profiled deviance for any random terms (nested, crossed), with :math:`Z^\top Z` sparse
+    (scipy.sparse).
 
-    Lambda = sum_k theta_k E_k is linear in theta, so M = I + sum_kl theta_k theta_l P_kl with the constant
-    sparse P_kl = E_k^T Z^T Z E_l, all held on M's one sparsity pattern: an evaluation starts from a weighted
-    sum of their non-zeros. M is factorised by blocks, the w_1 columns of the term with the most random
-    effects first: its block M_11 is block-diagonal (q_1 x q_1 per level: each observation has one level of
-    it), so with F = M_11^-1 M_12 and the Schur complement S = M_22 - M_12^T F (dense w_2 x w_2, Cholesky)
-      log|M| = sum_levels log|M_11,l| + log|S|,
-      M^-1 = [[M_11^-1 + F S^-1 F^T, -F S^-1], [-S^-1 F^T, S^-1]]
+    :math:`\Lambda = \sum_k \theta_k E_k` is linear in :math:`\theta`, so
+    :math:`M = I + \sum_{kl} \theta_k \theta_l P_{kl}` with the constant sparse
+    :math:`P_{kl} = E_k^\top Z^\top Z E_l`, all held on :math:`M`'s one sparsity pattern: an evaluation
+    starts from a weighted sum of their non-zeros. :math:`M` is factorised by blocks, the :math:`w_1`
+    columns of the term with the most random effects first: its block :math:`M_{11}` is block-diagonal
+    (:math:`q_1 \times q_1` per level: each observation has one level of it), so with
+    :math:`F = M_{11}^{-1} M_{12}` and the Schur complement :math:`S = M_{22} - M_{12}^\top F` (dense
+    :math:`w_2 \times w_2`, Cholesky)
+
+    .. math::
+
+        \log|M| = \sum_\text{levels} \log|M_{11,l}| + \log|S|,
+
+        M^{-1} = \begin{bmatrix} M_{11}^{-1} + F S^{-1} F^\top & -F S^{-1} \\
+                                 -S^{-1} F^\top & S^{-1} \end{bmatrix}
+
     (the fill a sparse Cholesky of a crossed design makes too). The derivatives:
-    tr(M^-1 dM_k) = 2 sum_l theta_l tr(M^-1 P_kl), which needs M^-1 only on the pattern;
-    dRSS = -r^T Z dLL^T Z^T r and dA = -P^T Z dLL^T Z^T P, dLL^T = sum_l theta_l (E_k E_l^T + E_l E_k^T)
-    (r = V^-1 (y - X beta), P = V^-1 X).
+    :math:`\operatorname{tr}(M^{-1}\, \partial M_k) = 2 \sum_l \theta_l \operatorname{tr}(M^{-1} P_{kl})`, which
+    needs :math:`M^{-1}` only on the pattern; :math:`\partial\mathrm{RSS} = -r^\top Z\, \partial(\Lambda\Lambda^\top) Z^\top r`
+    and :math:`\partial A = -P^\top Z\, \partial(\Lambda\Lambda^\top) Z^\top P`, with
+    :math:`\partial(\Lambda\Lambda^\top) = \sum_l \theta_l (E_k E_l^\top + E_l E_k^\top)`
+    (:math:`r = V^{-1} (y - X\hat\beta)`, :math:`P = V^{-1} X`).
     """
 
     def __init__(self, design: Design, reml: bool):
@@ -970,7 +1036,8 @@ class SparseDeviance(ThetaDeviance):
                              b=b, work=f)
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """(Lambda M^-1 Lambda^T)_ii needs M^-1 only within each level's block, which lies on M's pattern."""
+        r""":math:`(\Lambda M^{-1} \Lambda^\top)_{ii}` needs :math:`M^{-1}` only within each level's block, which lies
+        on :math:`M`'s pattern."""
         Minv = scipy.sparse.csr_matrix((self._inverse_on_pattern(st.work), (self._rows, self._cols)),
                                        shape=(self.width, self.width))
         L = sum(t * e for t, e in zip(st.theta, self._E))
@@ -1024,10 +1091,11 @@ class SparseDeviance(ThetaDeviance):
 
 
 def profiled_deviance(design: Design, reml: bool) -> ThetaDeviance:
-    """lme4's profiled deviance in theta for ``design``: one criterion, evaluated the cheapest way its
-    structure allows -- per-group sums and the derived (1|g) forms for a random intercept or a kinship
-    matrix, the derived q x q block forms when the terms share one factor (q <= BLOCK_Q), dense M for few
-    random effects (:class:`DenseDeviance`), else the blocked factorisation of M (:class:`SparseDeviance`)."""
+    r"""lme4's profiled deviance in :math:`\theta` for ``design``: one criterion, evaluated the cheapest
+    way its structure allows -- per-group sums and the derived (1|g) forms for a random intercept or a
+    kinship matrix, the derived :math:`q \times q` block forms when the terms share one factor
+    (:math:`q \le` ``BLOCK_Q``), dense :math:`M` for few random effects (:class:`DenseDeviance`), else the
+    blocked factorisation of :math:`M` (:class:`SparseDeviance`)."""
     if design.kinship is not None or design.is_random_intercept:
         return InterceptDeviance(design, reml)
     if single_factor(design) and sum(t.q for t in design.terms) <= BLOCK_Q:

@@ -1,14 +1,18 @@
-"""Derivation: the tutorial's Eq. 1-12 derived with sympy from the design's structure.
+r"""Derivation: the tutorial's Eq. 1-12 derived with sympy from the design's structure.
 
-Sigma is block-diagonal by group, each block sigma^2 I_m + Z_g D Z_g^T. The determinant lemma and the
-Woodbury identity are applied once, for a block of symbolic size m, and the results are assembled over the
-groups, so the cost does not grow with the number of observations:
+:math:`\Sigma` is block-diagonal by group, each block :math:`\sigma^2 I_m + Z_g D Z_g^\top`. The determinant
+lemma and the Woodbury identity are applied once, for a block of symbolic size :math:`m`, and the results
+are assembled over the groups, so the cost does not grow with the number of observations
+(:math:`S_g = Z_g^\top Z_g`, :math:`W_g = D\,(\sigma^2 I_q + S_g D)^{-1}`):
 
-    |Sigma_g|            = sigma^(2m) |I_q + D S_g / sigma^2|                 (S_g = Z_g^T Z_g)
-    Sigma_g^(-1)         = (I_m - Z_g W_g Z_g^T) / sigma^2,  W_g = D (sigma^2 I_q + S_g D)^(-1)
-    r^T Sigma_g^(-1) r   = (r^T r - (Z_g^T r)^T W_g (Z_g^T r)) / sigma^2
+.. math::
 
-For a random intercept (q = 1, Z_g = 1, D = sigma_s^2) these give Eq. 11 and Eq. 12.
+    |\Sigma_g| &= \sigma^{2m}\, |I_q + D S_g / \sigma^2|, \\
+    \Sigma_g^{-1} &= (I_m - Z_g W_g Z_g^\top) / \sigma^2, \\
+    r^\top \Sigma_g^{-1} r &= \bigl(r^\top r - (Z_g^\top r)^\top W_g\, (Z_g^\top r)\bigr) / \sigma^2.
+
+For a random intercept (:math:`q = 1`, :math:`Z_g = \mathbf{1}`, :math:`D = \sigma_s^2`) these give Eq. 11
+and Eq. 12.
 """
 from __future__ import annotations
 
@@ -28,15 +32,15 @@ sigma_s = sp.Symbol("sigma_s", positive=True)
 m = sp.Symbol("m", positive=True, integer=True)
 n_obs = sp.Symbol("n", positive=True, integer=True)
 
-#: designs up to this many observations keep the responses y_ij as symbols and Sigma^-1 written out
+#: designs up to this many observations keep the responses :math:`y_{ij}` as symbols and :math:`\Sigma^{-1}` written out
 SYMBOLIC_N = 200
 INVERSE_N = 40
-#: designs up to this many observations carry X as exact rationals (for X^T Sigma^-1 X, exact estimates)
+#: designs up to this many observations carry :math:`X` as exact rationals (for :math:`X^\top \Sigma^{-1} X`, exact estimates)
 EXACT_N = 5000
 #: written-out matrices (Eq. 1, 3) show this many rows before the ellipsis
 SHOWN_ROWS = 8
 #: ... and Eq. 3's K (or Z) this many columns; Eq. 7 and 8 this many observations of each of two groups
-#: (Sigma's entries are wide: 2 + 2 columns and the ellipsis fit a 671 px column)
+#: (:math:`\Sigma`'s entries are wide: 2 + 2 columns and the ellipsis fit a 671 px column)
 SHOWN_COLUMNS = 4
 SHOWN_PER_GROUP = 2
 #: a display line holds about this many characters of LaTeX source before it is broken
@@ -68,10 +72,12 @@ class Equation:
 # ------------------------------------------------------------------------------ the block identities
 @dataclass(frozen=True)
 class BlockIdentities:
-    """Closed forms for one group's block Sigma_g = sigma^2 I_m + Z D Z^T, from the lemma and Woodbury.
+    r"""Closed forms for one group's block :math:`\Sigma_g = \sigma^2 I_m + Z D Z^\top`, from the lemma and
+    Woodbury.
 
-    ``S`` (q x q) stands for Z^T Z, ``Zr`` (q x 1) for Z^T r and ``R2`` for r^T r; for a random intercept
-    S = [m] and Zr = [1^T r].
+    ``S`` (:math:`q \times q`) stands for :math:`Z^\top Z`, ``Zr`` (:math:`q \times 1`) for :math:`Z^\top r`
+    and ``R2`` for :math:`r^\top r`; for a random intercept :math:`S = [m]` and
+    :math:`Z^\top r = [\mathbf{1}^\top r]`.
     """
 
     D: sp.Matrix
@@ -86,7 +92,8 @@ class BlockIdentities:
 
 
 def block_identities(D: sp.Matrix, S: sp.Matrix, Zr: sp.Matrix, params: tuple[sp.Symbol, ...]) -> BlockIdentities:
-    """Apply the matrix determinant lemma and Woodbury's identity to sigma^2 I_m + Z D Z^T (size m)."""
+    r"""Apply the matrix determinant lemma and Woodbury's identity to :math:`\sigma^2 I_m + Z D Z^\top`
+    (size :math:`m`)."""
     q = D.shape[0]
     A = sigma**2 * sp.Identity(m)
     det_A = sp.Determinant(A).doit().subs(sp.Determinant(sp.Identity(m)), 1)  # sigma^(2m)
@@ -103,7 +110,8 @@ def block_identities(D: sp.Matrix, S: sp.Matrix, Zr: sp.Matrix, params: tuple[sp
 
 @functools.lru_cache(maxsize=None)
 def random_intercept_block() -> BlockIdentities:
-    """The compound-symmetric block sigma^2 I_m + sigma_s^2 J_m: |.| = sigma^(2(m-1)) (sigma^2 + m sigma_s^2)."""
+    r"""The compound-symmetric block :math:`\sigma^2 I_m + \sigma_s^2 J_m`, whose determinant is
+    :math:`\sigma^{2(m-1)} (\sigma^2 + m \sigma_s^2)`."""
     R1 = sp.Symbol("R1")
     return block_identities(sp.Matrix([[sigma_s**2]]), sp.Matrix([[m]]), sp.Matrix([[R1]]), (sigma, sigma_s))
 
@@ -135,7 +143,8 @@ def _matrix_latex(M: sp.Matrix, total_rows: int, total_cols: int, names: dict) -
 # ------------------------------------------------------------------------------------ derivation
 @dataclass(frozen=True)
 class Symbols:
-    """The names ``derive`` uses: sigma, sigma_s, beta_k, y_ij (data-row order), u_j, epsilon_ij.
+    r"""The names ``derive`` uses: :math:`\sigma`, :math:`\sigma_s`, :math:`\beta_k`, :math:`y_{ij}` (data-row
+    order), :math:`u_j`, :math:`\varepsilon_{ij}`.
 
     ``y_names`` lists every observation's name; for a large design ``y``, ``u`` and ``epsilon`` hold the
     symbols of the rows and groups that are shown (the data's values stand in the closed forms).
@@ -147,7 +156,7 @@ class Symbols:
     epsilon: tuple[sp.Symbol, ...]
     y_names: tuple[str, ...]
     latex_names: dict = field(default_factory=dict, compare=False, repr=False)
-    #: further names of shown symbols (a slope model's short sigma_0, sigma_1, rho and their long names)
+    #: further names of shown symbols (a slope model's short :math:`\sigma_0`, :math:`\sigma_1`, :math:`\rho` and their long names)
     aliases: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -186,7 +195,7 @@ class GroupStructure:
 
 
 def u_symbol(j: int) -> sp.Symbol:
-    """u_(j+1), the random effect of group j (0-based)."""
+    r""":math:`u_{j+1}`, the random effect of group :math:`j` (0-based)."""
     return sp.Symbol(f"u_{j + 1}", real=True)
 
 
@@ -214,12 +223,12 @@ def _symbols(design: Design, groups: GroupStructure, shown: int) -> Symbols:
 
 
 class Derivation:
-    """Eq. 1-12 of the tutorial for one random-intercept design, derived by sympy.
+    r"""Eq. 1-12 of the tutorial for one random-intercept design, derived by sympy.
 
-    Attributes: ``equations`` (Eq. 1-12 as :class:`Equation`), ``det`` (|Sigma|, Eq. 11), ``logdet``
-    (log|Sigma| as a sum of logs), ``quadratic_form`` (Eq. 12), ``inverse`` (Sigma^-1, None when large),
-    ``loglik`` (Eq. 10 in closed form) and ``reml_loglik`` (the restricted log-likelihood, in which beta
-    stands for its GLS estimate).
+    Attributes: ``equations`` (Eq. 1-12 as :class:`Equation`), ``det`` (:math:`|\Sigma|`, Eq. 11),
+    ``logdet`` (:math:`\log|\Sigma|` as a sum of logs), ``quadratic_form`` (Eq. 12), ``inverse``
+    (:math:`\Sigma^{-1}`, None when large), ``loglik`` (Eq. 10 in closed form) and ``reml_loglik`` (the
+    restricted log-likelihood, in which :math:`\beta` stands for its GLS estimate).
     """
 
     def __init__(self, design: Design):
@@ -259,23 +268,23 @@ class Derivation:
 
     @functools.cached_property
     def det(self) -> sp.Expr:
-        """Eq. 11: |Sigma| = prod_g sigma^(2(m_g - 1)) (sigma^2 + m_g sigma_s^2)."""
+        r"""Eq. 11: :math:`|\Sigma| = \prod_g \sigma^{2(m_g - 1)} (\sigma^2 + m_g \sigma_s^2)`."""
         return sp.Mul(*[self.block.det.subs(m, s) ** c for s, c in self.size_counts.items()])
 
     @functools.cached_property
     def logdet(self) -> sp.Expr:
-        """log|Sigma| as a sum of logs over the group sizes (never the log of a polynomial)."""
+        r""":math:`\log|\Sigma|` as a sum of logs over the group sizes (never the log of a polynomial)."""
         return sp.Add(*[c * self.block.logdet.subs(m, s) for s, c in self.size_counts.items()])
 
     @functools.cached_property
     def residuals(self) -> list[sp.Expr]:
-        """r = Y - X beta, one entry per observation (data-row order); symbolic designs only."""
+        r""":math:`r = Y - X\beta`, one entry per observation (data-row order); symbolic designs only."""
         xb = self.X_exact * sp.Matrix(self.symbols.beta)
         return [y - v for y, v in zip(self.symbols.y, xb)]
 
     @functools.cached_property
     def quadratic_form(self) -> sp.Expr:
-        """Eq. 12: (Y - X beta)^T Sigma^-1 (Y - X beta) = sum_g (r_g^T r_g - w_g (1^T r_g)^2) / sigma^2."""
+        r"""Eq. 12: :math:`(Y - X\beta)^\top \Sigma^{-1} (Y - X\beta) = \sum_g \bigl(r_g^\top r_g - w_g (\mathbf{1}^\top r_g)^2\bigr) / \sigma^2`."""
         R1, R2 = self.block.Zr[0, 0], self.block.R2
         if self.symbolic_y:
             terms = []
@@ -307,7 +316,7 @@ class Derivation:
 
     @functools.cached_property
     def inverse(self) -> sp.Matrix | None:
-        """Sigma^-1 in closed form (Woodbury per block), in data-row order; None for large designs."""
+        r""":math:`\Sigma^{-1}` in closed form (Woodbury per block), in data-row order; None for large designs."""
         n = self.design.n
         if n > INVERSE_N:
             return None
@@ -322,7 +331,7 @@ class Derivation:
 
     @functools.cached_property
     def kinship(self) -> sp.Matrix | None:
-        """Eq. 7: K K^T, 1 where two observations share a group (None for large designs)."""
+        r"""Eq. 7: :math:`K K^\top`, 1 where two observations share a group (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
         K = sp.Matrix(self.design.terms[0].indicator().astype(int))
@@ -330,20 +339,22 @@ class Derivation:
 
     @functools.cached_property
     def sigma_matrix(self) -> sp.Matrix | None:
-        """Eq. 8: Sigma = sigma_s^2 K K^T + sigma^2 I written out (None for large designs)."""
+        r"""Eq. 8: :math:`\Sigma = \sigma_s^2 K K^\top + \sigma^2 I` written out (None for large designs)."""
         if self.kinship is None:
             return None
         return sigma_s**2 * self.kinship + sigma**2 * sp.eye(self.design.n)
 
     @functools.cached_property
     def loglik(self) -> sp.Expr:
-        """Eq. 10 in closed form: -n/2 log(2 pi) - 1/2 log|Sigma| - 1/2 (Y - X beta)^T Sigma^-1 (Y - X beta)."""
+        r"""Eq. 10 in closed form:
+        :math:`-\frac{n}{2} \log(2\pi) - \frac12 \log|\Sigma| - \frac12 (Y - X\beta)^\top \Sigma^{-1} (Y - X\beta)`."""
         n = self.design.n
         return -sp.Rational(n, 2) * sp.log(2 * sp.pi) - self.logdet / 2 - self.quadratic_form / 2
 
     @functools.cached_property
     def gls_information(self) -> sp.Matrix:
-        """X^T Sigma^-1 X = sum_g (X_g^T X_g - w_g X_g^T 1 1^T X_g) / sigma^2, pooled by group size."""
+        r""":math:`X^\top \Sigma^{-1} X = \sum_g (X_g^\top X_g - w_g X_g^\top \mathbf{1} \mathbf{1}^\top X_g) / \sigma^2`,
+        pooled by group size."""
         d, G = self.design, len(self.groups.sizes)
         Xt1 = np.zeros((G, d.p))
         np.add.at(Xt1, self.groups.codes, d.X)
@@ -355,7 +366,8 @@ class Derivation:
 
     @functools.cached_property
     def reml_loglik(self) -> sp.Expr:
-        """The restricted log-likelihood: loglik - 1/2 log|X^T Sigma^-1 X| + p/2 log(2 pi), beta = beta_hat."""
+        r"""The restricted log-likelihood:
+        :math:`\text{loglik} - \frac12 \log|X^\top \Sigma^{-1} X| + \frac{p}{2} \log(2\pi)`, :math:`\beta = \hat\beta`."""
         p = self.design.p
         info = self.gls_information
         if p <= 4 and self._few_blocks:
@@ -396,9 +408,13 @@ class Derivation:
         return r",\quad ".join(self._weight_name(k) + " = " + self._latex(self._weight(k)) for k in self.size_counts)
 
     def quadratic_latex(self) -> str:
-        """Eq. 12 as a reader checks it: one aligned line per group in the residuals r_ij = y_ij - x_ij^T beta,
-        [r_1j^2 + r_2j^2 + ... - w (r_1j + r_2j + ...)^2] / sigma^2, w = sigma_s^2/(sigma^2 + m sigma_s^2);
-        then w and the residuals, one group per line. The same expression as ``quadratic_form`` (tests
+        r"""Eq. 12 as a reader checks it: one aligned line per group in the residuals
+        :math:`r_{ij} = y_{ij} - x_{ij}^\top \beta`,
+
+        .. math:: \bigl[r_{1j}^2 + r_{2j}^2 + \dots - w\,(r_{1j} + r_{2j} + \dots)^2\bigr] / \sigma^2,
+           \qquad w = \frac{\sigma_s^2}{\sigma^2 + m \sigma_s^2};
+
+        then :math:`w` and the residuals, one group per line. The same expression as ``quadratic_form`` (tests
         check it through :meth:`quadratic_text`), written for reading."""
         if not self._readable():
             return self._latex(self.quadratic_form)
@@ -452,13 +468,15 @@ class Derivation:
         return sp.latex(k) if k.q == 1 else rf"\tfrac{{{k.p}}}{{{k.q}}}"
 
     def loglik_latex(self) -> str:
-        """Eq. 10 with Eq. 11 and 12 in it, terms in the tutorial's order:
-        log L = -n/2 log 2 pi - (log-determinant terms) - 1/2 Q, Q as in :meth:`quadratic_latex`."""
+        r"""Eq. 10 with Eq. 11 and 12 in it, terms in the tutorial's order:
+        :math:`\log L = -\frac{n}{2} \log 2\pi - (\text{log-determinant terms}) - \frac{1}{2} Q`, :math:`Q` as in
+        :meth:`quadratic_latex`."""
         n = self.design.n
         return (rf"\log L = -{self._half(n)}\log 2\pi{self._logdet_half_latex()} - \tfrac{{1}}{{2}} Q")
 
     def reml_latex(self) -> str:
-        """The REML criterion in the same layout: log L_R = -(n-p)/2 log 2 pi - ... - 1/2 log|X^T Sigma^-1 X| - 1/2 Q."""
+        r"""The REML criterion in the same layout:
+        :math:`\log L_R = -\frac{n-p}{2} \log 2\pi - \dots - \frac{1}{2} \log|X^\top \Sigma^{-1} X| - \frac{1}{2} Q`."""
         n, p = self.design.n, self.design.p
         return (rf"\log L_R = -{self._half(n - p)}\log 2\pi{self._logdet_half_latex()}"
                 r" - \tfrac{1}{2}\log\left|X^{T}\Sigma^{-1}X\right| - \tfrac{1}{2} Q(\hat\beta)")
@@ -797,11 +815,13 @@ class _Component:
 
 
 class GeneralDerivation(Derivation):
-    """Eq. 1-12 for slopes, nested and crossed terms: Sigma = Z D Z^T + sigma^2 I with D block-diagonal.
+    r"""Eq. 1-12 for slopes, nested and crossed terms: :math:`\Sigma = Z D Z^\top + \sigma^2 I` with
+    :math:`D` block-diagonal.
 
-    Sigma splits into independent blocks, one per connected component of Z's columns; on each block the
-    determinant lemma and Woodbury's identity (:func:`block_identities`, with q x q D and S = Z_c^T Z_c)
-    give |Sigma_c| and r^T Sigma_c^-1 r. Blocks with the same S and D are pooled; a block of more than
+    :math:`\Sigma` splits into independent blocks, one per connected component of :math:`Z`'s columns; on
+    each block the determinant lemma and Woodbury's identity (:func:`block_identities`, with
+    :math:`q \times q` :math:`D` and :math:`S = Z_c^\top Z_c`) give :math:`|\Sigma_c|` and
+    :math:`r^\top \Sigma_c^{-1} r`. Blocks with the same S and D are pooled; a block of more than
     ``MAX_BLOCK`` random effects (crossed factors) keeps its determinant unexpanded.
     """
 
@@ -925,7 +945,8 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def classes(self) -> list[tuple[BlockIdentities | None, int, list[_Component], sp.Matrix, sp.Matrix]]:
-        """Components pooled by (size, Z_c^T Z_c, D_c): their identities, size m, members, S and D."""
+        r"""Components pooled by (size, :math:`Z_c^\top Z_c`, :math:`D_c`): their identities, size :math:`m`,
+        members, :math:`S` and :math:`D`."""
         Zd = self.Z.tocsc()
         pooled: dict = {}
         for comp in self.components:
@@ -952,7 +973,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def det(self) -> sp.Expr:
-        """Eq. 11: prod over blocks of sigma^(2 m_c) |I + D_c S_c / sigma^2| (determinant lemma)."""
+        r"""Eq. 11: :math:`\prod_c \sigma^{2 m_c} |I + D_c S_c / \sigma^2|` over the blocks (determinant lemma)."""
         return sp.Mul(*[self._block_det(i, size, S, D) ** len(mem) for i, size, mem, S, D in self.classes])
 
     @functools.cached_property
@@ -968,7 +989,8 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def quadratic_form(self) -> sp.Expr:
-        """Eq. 12: (r^T r - sum_c (Z_c^T r)^T W_c (Z_c^T r)) / sigma^2, W_c = D_c (sigma^2 I + S_c D_c)^-1."""
+        r"""Eq. 12: :math:`\bigl(r^\top r - \sum_c (Z_c^\top r)^\top W_c (Z_c^\top r)\bigr) / \sigma^2`,
+        :math:`W_c = D_c (\sigma^2 I + S_c D_c)^{-1}`."""
         d = self.design
         beta = sp.Matrix(self.symbols.beta)
         Zd = self.Z.tocsc()
@@ -1027,7 +1049,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def sigma_matrix(self) -> sp.Matrix | None:
-        """Eq. 8: Sigma = Z D Z^T + sigma^2 I written out (None for large designs)."""
+        r"""Eq. 8: :math:`\Sigma = Z D Z^\top + \sigma^2 I` written out (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
         Z = _exact_matrix(self.Z.toarray())
@@ -1036,7 +1058,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def inverse(self) -> sp.Matrix | None:
-        """Sigma^-1 assembled from the blocks' Woodbury forms (None for large designs)."""
+        r""":math:`\Sigma^{-1}` assembled from the blocks' Woodbury forms (None for large designs)."""
         if self.design.n > INVERSE_N or any(i is None for i, *_ in self.classes):
             return None
         n = self.design.n
@@ -1053,7 +1075,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def kinship(self) -> sp.Matrix | None:
-        """Z Z^T, which observations share a random effect (None for large designs)."""
+        r""":math:`Z Z^\top`, which observations share a random effect (None for large designs)."""
         if self.design.n > INVERSE_N:
             return None
         Z = _exact_matrix(self.Z.toarray())
@@ -1061,7 +1083,7 @@ class GeneralDerivation(Derivation):
 
     @functools.cached_property
     def gls_information(self) -> sp.Matrix:
-        """X^T Sigma^-1 X = (X^T X - sum_c (Z_c^T X)^T W_c (Z_c^T X)) / sigma^2."""
+        r""":math:`X^\top \Sigma^{-1} X = \bigl(X^\top X - \sum_c (Z_c^\top X)^\top W_c (Z_c^\top X)\bigr) / \sigma^2`."""
         if any(ident is None for ident, *_ in self.classes):   # crossed: the matrix form
             n, q = n_obs, sp.Symbol("q", positive=True, integer=True)
             X, Z = sp.MatrixSymbol("X", n, self.design.p), sp.MatrixSymbol("Z", n, q)

@@ -4,7 +4,7 @@ The text never reaches ``eval``, ``sympify``, ``parse_expr`` or ``lambdify``. Pl
 ``ast.parse(..., mode="eval")`` and the tree is walked allowing only numbers, the derivation's symbol names,
 ``pi`` and ``e``, ``+ - * / **``, a few functions (``log``, ``ln``, ``exp``, ``sqrt``, ``abs``) and lists of
 rows for matrices. LaTeX is read by a small tokenizer and recursive-descent parser of our own. Both build
-the sympy object through :class:`_Builder`, which bounds everything that could make sympy work hard:
+the sympy object through ``_Builder``, which bounds everything that could make sympy work hard:
 
 * the text's length (:data:`MAX_LENGTH`) and bracket nesting (:data:`MAX_DEPTH`, counted before any parser
   runs, so 100,000 nested parentheses never reach ``ast.parse``);
@@ -32,17 +32,25 @@ from sympy.matrices import MatrixBase
 
 from .errors import ExpressionError
 
+#: the longest expression text read, in characters
 MAX_LENGTH = 10_000
+#: the deepest bracket nesting read
 MAX_DEPTH = 100
+#: the largest magnitude of a constant exponent
 MAX_EXPONENT = 1000
+#: the most digits of a number literal in the text
 MAX_LITERAL_DIGITS = 100
+#: the most digits of any number sympy would compute (checked before a power or product is evaluated)
 MAX_NUMBER_DIGITS = 300
+#: the highest polynomial degree of the result
 MAX_DEGREE = 2000
+#: the most rows or columns of a matrix
 MAX_MATRIX_DIM = 50
+#: the most multiplications a matrix product may take (rows x inner size x columns)
 MAX_MATRIX_PRODUCT = 20_000
-#: the largest matrix whose determinant is expanded (|A|, \det A, vmatrix, det(...))
+#: the largest matrix whose determinant is expanded (``|A|``, ``\det A``, ``vmatrix``, ``det(...)``)
 MAX_DET_DIM = 8
-#: the most terms a sum or product over an index (\sum_{j=1}^{G}, \prod) expands to, nested ones multiplied
+#: the most terms a sum or product over an index (``\sum_{j=1}^{G}``, ``\prod``) expands to, nested ones multiplied
 MAX_EXPANDED_TERMS = 500
 #: the most tokens read again while expanding sums and products (bodies times their length), all together
 MAX_EXPANDED_TOKENS = 100_000
@@ -114,7 +122,7 @@ _OPERATOR_CHARS = {"·": "*", "⋅": "*", "∙": "*", "×": "*", "÷": "/", "−
 
 
 def normalise_unicode(text: str, latex: bool) -> str:
-    """Maths pasted from a PDF in ASCII: Greek letters (σ, σs for sigma_s), superscript and subscript
+    """Maths pasted from a PDF in ASCII: Greek letters (σ, σs for ``sigma_s``), superscript and subscript
     digits (σ⁴, σ₀), the product signs · and ×, and the minus sign U+2212. Only characters are rewritten;
     the whitelist parser still reads the result."""
     if all(c < "\x80" for c in text):

@@ -1,4 +1,4 @@
-"""After the fit: prediction, simulation, the parametric bootstrap, profile intervals, model comparison
+r"""After the fit: prediction, simulation, the parametric bootstrap, profile intervals, model comparison
 and the result in the shapes lme4 users know (``predict``, ``simulate``, ``bootMer``, ``confint``,
 ``anova``, ``update``, ``fixef``, ``ranef``, ``VarCorr``).
 
@@ -6,14 +6,17 @@ Everything here works from a fitted :class:`~lmm_symbolic.results.FitResult`, it
 numeric core (:func:`~lmm_symbolic.results.fit_design`, :func:`~lmm_symbolic.results.deviance_function`):
 
 * prediction: a new row goes through the fit's formula (:mod:`lmm_symbolic.formula`) with the fit's
-  scale()/poly() parameters, factor levels and contrasts, so y_new = x_new^T beta + z_new^T b_j, with
-  b_j = 0 for a level the fit never saw (lme4's ``allow.new.levels = TRUE``);
-* simulation: y* = X beta + Z b* + epsilon*, b* ~ N(0, D), epsilon* ~ N(0, sigma^2 W^-1) (lme4's
+  scale()/poly() parameters, factor levels and contrasts, so
+  :math:`y_\text{new} = x_\text{new}^\top \hat\beta + z_\text{new}^\top \hat b_j`, with :math:`\hat b_j = 0`
+  for a level the fit never saw (lme4's ``allow.new.levels = TRUE``);
+* simulation: :math:`y^* = X\hat\beta + Z b^* + \varepsilon^*`, :math:`b^* \sim N(0, D)`,
+  :math:`\varepsilon^* \sim N(0, \sigma^2 W^{-1})` (lme4's
   ``simulate``), and refits of the same design with a new response (no re-specification);
 * profile intervals (lme4's ``confint``, method "profile"): the ML deviance of the model, as lme4 profiles
-  it, in the parameters (SDs and correlations of each term, sigma, beta); for a parameter psi,
-  zeta(psi) = sign(psi - psi_hat) sqrt(D(psi) - D(psi_hat)) with D(psi) the deviance minimised over the
-  others, and the interval {psi : |zeta(psi)| <= z_(1 - alpha/2)};
+  it, in the parameters (SDs and correlations of each term, :math:`\sigma`, :math:`\beta`); for a parameter
+  :math:`\psi`, :math:`\zeta(\psi) = \operatorname{sign}(\psi - \hat\psi) \sqrt{D(\psi) - D(\hat\psi)}` with
+  :math:`D(\psi)` the deviance minimised over the others, and the interval
+  :math:`\{\psi : |\zeta(\psi)| \le z_{1-\alpha/2}\}`;
 * likelihood-ratio tests of nested models (lme4's ``anova``).
 """
 from __future__ import annotations
@@ -81,14 +84,16 @@ def _ranef_blocks(fit) -> list[np.ndarray]:
 
 
 def varpar_names(design: Design) -> list[str]:
-    """lme4's names of the variance parameters on the SD/correlation scale: .sig01, .sig02, ... (each
-    term's lower triangle column by column: an SD on the diagonal, a correlation below it), .sigma."""
+    """lme4's names of the variance parameters on the SD/correlation scale: ``.sig01``, ``.sig02``, ...
+    (each term's lower triangle column by column: an SD on the diagonal, a correlation below it),
+    ``.sigma``."""
     m = sum(t.q * (t.q + 1) // 2 for t in design.terms)
     return [f".sig{k:02d}" for k in range(1, m + 1)] + [".sigma"]
 
 
 def varpar_labels(design: Design) -> list[str]:
-    """What each .sigNN is, in words: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma."""
+    """What each ``.sigNN`` is, in words: ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``,
+    ``sigma``."""
     out = []
     for t in design.terms:
         rows, cols = np.tril_indices(t.q)
@@ -98,7 +103,8 @@ def varpar_labels(design: Design) -> list[str]:
 
 
 def sdcor_of_theta(design: Design, theta, sigma: float) -> np.ndarray:
-    """(SDs and correlations of each term, sigma) from lme4's theta and sigma: D_k = sigma^2 T_k T_k^T."""
+    r"""(SDs and correlations of each term, :math:`\sigma`) from lme4's :math:`\theta` and :math:`\sigma`:
+    :math:`D_k = \sigma^2 T_k T_k^\top`."""
     out = []
     for T in _theta_blocks(design, theta):
         D = sigma**2 * T @ T.T
@@ -112,7 +118,8 @@ def sdcor_of_theta(design: Design, theta, sigma: float) -> np.ndarray:
 
 
 def theta_of_sdcor(design: Design, par) -> np.ndarray | None:
-    """lme4's theta from (SDs, correlations, sigma): T_k = diag(sd) chol(C) / sigma; None when a
+    r"""lme4's :math:`\theta` from (SDs, correlations, :math:`\sigma`):
+    :math:`T_k = \operatorname{diag}(\mathrm{sd})\, \operatorname{chol}(C) / \sigma`; None when a
     correlation matrix is not positive definite."""
     par = np.asarray(par, dtype=float)
     sigma = par[-1]
@@ -135,7 +142,7 @@ def theta_of_sdcor(design: Design, par) -> np.ndarray | None:
 
 
 def sdcor_bounds(design: Design) -> list[tuple[float, float]]:
-    """SDs in [0, inf), correlations in [-1, 1], sigma in (0, inf)."""
+    r"""SDs in :math:`[0, \infty)`, correlations in :math:`[-1, 1]`, :math:`\sigma` in :math:`(0, \infty)`."""
     out = []
     for t in design.terms:
         rows, cols = np.tril_indices(t.q)
@@ -246,10 +253,11 @@ def _argument_offset(design: Design, parsed, ref_fixed_offset) -> bool:
 
 
 def predict(fit, newdata=None, re_form=None, offset=None) -> np.ndarray:
-    """lme4's predict(fit, newdata, re.form, allow.new.levels = TRUE): x^T beta + o + sum_k z_k^T b_k,j
-    with the conditional modes b (re_form None), without them ('~0' or NA: the population level), or with
+    r"""lme4's predict(fit, newdata, re.form, allow.new.levels = TRUE):
+    :math:`x^\top \hat\beta + o + \sum_k z_k^\top \hat b_{k,j}` with the conditional modes :math:`\hat b`
+    (re_form None), without them ('~0' or NA: the population level), or with
     the terms of the grouping factors a formula like '~(1|g)' names. A level of a grouping factor the fit
-    did not see gets b = 0 (its population-level prediction); a row with a missing variable gets NaN."""
+    did not see gets :math:`\hat b = 0` (its population-level prediction); a row with a missing variable gets NaN."""
     design = fit.design
     if design.kinship is not None:
         if newdata is not None:
@@ -300,7 +308,7 @@ def predict(fit, newdata=None, re_form=None, offset=None) -> np.ndarray:
 
 
 def marginal_fitted(fit) -> np.ndarray:
-    """X beta + o: the population-level fitted values (lme4's predict(fit, re.form = NA))."""
+    r""":math:`X\hat\beta + o`: the population-level fitted values (lme4's predict(fit, re.form = NA))."""
     return predict(fit, re_form=np.nan)
 
 
@@ -310,9 +318,10 @@ def _rng(seed):
 
 
 def simulate(fit, nsim: int = 1, seed=None, use_u: bool = False) -> pd.DataFrame:
-    """lme4's simulate(fit, nsim, seed): responses from the fitted model, y* = X beta + o + Z b* + eps*,
-    b*_kj ~ N(0, sigma^2 T_k T_k^T) new for every simulation (use_u=False; use_u=True keeps the conditional
-    modes), eps*_i ~ N(0, sigma^2 / w_i). Columns sim_1 ... sim_nsim, one row per observation."""
+    r"""lme4's simulate(fit, nsim, seed): responses from the fitted model,
+    :math:`y^* = X\hat\beta + o + Z b^* + \varepsilon^*`, :math:`b^*_{kj} \sim N(0, \sigma^2 T_k T_k^\top)` new
+    for every simulation (use_u=False; use_u=True keeps the conditional modes),
+    :math:`\varepsilon^*_i \sim N(0, \sigma^2 / w_i)`. Columns sim_1 ... sim_nsim, one row per observation."""
     design = fit.design
     rng = _rng(seed)
     n = design.n
@@ -338,7 +347,8 @@ def simulate(fit, nsim: int = 1, seed=None, use_u: bool = False) -> pd.DataFrame
 
 
 def marginal_variance(fit) -> np.ndarray:
-    """var(y_i) under the fitted model: sum_k z_ik^T D_k z_ik + sigma^2 / w_i (what simulate's draws spread by)."""
+    r""":math:`\operatorname{Var}(y_i)` under the fitted model: :math:`\sum_k z_{ik}^\top D_k z_{ik} + \sigma^2 / w_i`
+    (what simulate's draws spread by)."""
     design = fit.design
     v = fit.sigma**2 / (design.weights if design.weights is not None else 1.0) * np.ones(design.n)
     if design.kinship is not None:
@@ -365,7 +375,8 @@ def refit(fit, y, method: str | None = None):
 
 
 def parameters(fit) -> pd.Series:
-    """Every parameter as lme4's confint names it: .sig01, ... (SDs and correlations), .sigma, then beta."""
+    r"""Every parameter as lme4's confint names it: ``.sig01``, ... (SDs and correlations), ``.sigma``,
+    then :math:`\beta`."""
     if fit.design.kinship is not None:
         var = pd.Series([fit.sigma_s, fit.sigma], index=[".sig01", ".sigma"])
     else:
@@ -390,7 +401,7 @@ class Bootstrap:
 
     @property
     def boundary_share(self) -> float:
-        """The share of refits on the boundary (some sigma_k = 0: a singular fit)."""
+        r"""The share of refits on the boundary (some :math:`\sigma_k = 0`: a singular fit)."""
         return float(np.mean(self.boundary)) if len(self.boundary) else 0.0
 
     @property
@@ -398,7 +409,7 @@ class Bootstrap:
         return int(self.draws.isna().all(axis=1).sum())
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Percentile intervals: the alpha/2 and 1 - alpha/2 quantiles of the draws (boot's type 'perc')."""
+        r"""Percentile intervals: the :math:`\alpha/2` and :math:`1 - \alpha/2` quantiles of the draws (boot's type 'perc')."""
         lo, hi = _percent_labels(alpha)
         q = self.draws.quantile([alpha / 2, 1 - alpha / 2]).T
         q.columns = [lo, hi]
@@ -416,8 +427,8 @@ class Bootstrap:
 
 
 def bootstrap(fit, nsim: int = 200, seed=None, use_u: bool = False) -> Bootstrap:
-    """lme4's bootMer(fit, FUN = every parameter, nsim, type = 'parametric'): simulate nsim responses from
-    the fit, refit each by the fit's method, keep (SDs, correlations, sigma, beta). Progress lines under
+    r"""lme4's bootMer(fit, FUN = every parameter, nsim, type = 'parametric'): simulate nsim responses from
+    the fit, refit each by the fit's method, keep (SDs, correlations, :math:`\sigma`, :math:`\beta`). Progress lines under
     the ``lmm_symbolic`` logger (``lmm_symbolic.progress.enable()``) every tenth of the way once it takes
     longer than REPORT_AFTER seconds."""
     import warnings
@@ -629,8 +640,8 @@ class _Profiler:
 
 
 def profile(fit, which=None, points: int = 13, level: float = 0.99) -> pd.DataFrame:
-    """lme4's profile(fit): zeta(psi) on a grid of each parameter between its limits at ``level`` (lme4's
-    alphamax = 0.01); columns .par, value, .zeta (the data of a profile-zeta plot)."""
+    r"""lme4's profile(fit): :math:`\zeta(\psi)` on a grid of each parameter between its limits at ``level`` (lme4's
+    alphamax = 0.01); columns ``.par``, ``value``, ``.zeta`` (the data of lme4's ``xyplot`` of the profile)."""
     pr = _Profiler(fit)
     z = scipy.stats.norm.ppf(1 - (1 - level) / 2)
     rows = []
@@ -645,10 +656,10 @@ def profile(fit, which=None, points: int = 13, level: float = 0.99) -> pd.DataFr
 
 def conf_int(fit, alpha: float = 0.05, method: str = "profile", nsim: int = 500, seed=None,
              which=None) -> pd.DataFrame:
-    """Intervals for every parameter (lme4's confint): 'profile' (lme4's default: the likelihood-ratio
-    interval {psi : |zeta(psi)| <= z_(1 - alpha/2)} of the ML profile), 'wald' (beta +- z se; NaN for the
-    variance parameters, as lme4) or 'boot' (percentile intervals of a parametric bootstrap of nsim
-    refits). Rows .sig01, ..., .sigma, then the fixed effects, as lme4 prints them."""
+    r"""Intervals for every parameter (lme4's confint): 'profile' (lme4's default: the likelihood-ratio
+    interval :math:`\{\psi : |\zeta(\psi)| \le z_{1-\alpha/2}\}` of the ML profile), 'wald'
+    (:math:`\hat\beta \pm z_{1-\alpha/2}\, \mathrm{se}`; NaN for the variance parameters, as lme4) or 'boot' (percentile intervals of a parametric bootstrap of nsim
+    refits). Rows ``.sig01``, ..., ``.sigma``, then the fixed effects, as lme4 prints them."""
     method = method.lower()
     lo_name, hi_name = _percent_labels(alpha)
     names = list(parameters(fit).index)
@@ -678,15 +689,17 @@ def _fixed_signature(fit) -> tuple:
 
 
 def anova(*models, refit: bool | str = "auto", names=None) -> pd.DataFrame:
-    """Likelihood-ratio tests of a sequence of nested models (lme4's anova(m0, m1, ...)), ordered by their
-    number of parameters: chi^2 = 2 (logLik_k - logLik_(k-1)) on the difference in parameters.
+    r"""Likelihood-ratio tests of a sequence of nested models (lme4's anova(m0, m1, ...)), ordered by their
+    number of parameters: :math:`\chi^2 = 2\,(\ell_k - \ell_{k-1})` (the logLik) on the difference in
+    parameters.
 
     REML criteria of models with different fixed effects are not comparable (the REML likelihood is that of
     error contrasts, which change with X): with ``refit`` "auto" the REML fits are then refitted by ML (as
     lme4 always does, refit=True, saying "refitting model(s) with ML (instead of REML)"); when only the
     random effects differ, REML fits are compared directly (lme4's refit=False). A variance component
-    tested at its boundary (sigma_k = 0) has the null distribution 1/2 chi^2_(df-1) + 1/2 chi^2_df rather than
-    chi^2_df (Self and Liang 1987; Stram and Lee 1994): column 'Pr(>Chisq) boundary'. The table's
+    tested at its boundary (:math:`\sigma_k = 0`) has the null distribution
+    :math:`\tfrac12 \chi^2_{\mathrm{df}-1} + \tfrac12 \chi^2_\mathrm{df}` rather than :math:`\chi^2_\mathrm{df}`
+    (Self and Liang 1987; Stram and Lee 1994): column 'Pr(>Chisq) boundary'. The table's
     ``attrs`` hold the heading and notes; ``print(anova_text(table))`` shows them."""
     from .results import fit_design, n_parameters
     if len(models) < 2:
@@ -871,8 +884,8 @@ def _tex_name(name: str) -> str:
 
 
 def latex_equation(fit) -> str:
-    """The fitted model as a textbook writes it: y_i = b_0 + b_1 x_i + ... + (the random effects of the
-    row's group) + e_i, with the estimated SDs."""
+    r"""The fitted model as a textbook writes it: :math:`y_i = b_0 + b_1 x_i + \dots` + (the random effects
+    of the row's group) + :math:`e_i`, with the estimated SDs."""
     def num(v):
         return f"{v:.4g}"
     design = fit.design

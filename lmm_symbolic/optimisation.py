@@ -23,7 +23,7 @@ from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import NumericalError
 from .specification import Design
 
-#: lme4's tolerance for a singular (boundary) fit: theta below this counts as sigma_s = 0
+#: lme4's tolerance for a singular (boundary) fit: :math:`\theta` below this counts as :math:`\sigma_s = 0`
 SINGULAR_TOL = 1e-4
 #: the derivative test for convergence: the projected gradient below this times max(1, |deviance|)
 GRADIENT_TOL = 1e-4
@@ -31,9 +31,9 @@ GRADIENT_TOL = 1e-4
 
 @dataclass(frozen=True)
 class OptSummary:
-    """The optimiser's settings, path and outcome. theta is lme4's relative covariance parameter vector
-    (getME(fit, "theta")): sigma_s / sigma for (1|g), the relative Cholesky factors' entries otherwise;
-    ``initial`` its start and ``path`` every point the optimiser evaluated."""
+    r"""The optimiser's settings, path and outcome. :math:`\theta` is lme4's relative covariance parameter
+    vector (``getME(fit, "theta")``): :math:`\sigma_s / \sigma` for (1|g), the relative Cholesky factors' entries
+    otherwise; ``initial`` its start and ``path`` every point the optimiser evaluated."""
 
     method: str
     optimizer: str
@@ -50,12 +50,13 @@ class OptSummary:
 
 # ------------------------------------------------------------------------------ exact estimates
 def is_balanced(design: Design) -> bool:
-    """Equal group sizes, and col(X) invariant under Sigma: the group means of every X column lie in col(X).
+    r"""Equal group sizes, and :math:`\operatorname{col}(X)` invariant under :math:`\Sigma`: the group means of
+    every :math:`X` column lie in :math:`\operatorname{col}(X)`.
 
-    That is what makes GLS equal OLS for every sigma, sigma_s. It holds for columns constant within groups
-    and for columns with one within-group pattern (in any row order) when the intercept is in col(X); a
-    within-group column without an intercept (``y ~ 0 + x + (1|g)``) breaks it.
-    """
+    That is what makes GLS equal OLS for every :math:`\sigma, \sigma_s`. It holds for columns constant within
+    groups and for columns with one within-group pattern (in any row order) when the intercept is in
+    :math:`\operatorname{col}(X)`; a within-group column without an intercept (``y ~ 0 + x + (1|g)``) breaks
+    it."""
     if not design.is_random_intercept:
         return False
     codes = np.asarray(design.terms[0].codes)
@@ -72,7 +73,7 @@ def is_balanced(design: Design) -> bool:
 
 @dataclass(frozen=True)
 class ExactOptimum:
-    """sigma^2 and sigma_s^2 that solve the score equations exactly (sympy rationals)."""
+    r""":math:`\sigma^2` and :math:`\sigma_s^2` that solve the score equations exactly (sympy rationals)."""
 
     sigma2: sp.Expr
     sigma_s2: sp.Expr
@@ -80,23 +81,31 @@ class ExactOptimum:
 
 
 #: the exact step's bounds, decided from the data's size before any exact arithmetic: at most this many
-#: data values (n (p + 1)) and digits in their exact rationals (numerators and denominators). "auto" (a
+#: data values (:math:`n (p + 1)`) and digits in their exact rationals (numerators and denominators). "auto" (a
 #: fit's default) stays within a few milliseconds; ``exact=True`` allows about a second.
 EXACT_LIMITS = {"auto": (2_000, 40_000), "requested": (30_000, 400_000)}
 
 
 @functools.lru_cache(maxsize=None)
 def balanced_score_solution(reml: bool):
-    """The score equations of a balanced random-intercept model, solved once by sympy in closed form.
+    r"""The score equations of a balanced random-intercept model, solved once by sympy in closed form.
 
-    Every group has size m, so Sigma_g = sigma^2 I + sigma_s^2 J has two eigenvalues: v = sigma^2 (m - 1
-    times) and lambda = sigma^2 + m sigma_s^2 (once). With R2 = r^T r and S1 = sum_g (1^T r_g)^2 at the OLS
-    residuals (GLS = OLS under balance), Eq. 10 summed over the G groups is, after v_s = (lambda - v)/m,
-        log L = -n/2 log 2 pi - G/2 log|Sigma_g| - (R2 - w S1)/(2 v),   w = sigma_s^2 / lambda,
-    which separates into a function of v and one of lambda. REML adds -1/2 log|X^T Sigma^-1 X|, which
-    under balance is p_w/2 log v + p_b/2 log lambda + const (X's columns split into p_b between-group and
-    p_w within-group directions). Each score equation is then solved in its own variable. Returns
-    (v, v_s) at the interior root and v on the boundary v_s = 0, as expressions in R2, S1, n, G, m, p_w, p_b.
+    Every group has size :math:`m`, so :math:`\Sigma_g = \sigma^2 I + \sigma_s^2 J` has two eigenvalues:
+    :math:`v = \sigma^2` (:math:`m - 1` times) and :math:`\lambda = \sigma^2 + m \sigma_s^2` (once). With
+    :math:`R_2 = r^\top r` and :math:`S_1 = \sum_g (\mathbf{1}^\top r_g)^2` at the OLS residuals (GLS = OLS
+    under balance), Eq. 10 summed over the :math:`G` groups is, after :math:`v_s = (\lambda - v)/m`,
+
+    .. math::
+
+        \log L = -\frac{n}{2} \log 2\pi - \frac{G}{2} \log|\Sigma_g| - \frac{R_2 - w S_1}{2 v},
+        \qquad w = \sigma_s^2 / \lambda,
+
+    which separates into a function of :math:`v` and one of :math:`\lambda`. REML adds
+    :math:`-\frac12 \log|X^\top \Sigma^{-1} X|`, which under balance is
+    :math:`\frac{p_w}{2} \log v + \frac{p_b}{2} \log\lambda + \text{const}` (:math:`X`'s columns split into
+    :math:`p_b` between-group and :math:`p_w` within-group directions). Each score equation is then solved
+    in its own variable. Returns :math:`(v, v_s)` at the interior root and :math:`v` on the boundary
+    :math:`v_s = 0`, as expressions in :math:`R_2, S_1, n, G, m, p_w, p_b`.
     """
     block = random_intercept_block()
     v, lam, vs = sp.symbols("v lambda v_s", positive=True)
@@ -151,14 +160,15 @@ def _exact_sums(yq: list[Fraction], Xq: list[list[Fraction]], codes: np.ndarray,
 
 
 def exact_optimum(design: Design, reml: bool, bound: str = "auto") -> tuple[ExactOptimum | None, str | None]:
-    """The exact ML/REML estimates of a balanced random-intercept design, with the reason when there are
+    r"""The exact ML/REML estimates of a balanced random-intercept design, with the reason when there are
     none: (ExactOptimum, None) or (None, reason).
 
-    Under balance GLS equals OLS (col(X) is invariant under Sigma), so beta, R2 and S1 are exact rationals
-    first, and :func:`balanced_score_solution` gives sigma^2 and sigma_s^2 as rational functions of them:
-    the cost is that of the rational arithmetic, decided from the data's digits before any is done.
-    Without an interior root (v_s <= 0) the optimum is on the boundary sigma_s^2 = 0.
-    """
+    Under balance GLS equals OLS (:math:`\operatorname{col}(X)` is invariant under :math:`\Sigma`), so
+    :math:`\hat\beta`, :math:`R_2` and :math:`S_1` are exact rationals first, and
+    :func:`balanced_score_solution` gives :math:`\sigma^2` and :math:`\sigma_s^2` as
+    rational functions of them: the cost is that of the rational arithmetic, decided from the data's
+    digits before any is done. Without an interior root (:math:`v_s \le 0`) the optimum is on the boundary
+    :math:`\sigma_s^2 = 0`."""
     if not design.is_random_intercept:
         return None, "exact estimates are derived for one random intercept (1|g)"
     if design.weights is not None or design.offset is not None:
@@ -197,8 +207,9 @@ def exact_optimum(design: Design, reml: bool, bound: str = "auto") -> tuple[Exac
 
 @dataclass(frozen=True)
 class Optimum:
-    """The optimum of the profiled deviance, in the response's units: lme4's theta, sigma, the GLS beta and
-    the conditional modes b = Lambda u (all terms stacked as in Z's columns)."""
+    r"""The optimum of the profiled deviance, in the response's units: lme4's :math:`\theta`, :math:`\sigma`,
+    the GLS :math:`\hat\beta` and the conditional modes :math:`b = \Lambda u` (all terms stacked as in
+    :math:`Z`'s columns)."""
 
     theta: np.ndarray
     sigma: float
@@ -208,7 +219,7 @@ class Optimum:
     summary: OptSummary
     objective: ThetaDeviance = field(repr=False)
     state: DevianceState = field(repr=False)     # the criterion at theta (scaled response units)
-    #: the Hessian of the profiled deviance at theta (scaled units): analytic for (1|g), else central
+    #: the Hessian of the profiled deviance at :math:`\theta` (scaled units): analytic for (1|g), else central
     #: differences of the analytic gradient taken for the final Newton steps
     hessian: np.ndarray = field(repr=False, default=None)
 
@@ -523,11 +534,12 @@ def _on_the_bounds(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarra
 
 @dataclass(frozen=True)
 class StandardisingMap:
-    """theta of the slope columns centred and scaled, as a map to lme4's theta.
+    r""":math:`\theta` of the slope columns centred and scaled, as a map to lme4's :math:`\theta`.
 
-    For a term (1 + z | g), Z' = Z A with z' = (z - mean z) / sd z gives the same model with b = A b', so
-    Cov(b) = sigma^2 (A T')(A T')^T and lme4's T is the lower Cholesky factor of that: theta = chol(...)
-    entries. The deviance is unchanged; only the optimiser's coordinates are better conditioned."""
+    For a term (1 + z | g), :math:`Z' = Z A` with :math:`z' = (z - \bar z) / \operatorname{sd}(z)` gives the
+    same model with :math:`b = A b'`, so :math:`\operatorname{Cov}(b) = \sigma^2 (A T')(A T')^\top` and lme4's
+    :math:`T` is the lower Cholesky factor of that: :math:`\theta` = its entries. The deviance is unchanged;
+    only the optimiser's coordinates are better conditioned."""
 
     A: tuple                         # per term: A (q x q), or None for the identity
     layouts: tuple
@@ -551,7 +563,7 @@ class StandardisingMap:
         return np.concatenate(out)
 
     def jacobian(self, phi: np.ndarray) -> np.ndarray:
-        """d theta / d phi by central differences of the (cheap, smooth) map."""
+        r""":math:`\partial\theta / \partial\varphi` by central differences of the (cheap, smooth) map."""
         h = 1e-7 * np.maximum(1.0, np.abs(phi))
         cols = [(self.theta(phi + h[i] * e) - self.theta(phi - h[i] * e)) / (2 * h[i])
                 for i, e in enumerate(np.eye(len(phi)))]

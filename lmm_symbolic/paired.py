@@ -1,8 +1,8 @@
-"""The paired t-test (R's ``t.test(paired = TRUE)``) and the tutorial's within-individual centring.
+r"""The paired t-test (R's ``t.test(paired = TRUE)``) and the tutorial's within-individual centring.
 
 For two observations per individual, the REML fit of ``Resp ~ Treat + (1|Ind)`` gives the same t for Treat
-as the paired t-test: both rest on the within-individual differences d_j, with t = mean(d) / (sd(d)/sqrt(G))
-on G - 1 degrees of freedom.
+as the paired t-test: both rest on the within-individual differences :math:`d_j`, with
+:math:`t = \bar d / (s_d / \sqrt{G})` on :math:`G - 1` degrees of freedom.
 """
 from __future__ import annotations
 

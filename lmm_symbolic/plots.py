@@ -1,19 +1,20 @@
-"""Figures of the tutorial, drawn with matplotlib: one function per figure, each returning its Axes or Figure.
+r"""Figures of the tutorial, drawn with matplotlib: one function per figure, each returning its Axes or Figure.
 
 * :func:`plot_data` -- the data, one line per individual;
 * :func:`plot_ols` -- the naive OLS fit (individuals ignored) with its confidence band;
 * :func:`plot_individual_fits` -- one OLS fit per individual, in facets;
-* :func:`plot_lmm_fit` -- the mixed model: the population line X beta and each group's line X beta + u_g
-  from the BLUPs;
-* :func:`plot_loglik_surface` -- the (restricted) log-likelihood over (sigma, sigma_s) as contours, with the
+* :func:`plot_lmm_fit` -- the mixed model: the population line :math:`X\hat\beta` and each group's line
+  :math:`X\hat\beta + \hat u_g` from the BLUPs;
+* :func:`plot_loglik_surface` -- the (restricted) log-likelihood over :math:`(\sigma, \sigma_s)` as contours, with the
   optimum and the optimiser's path;
-* :func:`plot_profile_sigma_s` -- the profile log-likelihood of sigma_s;
-* :func:`plot_caterpillar` -- the BLUPs with their +- 1.96 conditional-SD intervals;
-* :func:`explorer` -- sliders for sigma, sigma_s and beta redrawing the fitted lines, Sigma and log L
+* :func:`plot_profile_sigma_s` -- the profile log-likelihood of :math:`\sigma_s`;
+* :func:`plot_caterpillar` -- the BLUPs with their :math:`\pm 1.96` conditional-SD intervals;
+* :func:`explorer` -- sliders for :math:`\sigma`, :math:`\sigma_s` and :math:`\beta` redrawing the fitted lines,
+  :math:`\Sigma` and :math:`\log L`
   (an ipywidgets widget inside a Jupyter kernel; a static figure elsewhere).
 
 Nothing here chooses a matplotlib backend or shows a figure. The log-likelihood is the package's
-compiled Eq. 10 (:class:`~lmm_symbolic.compilation.LogLikelihood`) with beta at its GLS value, read from
+compiled Eq. 10 (:class:`~lmm_symbolic.compilation.LogLikelihood`) with :math:`\beta` at its GLS value, read from
 the profiled criterion (:class:`~lmm_symbolic.compilation.ProfiledDeviance`) that the optimiser minimised.
 """
 from __future__ import annotations
@@ -214,12 +215,13 @@ def _require_intercept(fit: FitResult, what: str) -> None:
 
 
 def plot_lmm_fit(fit: FitResult, x: str | None = None, ax=None):
-    """The mixed model's fit: the population line X beta_hat and each group's line X beta_hat + u_g (BLUPs).
+    r"""The mixed model's fit: the population line :math:`X\hat\beta` and each group's line
+    :math:`X\hat\beta + \hat u_g` (BLUPs).
 
     ``x`` is the covariate on the horizontal axis (default: the first fixed-effect column of the data);
     without one (``y ~ 1``) the groups are spread along the axis. Any model with one grouping factor is
-    drawn (random slopes too: the group lines are the fitted values X beta + Z_g u_g). Returns the Axes.
-    """
+    drawn (random slopes too: the group lines are the fitted values :math:`X\hat\beta + Z_g \hat u_g`).
+    Returns the Axes."""
     design = fit.design
     if len({t.group for t in design.terms}) != 1:
         raise ModelError(f"the fitted lines are drawn for a model with one grouping factor; "
@@ -236,10 +238,10 @@ def plot_lmm_fit(fit: FitResult, x: str | None = None, ax=None):
 
 
 def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0.95, ax=None):
-    """The BLUPs of ``term`` (default the random intercept), sorted, with u_g +- z cond_sd intervals.
+    r"""The BLUPs of ``term`` (default the random intercept), sorted, with
+    :math:`\hat u_g \pm z\, \mathrm{cond\_sd}` intervals.
 
-    lme4's dotplot of ranef(condVar = TRUE), the intervals from the conditional SDs. Returns the Axes.
-    """
+    lme4's dotplot of ranef(condVar = TRUE), the intervals from the conditional SDs. Returns the Axes."""
     re = fit.random_effects
     if not isinstance(re, pd.DataFrame) or term not in re.columns:
         raise ModelError(f"no random effect {term!r} with one grouping factor in {fit.design.formula!r}")
@@ -263,11 +265,13 @@ def plot_caterpillar(fit: FitResult, term: str = "(Intercept)", level: float = 0
 
 # ----------------------------------------------------------------------- the likelihood surface
 class Criterion:
-    """log L(sigma, sigma_s) with beta at its GLS value (ML), or the REML log-likelihood.
+    r""":math:`\log L(\sigma, \sigma_s)` with :math:`\beta` at its GLS value (ML), or the REML log-likelihood.
 
-    ML: Eq. 10 compiled by the package (:class:`LogLikelihood`) at beta_hat(theta), theta = sigma_s/sigma.
-    REML: the same, minus 1/2 log|X^T Sigma^-1 X| plus p/2 log(2 pi), with X^T Sigma^-1 X = A / sigma^2
-    (A = X^T V^-1 X from the profiled criterion, V = Sigma / sigma^2). Its maximum is the fit's log L.
+    ML: Eq. 10 compiled by the package (:class:`~lmm_symbolic.compilation.LogLikelihood`) at
+    :math:`\hat\beta(\theta)`, :math:`\theta = \sigma_s/\sigma`. REML: the same, minus
+    :math:`\frac12 \log|X^\top \Sigma^{-1} X|` plus :math:`\frac{p}{2} \log(2\pi)`, with
+    :math:`X^\top \Sigma^{-1} X = A / \sigma^2` (:math:`A = X^\top V^{-1} X` from the profiled criterion,
+    :math:`V = \Sigma / \sigma^2`). Its maximum is the fit's :math:`\log L`.
     """
 
     def __init__(self, design: Design, reml: bool):
@@ -283,7 +287,7 @@ class Criterion:
         return cls(fit.design, fit.method == "REML")
 
     def beta(self, theta: float) -> np.ndarray:
-        """The GLS estimate of beta at theta, in the response's units."""
+        r"""The GLS estimate of :math:`\beta` at :math:`\theta`, in the response's units."""
         s = self.stats
         return self.profiled.state(theta).beta * s.scale + s.beta_shift
 
@@ -296,17 +300,17 @@ class Criterion:
         return value
 
     def estimates(self, theta: float) -> tuple[float, float]:
-        """(sigma_hat(theta), theta sigma_hat(theta)): where the optimiser stands at theta."""
+        r""":math:`\bigl(\hat\sigma(\theta), \theta\, \hat\sigma(\theta)\bigr)`: where the optimiser stands at :math:`\theta`."""
         st = self.profiled.state(theta)
         sig = math.sqrt(st.rss / self.profiled.n_eff) * self.stats.scale
         return sig, theta * sig
 
     def grid(self, sigmas, sigma_ss) -> np.ndarray:
-        """Values over the grid, rows sigma_s, columns sigma (as contour wants them)."""
+        r"""Values over the grid, rows :math:`\sigma_s`, columns :math:`\sigma` (as contour wants them)."""
         return np.array([[self(s, ss) for s in sigmas] for ss in sigma_ss])
 
     def profile_sigma_s(self, sig_s: float, guess: float) -> tuple[float, float]:
-        """max over sigma of the criterion at fixed sigma_s: (value, sigma at the maximum)."""
+        r"""max over :math:`\sigma` of the criterion at fixed :math:`\sigma_s`: (value, :math:`\sigma` at the maximum)."""
         res = scipy.optimize.minimize_scalar(lambda ls: -self(math.exp(ls), sig_s), method="bounded",
                                              bounds=(math.log(guess) - 4.0, math.log(guess) + 4.0),
                                              options={"xatol": 1e-10})
@@ -366,20 +370,21 @@ def _draw_surface(ax, surface: _Surface, label: str) -> None:
 
 
 def optimiser_path(fit: FitResult, criterion: Criterion | None = None) -> np.ndarray:
-    """The optimiser's iterates theta mapped to (sigma_hat(theta), theta sigma_hat(theta)), shape (k, 2)."""
+    r"""The optimiser's iterates :math:`\theta` mapped to :math:`\bigl(\hat\sigma(\theta), \theta\, \hat\sigma(\theta)\bigr)`,
+    shape (k, 2)."""
     criterion = criterion or Criterion.of(fit)
     return np.array([criterion.estimates(th) for (th,) in fit.opt.path]).reshape(-1, 2)
 
 
 def plot_loglik_surface(fit: FitResult, n: int = 45, show_path: bool = True, sigma_range=None,
                         sigma_s_range=None, ax=None):
-    """Contours of the log-likelihood (REML log-likelihood for a REML fit) over (sigma, sigma_s).
+    r"""Contours of the log-likelihood (REML log-likelihood for a REML fit) over :math:`(\sigma, \sigma_s)`.
 
-    beta is at its GLS value for each (sigma, sigma_s). The star marks the fit's (sigma, sigma_s), where
-    the surface peaks at the fit's log L; white lines bound the 50/95/99 % likelihood regions (chi^2_2).
-    With ``show_path`` the optimiser's iterates (over theta) are drawn at (sigma_hat(theta),
-    theta sigma_hat(theta)). Returns the Axes.
-    """
+    :math:`\beta` is at its GLS value for each :math:`(\sigma, \sigma_s)`. The star marks the fit's
+    :math:`(\hat\sigma, \hat\sigma_s)`, where the surface peaks at the fit's :math:`\log L`; white lines bound
+    the 50/95/99 % likelihood regions (:math:`\chi^2_2`). With ``show_path`` the optimiser's iterates (over
+    :math:`\theta`) are drawn at :math:`\bigl(\hat\sigma(\theta), \theta\, \hat\sigma(\theta)\bigr)`. Returns the
+    Axes."""
     criterion = Criterion.of(fit)
     path = optimiser_path(fit, criterion) if show_path and len(fit.opt.path) else None
     surface = _surface(fit, criterion, n, path, sigma_range, sigma_s_range)
@@ -403,11 +408,12 @@ def plot_loglik_surface(fit: FitResult, n: int = 45, show_path: bool = True, sig
 
 
 def plot_profile_sigma_s(fit: FitResult, n: int = 41, upper: float | None = None, ax=None):
-    """The profile log-likelihood of sigma_s: at each sigma_s the maximum over sigma (and beta).
+    r"""The profile log-likelihood of :math:`\sigma_s`: at each :math:`\sigma_s` the maximum over
+    :math:`\sigma` (and :math:`\beta`).
 
     For a REML fit the REML log-likelihood is profiled. The dashed line is the maximum minus
-    chi^2_1(0.95)/2: the sigma_s where the curve is above it form the 95 % profile interval. Returns the Axes.
-    """
+    :math:`\chi^2_1(0.95)/2`: the :math:`\sigma_s` where the curve is above it form the 95 % profile interval.
+    Returns the Axes."""
     criterion = Criterion.of(fit)
     upper = upper or max(2.5 * fit.sigma_s, 0.8 * fit.sigma)
     grid = np.unique(np.concatenate([np.linspace(0.0, upper, n), [fit.sigma_s]]))
@@ -429,8 +435,8 @@ def plot_profile_sigma_s(fit: FitResult, n: int = 41, upper: float | None = None
 
 def profile_interval_sigma_s(fit: FitResult, level: float = 0.95, method: str = "ML",
                              upper: float | None = None) -> tuple[float, float]:
-    """The profile-likelihood interval of sigma_s: where the profile (max over sigma and beta) is within
-    chi^2_1(level)/2 of its maximum. ``method="ML"`` profiles the likelihood, as lme4's
+    r"""The profile-likelihood interval of :math:`\sigma_s`: where the profile (max over :math:`\sigma` and
+    :math:`\beta`) is within :math:`\chi^2_1(\text{level})/2` of its maximum. ``method="ML"`` profiles the likelihood, as lme4's
     confint(method = "profile") does even for a REML fit (the fit is redone by ML); ``"REML"`` profiles
     the restricted likelihood. The lower end is 0 when the profile at 0 is above the cut-off."""
     method = method.upper()
@@ -455,10 +461,10 @@ def profile_interval_sigma_s(fit: FitResult, level: float = 0.95, method: str = 
 
 
 def plot_shrinkage(fit: FitResult, ax=None):
-    """Shrinkage: each group's own estimate (the mean of its residuals from the population line, what a
-    separate fit per group gives) against its conditional mode u_g. For (1|g) Eq. 12's Woodbury weight
-    gives u_g = m_g w_g (mean residual) with m_g w_g = sigma_s^2 / (sigma_s^2 + sigma^2 / m_g): the factor
-    by which a group's own estimate is pulled towards 0. Returns the Axes."""
+    r"""Shrinkage: each group's own estimate (the mean of its residuals from the population line, what a
+    separate fit per group gives) against its conditional mode :math:`\hat u_g`. For (1|g) Eq. 12's Woodbury
+    weight gives :math:`\hat u_g = m_g w_g \bar r_g` (:math:`\bar r_g` the mean residual) with
+    :math:`m_g w_g = \sigma_s^2 / (\sigma_s^2 + \sigma^2 / m_g)`: the factor by which a group's own estimate is pulled towards 0. Returns the Axes."""
     _require_intercept(fit, "the shrinkage plot")
     design = fit.design
     term = design.terms[0]
@@ -585,17 +591,19 @@ def _first_groups(design: Design, max_rows: int) -> Derivation:
 
 def explorer(fit_or_design: FitResult | Design, sigma: float | None = None, sigma_s: float | None = None,
              beta=None, interactive: bool | None = None, n: int = 35):
-    """Sliders for sigma, sigma_s and each beta that redraw the fitted lines, Sigma and log L.
+    r"""Sliders for :math:`\sigma`, :math:`\sigma_s` and each :math:`\beta` that redraw the fitted lines,
+    :math:`\Sigma` and :math:`\log L`.
 
-    Left: the data with X beta and each group's line X beta + u_g (u_g the BLUP at the sliders' values);
-    middle: Sigma (Eq. 8) for the first groups; right: the ML log-likelihood surface with the maximum and
-    the sliders' point, and log L (Eq. 10) at the sliders' (sigma, sigma_s, beta) in the legend.
+    Left: the data with :math:`X\beta` and each group's line :math:`X\beta + u_g` (:math:`u_g` the BLUP at
+    the sliders' values); middle: :math:`\Sigma` (Eq. 8) for the first groups; right: the ML log-likelihood
+    surface with the maximum and the sliders' point, and :math:`\log L` (Eq. 10) at the sliders'
+    :math:`(\sigma, \sigma_s, \beta)` in the legend.
 
     Inside a Jupyter kernel with ipywidgets this returns the widget. Elsewhere -- and when
     ``interactive=False`` or the environment variable ``LMM_SYMBOLIC_STATIC`` is set, as
     ``notebooks/run.py`` does -- it returns a static Figure drawn at ``sigma``, ``sigma_s``, ``beta``
     (default: the ML estimates). The static figure is closed in pyplot, so showing it is up to the caller
-    (a notebook shows it as the cell's value). ``n`` is the resolution of the surface (n x n points).
+    (a notebook shows it as the cell's value). ``n`` is the resolution of the surface (:math:`n \times n` points).
     """
     if isinstance(fit_or_design, Design):
         fit = fit_design(fit_or_design, method="ML", exact=False)

@@ -1,11 +1,15 @@
-"""Results: inference from an optimum, and the immutable fit object with lmer-style output.
+r"""Results: inference from an optimum, and the immutable fit object with lmer-style output.
 
-Standard errors from (X^T Sigma^-1 X)^-1 (lme4's); p values with nlme's between/within degrees of freedom
-and nlme's t (for ML fits lme scales the fixed-effects covariance by n/(n-p), which is why lmer's and lme's
-ML standard errors differ), and with
-Satterthwaite's (as lmerTest: df = 2 (L V L^T)^2 / (g^T A g), A = 2 H^-1 the covariance of the variance
-parameters (theta, sigma), g the gradient of L V(theta, sigma) L^T); log-likelihood, AIC and BIC as lme4;
-conditional modes (BLUPs) u_g = w_g 1^T r_g with conditional variance sigma^2 w_g.
+Standard errors from :math:`(X^\top \Sigma^{-1} X)^{-1}` (lme4's); p values with nlme's between/within
+degrees of freedom and nlme's t (for ML fits lme scales the fixed-effects covariance by :math:`n/(n-p)`,
+which is why lmer's and lme's ML standard errors differ), and with Satterthwaite's degrees of freedom as
+lmerTest computes them,
+
+.. math:: \nu = \frac{2\,(L V L^\top)^2}{g^\top A g},
+
+where :math:`A = 2 H^{-1}` is the covariance of the variance parameters :math:`(\theta, \sigma)` and
+:math:`g` the gradient of :math:`L V(\theta, \sigma) L^\top`; log-likelihood, AIC and BIC as lme4; conditional modes
+(BLUPs) :math:`\hat u_g = w_g \mathbf{1}^\top r_g` with conditional variance :math:`\sigma^2 w_g`.
 """
 from __future__ import annotations
 
@@ -45,9 +49,9 @@ ZERO_RESIDUAL_ADVICE = ("the residual variance is estimated as (nearly) 0: the f
 
 @dataclass(frozen=True)
 class FitResult:
-    """A fitted linear mixed model; nothing in it changes after it is made.
+    r"""A fitted linear mixed model; nothing in it changes after it is made.
 
-    ``sigma_s`` is the SD of the first random term's first column (the tutorial's sigma_s for (1|g));
+    ``sigma_s`` is the SD of the first random term's first column (the tutorial's :math:`\sigma_s` for (1|g));
     ``variance_components`` lists every term's variances and SDs (lme4's VarCorr) and ``correlations``
     the correlations within correlated terms. ``random_effects`` holds the conditional modes (BLUPs):
     one DataFrame indexed by level when the model has one grouping factor, else a dict of them by factor.
@@ -85,8 +89,8 @@ class FitResult:
 
     @property
     def exact(self) -> ExactOptimum | None:
-        """sigma^2 and sigma_s^2 that solve the score equations exactly (sympy), derived on first use for a
-        balanced random-intercept design when that is cheap; None otherwise (``exact_reason`` says why)."""
+        r""":math:`\sigma^2` and :math:`\sigma_s^2` that solve the score equations exactly (sympy), derived on
+        first use for a balanced random-intercept design when that is cheap; None otherwise (``exact_reason`` says why)."""
         if "exact" not in self._memo:
             bound, reason = self.exact_request
             self._memo["exact"] = ((None, reason) if bound is None else
@@ -118,7 +122,7 @@ class FitResult:
 
     @property
     def residuals(self) -> np.ndarray:
-        """Conditional residuals y - X beta - K u."""
+        r"""Conditional residuals :math:`y - X\hat\beta - K\hat u`."""
         return self.design.y - self.fitted
 
     @property
@@ -134,8 +138,8 @@ class FitResult:
 
     @property
     def _tvalues_nlme(self) -> pd.Series:
-        """nlme's t: for an ML fit lme scales the fixed-effects covariance by n / (n - p), so its t is
-        lme4's t times sqrt((n - p) / n); for REML the two agree. nlme's p values follow from this t."""
+        r"""nlme's t: for an ML fit lme scales the fixed-effects covariance by :math:`n/(n-p)`, so its t
+        is lme4's t times :math:`\sqrt{(n-p)/n}`; for REML the two agree. nlme's p values follow from this t."""
         if self.method == "REML":
             return self.tvalues
         return self.tvalues * np.sqrt((self.design.n - self.design.p) / self.design.n)
@@ -292,8 +296,8 @@ class FitResult:
 
     def conf_int(self, alpha: float = 0.05, method: str = "profile", nsim: int = 500, seed=None,
                  which=None) -> pd.DataFrame:
-        """Intervals for every parameter as lme4's confint: method "profile" (the default, as lme4's),
-        "wald" (beta +- z_(1-alpha/2) se; NaN for the variance parameters) or "boot" (percentile)."""
+        r"""Intervals for every parameter as lme4's confint: method "profile" (the default, as lme4's),
+        "wald" (:math:`\hat\beta \pm z_{1-\alpha/2}\,\mathrm{se}`; NaN for the variance parameters) or "boot" (percentile)."""
         from . import inference
         return inference.conf_int(self, alpha=alpha, method=method, nsim=nsim, seed=seed, which=which)
 
@@ -305,13 +309,13 @@ class FitResult:
 
     @property
     def marginal_fitted(self) -> np.ndarray:
-        """Population-level fitted values X beta (+ offset)."""
+        r"""Population-level fitted values :math:`X\hat\beta` (+ offset)."""
         from . import inference
         return inference.marginal_fitted(self)
 
     @property
     def marginal_residuals(self) -> np.ndarray:
-        """y - X beta (- offset): the residuals from the population-level fit."""
+        r""":math:`y - X\hat\beta` (- offset): the residuals from the population-level fit."""
         return self.design.y - self.marginal_fitted
 
     def simulate(self, nsim: int = 1, seed=None, use_u: bool = False) -> pd.DataFrame:
@@ -330,7 +334,7 @@ class FitResult:
         return inference.bootstrap(self, nsim, seed, use_u=use_u)
 
     def profile(self, which=None, points: int = 13, level: float = 0.99) -> pd.DataFrame:
-        """lme4's profile: zeta on a grid of each parameter (for a profile-zeta plot)."""
+        r"""lme4's profile: :math:`\zeta` on a grid of each parameter (the data of lme4's ``xyplot`` of the profile)."""
         from . import inference
         return inference.profile(self, which=which, points=points, level=level)
 
@@ -365,13 +369,13 @@ class FitResult:
 
 
 def lme4_theta_order(design: Design, n_theta: int) -> tuple[list[int], list[str]]:
-    """lme4's order of theta and its names (``getME(fit, "theta")``) from the formula-order theta.
+    r"""lme4's order of :math:`\theta` and its names (``getME(fit, "theta")``) from the formula-order :math:`\theta`.
 
     mkReTrms sorts the random terms by their grouping factor's number of levels, decreasing, when any term
     has more levels than the one before it: ``ord <- rev(order(nl))`` (so terms with equal counts come out
-    in reverse formula order). Within a term theta is the lower triangle of its Cholesky factor, column by
+    in reverse formula order). Within a term :math:`\theta` is the lower triangle of its Cholesky factor, column by
     column, named ``g.a`` on the diagonal and ``g.b.a`` below it. Returns the permutation of formula-order
-    indices and the names, in lme4's order; a kinship design keeps its single theta."""
+    indices and the names, in lme4's order; a kinship design keeps its single :math:`\theta`."""
     terms = list(design.terms)
     sizes = [t.q * (t.q + 1) // 2 for t in terms]
     if not terms or sum(sizes) != n_theta:
@@ -395,7 +399,7 @@ def lme4_theta_order(design: Design, n_theta: int) -> tuple[list[int], list[str]
 
 # ------------------------------------------------------------------------------------ inference
 def _between_within_df(design: Design) -> np.ndarray:
-    """nlme's rule: a column constant within every group gets G - 1 - p_between, every other column
+    r"""nlme's rule: a column constant within every group gets :math:`G - 1 - p_\text{between}`, every other column
     (and the intercept) n - G - p_within, with G the innermost grouping factor's levels. Crossed factors
     have no such rule (lme cannot fit them): NaN, use the Satterthwaite df."""
     if not design.terms:
@@ -461,7 +465,8 @@ def _assemble(design: Design, method: str, beta: np.ndarray, vcov: np.ndarray, d
 
 
 def n_parameters(design: Design) -> int:
-    """Fixed effects, the q(q+1)/2 covariance parameters of each random term, and sigma (lme4's df)."""
+    r"""Fixed effects, the :math:`q(q+1)/2` covariance parameters of each random term, and :math:`\sigma`
+    (lme4's df)."""
     kinship = 1 if design.kinship is not None else 0
     return design.p + sum(t.q * (t.q + 1) // 2 for t in design.terms) + kinship + 1
 
@@ -589,8 +594,9 @@ def _satterthwaite(ob: ThetaDeviance, opt: Optimum, sig_w: float,
 
 
 def fit_design(design: Design, method: str = "REML", exact: bool | str = "auto") -> FitResult:
-    """Fit a design by ML or REML (lme4's default, REML): the one profiled deviance in theta
-    (:func:`~lmm_symbolic.compilation.profiled_deviance`), minimised (:func:`optimise`), and the result
+    r"""Fit a design by ML or REML (lme4's default, REML): the one profiled deviance in :math:`\theta`
+    (:func:`~lmm_symbolic.compilation.profiled_deviance`), minimised
+    (:func:`~lmm_symbolic.optimisation.optimise`), and the result
     assembled (:func:`make_result`). ``exact`` ("auto", True, False): the bound of the exact estimates, which
     are derived on first use of ``fit.exact``, never during the fit."""
     method = method.upper() if isinstance(method, str) else method
@@ -663,7 +669,8 @@ def _check_group_variance_estimable(design: Design, stats: GroupStatistics) -> N
 
 
 def likelihood_ratio_test(restricted: FitResult, full: FitResult) -> dict:
-    """anova(m0, m1): chi^2 = 2 (logLik_1 - logLik_0) on the difference in parameters, ML fits only."""
+    r"""anova(m0, m1): :math:`\chi^2 = 2\,(\ell_1 - \ell_0)` (the two logLik) on the difference in
+    parameters, ML fits only."""
     for f in (restricted, full):
         if f.method != "ML":
             raise ModelError("a likelihood-ratio test of fixed effects compares ML fits; refit with "
@@ -685,9 +692,9 @@ def full_loglik(fit: FitResult) -> LogLikelihood:
 
 
 def deviance_function(design: Design, method: str = "REML"):
-    """The profiled criterion of ``design`` as a function of lme4's theta, in the response's own units:
-    -2 log L (ML) or the REML criterion, with beta and sigma^2 profiled out (lme4's devfun). The function
-    takes theta as a sequence (length 1 for (1|g) and kinship) and has ``n_theta`` and ``lower_bounds``."""
+    r"""The profiled criterion of ``design`` as a function of lme4's :math:`\theta`, in the response's own
+    units: :math:`-2 \log L` (ML) or the REML criterion, with :math:`\beta` and :math:`\sigma^2` profiled out
+    (lme4's devfun). The function takes :math:`\theta` as a sequence (length 1 for (1|g) and kinship) and has ``n_theta`` and ``lower_bounds``."""
     method = method.upper()
     reml = method == "REML"
     if design.weights is not None or design.offset is not None:

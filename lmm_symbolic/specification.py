@@ -33,9 +33,10 @@ MAX_FORMULA_LENGTH = 2000
 
 @dataclass(frozen=True)
 class RandomTerm:
-    """One random-effect term ``(expr | group)``: u_j ~ N(0, D) for each level j of the grouping.
+    r"""One random-effect term ``(expr | group)``: :math:`u_j \sim N(0, D)` for each level :math:`j` of the
+    grouping.
 
-    ``Z`` holds the term's columns (n x q), ``codes`` each row's level index, ``levels`` the level labels.
+    ``Z`` holds the term's columns (:math:`n \times q`), ``codes`` each row's level index, ``levels`` the level labels.
     """
 
     expr: str
@@ -58,24 +59,25 @@ class RandomTerm:
 
     @property
     def is_intercept(self) -> bool:
-        """True for ``(1|g)``: Z is the column of ones, so Z_j^T Z_j = m_j."""
+        r"""True for ``(1|g)``: :math:`Z` is the column of ones, so :math:`Z_j^\top Z_j = m_j`."""
         return self.q == 1 and self.names == ("(Intercept)",) and not self.weighted
 
     def indicator(self) -> np.ndarray:
-        """The tutorial's K for a random intercept: K[i, j] = 1 when row i belongs to level j (Eq. 3)."""
+        r"""The tutorial's :math:`K` for a random intercept: :math:`K_{ij} = 1` when row :math:`i` belongs to
+        level :math:`j` (Eq. 3)."""
         K = np.zeros((len(self.codes), self.n_levels))
         K[np.arange(len(self.codes)), self.codes] = 1.0
         return K
 
     @property
     def sizes(self) -> np.ndarray:
-        """m_j, the number of observations of each level."""
+        r""":math:`m_j`, the number of observations of each level."""
         return np.bincount(self.codes, minlength=self.n_levels)
 
 
 @dataclass(frozen=True)
 class Design:
-    """The model's data in matrix form: Y = X beta + sum_k Z_k u_k + epsilon (Eq. 4)."""
+    r"""The model's data in matrix form: :math:`y = X\beta + \sum_k Z_k u_k + \varepsilon` (Eq. 4)."""
 
     formula: str
     response: str
@@ -88,7 +90,8 @@ class Design:
     dropped_columns: tuple[str, ...] = ()
     n_dropped_rows: int = 0
     kinship: np.ndarray | None = field(default=None, repr=False)
-    #: prior weights w_i (lmer's ``weights``): Var(epsilon_i) = sigma^2 / w_i; None for w_i = 1
+    #: prior weights :math:`w_i` (lmer's ``weights``): :math:`\operatorname{Var}(\varepsilon_i) = \sigma^2 / w_i`;
+    #: None for :math:`w_i = 1`
     weights: np.ndarray | None = field(default=None, repr=False)
     #: a known term added to the linear predictor (``offset(x)`` or ``offset=``); None for 0
     offset: np.ndarray | None = field(default=None, repr=False)
@@ -110,15 +113,20 @@ class Design:
 
     @property
     def is_random_intercept(self) -> bool:
-        """One ``(1|g)`` term: the tutorial's model, whose Sigma is block-diagonal by g."""
+        r"""One ``(1|g)`` term: the tutorial's model, whose :math:`\Sigma` is block-diagonal by :math:`g`."""
         return len(self.terms) == 1 and self.terms[0].is_intercept
 
 
 def whitened(design: Design) -> Design:
-    """The design with its prior weights and offset moved into the data: with W = diag(w),
-        y* = W^(1/2) (y - o),  X* = W^(1/2) X,  Z* = W^(1/2) Z,  so  y* = X* beta + Z* u + epsilon*,
-    Var(epsilon*) = sigma^2 I, and log|Sigma| = log|Sigma*| - sum_i log w_i (Eq. 6 and 11 with
-    sigma^2 W^-1 for sigma^2 I). Every estimate of the model is that of the whitened one."""
+    r"""The design with its prior weights and offset moved into the data: with :math:`W = \operatorname{diag}(w)`,
+
+    .. math:: y^* = W^{1/2} (y - o), \quad X^* = W^{1/2} X, \quad Z^* = W^{1/2} Z,
+
+    so :math:`y^* = X^* \beta + Z^* u + \varepsilon^*`,
+
+    :math:`\operatorname{Var}(\varepsilon^*) = \sigma^2 I`, and
+    :math:`\log|\Sigma| = \log|\Sigma^*| - \sum_i \log w_i` (Eq. 6 and 11 with :math:`\sigma^2 W^{-1}` for
+    :math:`\sigma^2 I`). Every estimate of the model is that of the whitened one."""
     import dataclasses
 
     y = design.y - (design.offset if design.offset is not None else 0.0)
@@ -267,8 +275,9 @@ def conditioned(design: Design) -> tuple[Design, Conditioning]:
 
 
 def random_effects_matrix(design: Design):
-    """Z = [Z_1 ... Z_K] of Eq. 4 (n x sum_k q_k G_k, scipy.sparse): term k's column c for level j sits at
-    offset_k + j q_k + c (lme4's layout), so each row has sum_k q_k non-zeros."""
+    r""":math:`Z = [Z_1 \cdots Z_K]` of Eq. 4 (:math:`n \times \sum_k q_k G_k`, scipy.sparse): term :math:`k`'s
+    column :math:`c` for level :math:`j` sits at :math:`\text{offset}_k + j q_k + c` (lme4's layout), so each row
+    has :math:`\sum_k q_k` non-zeros."""
     import scipy.sparse
 
     rows, cols, vals, offset = [], [], [], 0
@@ -813,16 +822,18 @@ def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7) -> tuple[n
 
 
 def specify(formula: str, data: DataLike, kinship=None, weights=None, offset=None) -> Design:
-    """Data + formula -> Design (Eq. 3-4): response y, fixed-effects X, random terms Z_k with groupings.
+    r"""Data + formula -> Design (Eq. 3-4): response :math:`y`, fixed effects :math:`X`, random terms :math:`Z_k`
+    with groupings.
 
     The formula is read as lme4 reads it (:mod:`lmm_symbolic.formula`: R's operators, ``I(x^2)``,
     ``factor(x)``, ``poly``, ``scale``, ``log(y) ~ ...``, ``offset(z)``); every variable is evaluated over
     all rows and then rows with a missing value in any used variable, weight or offset are dropped and
     counted (model.frame's na.omit), unused factor levels with them. Aliased fixed-effect columns are
-    dropped with lme4's message. ``weights`` (a column name or n values) are lmer's prior weights,
-    Var(epsilon_i) = sigma^2 / w_i; ``offset`` (a column name or n values) is added to the linear
-    predictor, as ``offset()`` terms are. With ``kinship`` (an n x n positive semi-definite relationship
-    matrix K over the data's rows) the formula has no random term and Sigma = sigma_s^2 K + sigma^2 I.
+    dropped with lme4's message. ``weights`` (a column name or :math:`n` values) are lmer's prior weights,
+    :math:`\operatorname{Var}(\varepsilon_i) = \sigma^2 / w_i`; ``offset`` (a column name or :math:`n` values)
+    is added to the linear predictor, as ``offset()`` terms are. With ``kinship`` (an :math:`n \times n`
+    positive semi-definite relationship matrix :math:`K` over the data's rows) the formula has no random
+    term and :math:`\Sigma = \sigma_s^2 K + \sigma^2 I`.
     Bad input raises DataError, FormulaError or ModelError.
     """
     frame = read_data(data)

@@ -1,18 +1,20 @@
-"""Sufficient statistics: the per-group sums a random-intercept likelihood depends on, in one pass.
+r"""Sufficient statistics: the per-group sums a random-intercept likelihood depends on, in one pass.
 
-Sits between specification and compilation: the design's rows are reduced to O(G p^2) numbers, after
-which no step of the fit touches the n rows again. For (1|g) the log-likelihood (Eq. 10-12) sees the data
-only through n_g, X_g^T 1, X_g^T y, X_g^T X_g, y_g^T y_g and 1^T y_g.
+Sits between specification and compilation: the design's rows are reduced to :math:`O(G p^2)` numbers,
+after which no step of the fit touches the :math:`n` rows again. For (1|g) the log-likelihood (Eq. 10-12)
+sees the data only through :math:`n_g`, :math:`X_g^\top \mathbf{1}`, :math:`X_g^\top y`,
+:math:`X_g^\top X_g`, :math:`y_g^\top y_g` and :math:`\mathbf{1}^\top y_g`.
 
 The pass is a handful of ``np.bincount`` calls over blocks of rows (no Python loop over rows or groups;
-the blocks bound the temporaries, so 10^7 rows need no n-sized scratch arrays). Sums of squares are taken
-of the response shifted by its mean and divided by its SD, so y^T y - beta^T X^T y style differences do
-not cancel for a response around 1e8, or of size 1e-8.
+the blocks bound the temporaries, so :math:`10^7` rows need no :math:`n`-sized scratch arrays). Sums of
+squares are taken of the response shifted by its mean and divided by its SD, so
+:math:`y^\top y - \hat\beta^\top X^\top y` style differences do not cancel for a response around
+:math:`10^8`, or of size :math:`10^{-8}`.
 
 The same sums are a group-by aggregation, so a Dask DataFrame is reduced partition by partition
 (:func:`specify_dask`), on a local or distributed cluster, and then fitted as usual; so are the per-group
-q x q sums of :class:`BlockStatistics` (Z_g^T Z_g, Z_g^T X_g, Z_g^T y_g) when the random terms share one
-grouping factor, as in (Days|Subject).
+:math:`q \times q` sums of :class:`BlockStatistics` (:math:`Z_g^\top Z_g`, :math:`Z_g^\top X_g`,
+:math:`Z_g^\top y_g`) when the random terms share one grouping factor, as in (Days|Subject).
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ CHUNK_ROWS = 1 << 17
 
 @dataclass(frozen=True)
 class GroupStatistics:
-    """Per-group sums of a random-intercept design, of the shifted and scaled response.
+    r"""Per-group sums of a random-intercept design, of the shifted and scaled response.
 
-    The response is used as (y - shift) / scale, so sums of squares do not cancel for a response far from
-    0 or of extreme size; ``beta_shift`` is the change that shift makes to beta (shift * e_intercept).
+    The response is used as :math:`(y - \text{shift}) / \text{scale}`, so sums of squares do not cancel for a
+    response far from 0 or of extreme size; ``beta_shift`` is the change that shift makes to :math:`\beta`
+    (:math:`\text{shift} \cdot e_\text{intercept}`).
     """
 
     m: np.ndarray          # (G,)    n_g
@@ -66,9 +69,9 @@ class GroupStatistics:
 
     @classmethod
     def from_arrays(cls, y: np.ndarray, X: np.ndarray, codes: np.ndarray, G: int) -> "GroupStatistics":
-        """One vectorised pass over the rows: a bincount per statistic and block, no loop over rows or
-        groups. Columns of X that are all ones (the intercept) cost nothing: their sums are n_g, 1^T y_g
-        and X_g^T 1."""
+        r"""One vectorised pass over the rows: a bincount per statistic and block, no loop over rows or
+        groups. Columns of :math:`X` that are all ones (the intercept) cost nothing: their sums are
+        :math:`n_g`, :math:`\mathbf{1}^\top y_g` and :math:`X_g^\top \mathbf{1}`."""
         y = np.asarray(y, dtype=float)
         X = np.asarray(X, dtype=float)
         codes = np.asarray(codes)
@@ -92,13 +95,14 @@ class GroupStatistics:
 
 @dataclass(frozen=True)
 class SpectralStatistics(GroupStatistics):
-    """Sigma = sigma_s^2 K + sigma^2 I rotated by K = U diag(lambda) U^T (the FaST-LMM idea).
+    r""":math:`\Sigma = \sigma_s^2 K + \sigma^2 I` rotated by :math:`K = U \operatorname{diag}(\lambda) U^\top` (the
+    FaST-LMM idea).
 
-    After y* = U^T y, X* = U^T X the rotated observations are independent; observation i is a group of
-    one whose Z is sqrt(lambda_i), so Z^T Z = lambda_i stands where m stands for a random intercept and the
-    same per-group closed forms give |Sigma| = prod_i (sigma^2 + lambda_i sigma_s^2) and the quadratic form
-    sum_i (U^T r)_i^2 / (sigma^2 + lambda_i sigma_s^2). ``n_obs`` is the number of observations.
-    """
+    After :math:`y^* = U^\top y`, :math:`X^* = U^\top X` the rotated observations are independent;
+    observation :math:`i` is a group of one whose :math:`Z` is :math:`\sqrt{\lambda_i}`, so
+    :math:`Z^\top Z = \lambda_i` stands where :math:`m` stands for a random intercept and the same per-group
+    closed forms give :math:`|\Sigma| = \prod_i (\sigma^2 + \lambda_i \sigma_s^2)` and the quadratic form
+    :math:`\sum_i (U^\top r)_i^2 / (\sigma^2 + \lambda_i \sigma_s^2)`. ``n_obs`` is the number of observations."""
 
     n_obs: int = 0
     eigenvectors: np.ndarray | None = None
@@ -124,14 +128,15 @@ class SpectralStatistics(GroupStatistics):
 
 
 #: one grouping factor with at most this many random effects per level is fitted from BlockStatistics
-#: (the per-group closed forms are derived for a symbolic q x q block; beyond this, the sparse form)
+#: (the per-group closed forms are derived for a symbolic :math:`q \times q` block; beyond this, the sparse form)
 BLOCK_Q = 3
 
 
 def single_factor(design: Design) -> bool:
-    """True when every random term has the same grouping factor ((Days|Subject), (1|S) + (0 + Days|S)):
-    Sigma is then block-diagonal by that factor's levels, one q x q block of random effects per group.
-    (A Dask design is refused at specification otherwise, and its codes are not computed to compare.)"""
+    r"""True when every random term has the same grouping factor ((Days|Subject), (1|S) + (0 + Days|S)):
+    :math:`\Sigma` is then block-diagonal by that factor's levels, one :math:`q \times q` block of random
+    effects per group. (A Dask design is refused at specification otherwise, and its codes are not
+    computed to compare.)"""
     terms = design.terms
     if design.kinship is not None or not terms:
         return False
@@ -143,9 +148,10 @@ def single_factor(design: Design) -> bool:
 
 @dataclass(frozen=True)
 class BlockStatistics:
-    """Per-group sums of a design whose random terms share one grouping factor (q columns of Z in all):
-    S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g, plus the totals X^T X, X^T y and y^T y, of the shifted and
-    scaled response as in :class:`GroupStatistics`. A likelihood evaluation then costs O(G (q^3 + q p^2)),
+    r"""Per-group sums of a design whose random terms share one grouping factor (:math:`q` columns of
+    :math:`Z` in all): :math:`S_g = Z_g^\top Z_g`, :math:`Z_g^\top X_g` and :math:`Z_g^\top y_g`, plus the
+    totals :math:`X^\top X`, :math:`X^\top y` and :math:`y^\top y`, of the shifted and scaled response as in
+    :class:`GroupStatistics`. A likelihood evaluation then costs :math:`O\bigl(G (q^3 + q p^2)\bigr)`,
     whatever the groups' sizes."""
 
     S: np.ndarray          # (G, q, q)  Z_g^T Z_g
@@ -174,10 +180,17 @@ class BlockStatistics:
     @classmethod
     def from_arrays(cls, y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, G: int, shift: float,
                     scale: float, beta_shift: np.ndarray) -> "BlockStatistics":
-        """The sums over rows (y, X, Z, level codes in 0..G-1) of the response y_w = (y - shift) / scale:
-        S_g[a, b] = sum_{i in g} Z_ia Z_ib, (Z_g^T X_g)[a, k] = sum_{i in g} Z_ia X_ik and
-        (Z_g^T y_g)[a] = sum_{i in g} Z_ia y_w,i, one bincount each (no loop over rows or groups), plus
-        X^T X, X^T y_w and y_w^T y_w. A Dask DataFrame's statistics are these sums of its partitions, added."""
+        r"""The sums over rows (:math:`y`, :math:`X`, :math:`Z`, level codes in :math:`0, \dots, G-1`) of
+        the response :math:`y_w = (y - \text{shift}) / \text{scale}`:
+
+        .. math::
+
+            (S_g)_{ab} = \sum_{i \in g} Z_{ia} Z_{ib}, \quad
+            (Z_g^\top X_g)_{ak} = \sum_{i \in g} Z_{ia} X_{ik}, \quad
+            (Z_g^\top y_g)_a = \sum_{i \in g} Z_{ia}\, y_{w,i},
+
+        one bincount each (no loop over rows or groups), plus :math:`X^\top X`, :math:`X^\top y_w` and
+        :math:`y_w^\top y_w`. A Dask DataFrame's statistics are these sums of its partitions, added."""
         codes = np.asarray(codes).astype(np.intp, copy=False)
         (n, p), q = X.shape, Z.shape[1]
         yw = (y - shift) / scale
@@ -204,7 +217,8 @@ class BlockStatistics:
 
     @classmethod
     def of_intercept(cls, stats: GroupStatistics) -> "BlockStatistics":
-        """(1|g) has Z_g = 1: S_g = n_g, Z_g^T X_g = X_g^T 1, Z_g^T y_g = 1^T y_g."""
+        r"""(1|g) has :math:`Z_g = \mathbf{1}`: :math:`S_g = n_g`, :math:`Z_g^\top X_g = X_g^\top \mathbf{1}`,
+        :math:`Z_g^\top y_g = \mathbf{1}^\top y_g`."""
         return cls(S=stats.m[:, None, None].astype(float), ZtX=stats.Xt1[:, None, :], Zty=stats.one_y[:, None],
                    XtX=stats.XtX.sum(0), Xty=stats.Xty.sum(0), yty=float(stats.yty.sum()), n=stats.n,
                    shift=stats.shift, scale=stats.scale, beta_shift=stats.beta_shift)
@@ -300,9 +314,10 @@ def _from_sums(S: np.ndarray, p: int, ones: tuple[int, ...], shift: float, scale
 
 
 def response_scaling(y: np.ndarray, X: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(shift, scale, beta_shift): the response is used as (y - shift) / scale, centred on its mean when the
-    constant lies in col(X) (beta then absorbs the shift exactly: beta_shift) and divided by its SD, so sums
-    of squares do not cancel for a response far from 0 or of extreme size."""
+    r"""(``shift``, ``scale``, ``beta_shift``): the response is used as :math:`(y - \text{shift}) / \text{scale}`,
+    centred on its mean when the constant lies in :math:`\operatorname{col}(X)` (:math:`\beta` then absorbs
+    the shift exactly: ``beta_shift``) and divided by its SD, so sums of squares do not cancel for a response
+    far from 0 or of extreme size."""
     p = X.shape[1]
     scale = (float(np.std(y)) or 1.0) if len(y) else 1.0     # the SD does not depend on the shift
     if p == 0 or len(y) == 0:
@@ -321,7 +336,8 @@ def response_scaling(y: np.ndarray, X: np.ndarray) -> tuple[float, float, np.nda
 
 # ------------------------------------------------------------------ row-wise quantities for results
 def spans_constant(X) -> bool:
-    """True when the constant column lies in col(X) (an intercept, explicit or by cell-means coding)."""
+    r"""True when the constant column lies in :math:`\operatorname{col}(X)` (an intercept, explicit or by
+    cell-means coding)."""
     if isinstance(X, Design):
         if isinstance(X, DaskDesign):
             return X.has_constant
@@ -337,8 +353,8 @@ def spans_constant(X) -> bool:
 
 
 def constant_within_groups(design: Design, term: RandomTerm | None = None) -> np.ndarray:
-    """For each column of X: is it constant within every level of ``term``'s grouping factor (nlme's
-    between-group covariates)? np.isclose of each row to its group's mean, block by block."""
+    r"""For each column of :math:`X`: is it constant within every level of ``term``'s grouping factor (nlme's
+    between-group covariates)? ``np.isclose`` of each row to its group's mean, block by block."""
     term = design.terms[0] if term is None else term
     if isinstance(design, DaskDesign):
         return design.within_constant
@@ -364,9 +380,10 @@ def constant_within_groups(design: Design, term: RandomTerm | None = None) -> np
 
 
 def fitted_values(design: Design, beta: np.ndarray, modes) -> np.ndarray:
-    """X beta + sum_k Z_k b_k, ``modes`` holding each term's conditional modes as a (G_k, q_k) array: row i
-    of level j adds (Z_k)_i . b_k[j] (b_k[j] for a random intercept, whose Z is 1). A lazy Dask array,
-    block by block, for a Dask design."""
+    r""":math:`X\hat\beta + \sum_k Z_k \hat b_k`, ``modes`` holding each term's conditional modes as a
+    :math:`(G_k, q_k)` array: row :math:`i` of level :math:`j` adds :math:`(Z_k)_i \cdot \hat b_{k,j}`
+    (:math:`\hat b_{k,j}` for a random intercept, whose :math:`Z` is 1). A lazy Dask array, block by block,
+    for a Dask design."""
     lazy = isinstance(design, DaskDesign)
     fitted = design.X @ np.asarray(beta, dtype=float)
     for term, b in zip(design.terms, modes):

@@ -1,20 +1,22 @@
-"""Teaching helpers for the notebooks: ordinary least squares, the Resp_std trick, and the proof that the
+r"""Teaching helpers for the notebooks: ordinary least squares, the Resp_std trick, and the proof that the
 paired t-test is the REML t of ``Resp ~ Treat + (1|Ind)``.
 
-The proofs are derived with sympy from the package's own objects (a :class:`~lmm_symbolic.Derivation`
-with symbolic responses y_ij, or the block identities of a group of symbolic size m), never from formulas
-typed in here:
+The proofs are derived with sympy from the package's own objects (a :class:`~lmm_symbolic.derivation.Derivation`
+with symbolic responses :math:`y_{ij}`, or the block identities of a group of symbolic size :math:`m`),
+never from formulas typed in here:
 
-* :func:`paired_equivalence` (2 to about 8 pairs): the GLS estimate of beta solves d log L / d beta = 0
-  (Eq. 10); the REML log-likelihood, written in the two eigenvalues of a pair's block
-  (a = sigma^2 for the difference, b = sigma^2 + 2 sigma_s^2 for the sum), is maximised by solving its score
-  equations; var(beta_Treat) = [(X^T Sigma^-1 X)^-1] at the estimates. sympy shows
-  sigma^2 = s_d^2 / 2, se(Treat) = s_d / sqrt(G) and t_REML - t_paired = 0, with the y_ij left as symbols.
-* :func:`paired_equivalence_general` (any number G of pairs): the same argument with G a symbol, from the
-  block identities for m = 2 and the pairs' sufficient statistics.
+* :func:`paired_equivalence` (2 to about 8 pairs): the GLS estimate of :math:`\beta` solves
+  :math:`\partial \log L / \partial\beta = 0` (Eq. 10); the REML log-likelihood, written in the two
+  eigenvalues of a pair's block (:math:`a = \sigma^2` for the difference, :math:`b = \sigma^2 + 2\sigma_s^2`
+  for the sum), is maximised by solving its score equations;
+  :math:`\operatorname{Var}(\hat\beta_\text{Treat}) = [(X^\top \Sigma^{-1} X)^{-1}]_\text{Treat}` at the
+  estimates. sympy shows :math:`\hat\sigma^2 = s_d^2 / 2`, :math:`\operatorname{se}(\text{Treat}) = s_d / \sqrt{G}`
+  and :math:`t_\text{REML} - t_\text{paired} = 0`, with the :math:`y_{ij}` left as symbols.
+* :func:`paired_equivalence_general` (any number :math:`G` of pairs): the same argument with :math:`G` a
+  symbol, from the block identities for :math:`m = 2` and the pairs' sufficient statistics.
 
-The equality needs an interior REML estimate, sigma_s^2 >= 0 (the pairs' sums vary more than their
-differences); at a boundary fit (sigma_s = 0) lmer's t is the unpaired one.
+The equality needs an interior REML estimate, :math:`\hat\sigma_s^2 \ge 0` (the pairs' sums vary more than
+their differences); at a boundary fit (:math:`\hat\sigma_s = 0`) lmer's t is the unpaired one.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .errors import DataError
 from .paired import within_centred
 from .specification import DataLike, read_data, specify
 
-#: the two eigenvalues of a pair's block sigma^2 I_2 + sigma_s^2 J_2 (difference and sum directions)
+#: the two eigenvalues of a pair's block :math:`\sigma^2 I_2 + \sigma_s^2 J_2` (difference and sum directions)
 a, b = sp.symbols("a b", positive=True)
 _EIGEN = {sigma: sp.sqrt(a), sigma_s: sp.sqrt((b - a) / 2)}
 
@@ -76,7 +78,7 @@ class OLSFit:
 
 
 def ols(data: DataLike, x: str, y: str, df: int | None = None) -> OLSFit:
-    """R's ``lm(y ~ x)``; ``df`` overrides the residual degrees of freedom (n - 2 by default)."""
+    r"""R's ``lm(y ~ x)``; ``df`` overrides the residual degrees of freedom (:math:`n - 2` by default)."""
     frame = read_data(data)
     for col in (x, y):
         if col not in frame.columns:
@@ -101,10 +103,10 @@ def ols(data: DataLike, x: str, y: str, df: int | None = None) -> OLSFit:
 
 def resp_std_regression(data: DataLike, response: str = "Resp", treatment: str = "Treat",
                         subject: str = "Ind") -> pd.DataFrame:
-    """The tutorial's Resp_std trick: OLS of the within-centred response on the treatment.
+    r"""The tutorial's Resp_std trick: OLS of the within-centred response on the treatment.
 
-    One row with the naive residual df (n - 2) and one with the df corrected for the G subject means
-    removed by the centring (n - G - 1); the corrected t is the paired t.
+    One row with the naive residual df (:math:`n - 2`) and one with the df corrected for the :math:`G`
+    subject means removed by the centring (:math:`n - G - 1`); the corrected t is the paired t.
     """
     frame = within_centred(data, response, subject)
     G = frame[subject].nunique()
@@ -119,10 +121,10 @@ def resp_std_regression(data: DataLike, response: str = "Resp", treatment: str =
 
 # ------------------------------------------------------------------------ paired t = REML, G pairs
 def pairs_data(n_pairs: int) -> pd.DataFrame:
-    """A paired design with ``n_pairs`` individuals (Treat 0 then 1 each), as the toy data is laid out.
+    r"""A paired design with ``n_pairs`` individuals (Treat 0 then 1 each), as the toy data is laid out.
 
-    The responses are placeholders: for up to 100 pairs :func:`derive` keeps them as symbols y_ij.
-    """
+    The responses are placeholders: for up to 100 pairs :func:`~lmm_symbolic.derive` keeps them as symbols
+    :math:`y_{ij}`."""
     if n_pairs < 2:
         raise DataError("a paired design needs at least 2 pairs")
     G = int(n_pairs)
@@ -132,11 +134,12 @@ def pairs_data(n_pairs: int) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class PairedEquivalence:
-    """The REML fit of a paired design with symbolic responses, and its t next to the paired t.
+    r"""The REML fit of a paired design with symbolic responses, and its t next to the paired t.
 
-    ``sigma2``, ``sigma_s2`` are the REML estimates (polynomials in the y_ij), ``beta`` the GLS estimates,
-    ``var_treat`` the variance of beta_Treat as a function of a = sigma^2 and at the estimates,
-    ``t_reml`` and ``t_paired`` the two t statistics and ``difference`` their simplified difference (0).
+    ``sigma2``, ``sigma_s2`` are the REML estimates (polynomials in the :math:`y_{ij}`), ``beta`` the GLS
+    estimates, ``var_treat`` the variance of :math:`\hat\beta_\text{Treat}` as a function of
+    :math:`a = \sigma^2` and at the estimates, ``t_reml`` and ``t_paired`` the two t statistics and
+    ``difference`` their simplified difference (0).
     """
 
     n_pairs: int
@@ -184,14 +187,20 @@ class PairedEquivalence:
 
 
 def paired_equivalence(n_pairs: int) -> PairedEquivalence:
-    """Prove with sympy, responses symbolic, that the REML t of Treat equals the paired t for G pairs.
+    r"""Prove with sympy, responses symbolic, that the REML t of Treat equals the paired t for :math:`G` pairs.
 
-    Steps, each on the package's :class:`Derivation` of ``Resp ~ Treat + (1|Ind)``:
-    1. beta_hat solves d log L / d beta = 0 (Eq. 10); it comes out free of sigma and sigma_s (balance).
-    2. The REML log-likelihood at beta_hat, written in a = sigma^2, b = sigma^2 + 2 sigma_s^2 (the two
-       eigenvalues of a pair's block), separates; each score equation is solved for its own parameter.
-    3. var(beta_Treat) = [(X^T Sigma^-1 X)^-1]_Treat, with X^T Sigma^-1 X from the derivation, is 2a/G.
-    4. t_REML = beta_Treat / sqrt(var) and t_paired = mean(d) / (sd(d) / sqrt(G)) are compared.
+    Steps, each on the package's :class:`~lmm_symbolic.derivation.Derivation` of ``Resp ~ Treat + (1|Ind)``:
+
+    1. :math:`\hat\beta` solves :math:`\partial \log L / \partial\beta = 0` (Eq. 10); it comes out free of
+       :math:`\sigma` and :math:`\sigma_s` (balance).
+    2. The REML log-likelihood at :math:`\hat\beta`, written in :math:`a = \sigma^2`,
+       :math:`b = \sigma^2 + 2\sigma_s^2` (the two eigenvalues of a pair's block), separates; each score
+       equation is solved for its own parameter.
+    3. :math:`\operatorname{Var}(\hat\beta_\text{Treat}) = [(X^\top \Sigma^{-1} X)^{-1}]_\text{Treat}`, with
+       :math:`X^\top \Sigma^{-1} X` from the derivation, is :math:`2a/G`.
+    4. :math:`t_\text{REML} = \hat\beta_\text{Treat} / \sqrt{\operatorname{Var}}` and
+       :math:`t_\text{paired} = \bar d / (s_d / \sqrt{G})` are compared.
+
     Each difference is expanded to the polynomial 0 (an exact proof, not a numerical check).
     """
     G = int(n_pairs)
@@ -232,12 +241,14 @@ def paired_equivalence(n_pairs: int) -> PairedEquivalence:
 # ----------------------------------------------------------------------- paired t = REML, any G
 @dataclass(frozen=True)
 class GeneralPairedEquivalence:
-    """The paired-design argument with the number of pairs G a symbol.
+    r"""The paired-design argument with the number of pairs :math:`G` a symbol.
 
-    ``pair_quadratic`` is one pair's quadratic form from the block identities (m = 2) in the residuals'
-    difference D and sum S; ``reml_loglik`` the REML log-likelihood in a, b and the statistics
-    SSD = sum (d_j - dbar)^2, SSS = sum (s_j - sbar)^2; ``sigma2_ml``, ``sigma2_reml`` the two estimates of
-    sigma^2 (SSD/(2G) and SSD/(2(G-1))); ``difference`` = t_REML - t_paired, simplified (0).
+    ``pair_quadratic`` is one pair's quadratic form from the block identities (:math:`m = 2`) in the
+    residuals' difference :math:`D` and sum :math:`S`; ``reml_loglik`` the REML log-likelihood in :math:`a`,
+    :math:`b` and the statistics :math:`\mathrm{SSD} = \sum (d_j - \bar d)^2`,
+    :math:`\mathrm{SSS} = \sum (s_j - \bar s)^2`; ``sigma2_ml``, ``sigma2_reml`` the two estimates of
+    :math:`\sigma^2` (:math:`\mathrm{SSD}/(2G)` and :math:`\mathrm{SSD}/(2(G-1))`); ``difference``
+    :math:`= t_\text{REML} - t_\text{paired}`, simplified (0).
     """
 
     G: sp.Symbol
@@ -306,15 +317,21 @@ def _collected_latex(expr: sp.Expr, logs: tuple, constant: sp.Expr) -> str:
 
 
 def paired_equivalence_general() -> GeneralPairedEquivalence:
-    """The REML t of Treat equals the paired t for any number G of pairs (G a sympy symbol).
+    r"""The REML t of Treat equals the paired t for any number :math:`G` of pairs (:math:`G` a sympy symbol).
 
-    From the package's block identities for a group of size m = 2 (determinant lemma and Woodbury):
-    with a pair's residuals r_1, r_2, D = r_2 - r_1 and S = r_1 + r_2, sympy rewrites the block's quadratic
-    form as D^2/(2a) + S^2/(2b), a = sigma^2, b = sigma^2 + 2 sigma_s^2, and its determinant as a b.
-    The form is linear in D^2 and S^2, so summed over the pairs it needs only
-    sum (d_j - beta_1)^2 = SSD + G (dbar - beta_1)^2 and sum (s_j - gamma)^2 = SSS + G (sbar - gamma)^2
-    (gamma = 2 beta_0 + beta_1). X^T Sigma^-1 X = G X_j^T Sigma_j^-1 X_j with Sigma_j^-1 from Woodbury.
-    The score equations are then solved with G symbolic.
+    From the package's block identities for a group of size :math:`m = 2` (determinant lemma and Woodbury):
+    with a pair's residuals :math:`r_1, r_2`, :math:`D = r_2 - r_1` and :math:`S = r_1 + r_2`, sympy rewrites
+    the block's quadratic form as :math:`D^2/(2a) + S^2/(2b)`, :math:`a = \sigma^2`,
+    :math:`b = \sigma^2 + 2\sigma_s^2`, and its determinant as :math:`ab`. The form is linear in :math:`D^2`
+    and :math:`S^2`, so summed over the pairs it needs only
+
+    .. math::
+
+        \sum_j (d_j - \beta_1)^2 &= \mathrm{SSD} + G (\bar d - \beta_1)^2, \\
+        \sum_j (s_j - \gamma)^2 &= \mathrm{SSS} + G (\bar s - \gamma)^2
+
+    (:math:`\gamma = 2\beta_0 + \beta_1`). :math:`X^\top \Sigma^{-1} X = G\, X_j^\top \Sigma_j^{-1} X_j` with
+    :math:`\Sigma_j^{-1}` from Woodbury. The score equations are then solved with :math:`G` symbolic.
     """
     block = random_intercept_block()
     G = sp.Symbol("G", positive=True, integer=True)

@@ -1,4 +1,4 @@
-"""Verification: is a hand-derived expression the package's derived quantity, and if not, where is it wrong?
+r"""Verification: is a hand-derived expression the package's derived quantity, and if not, where is it wrong?
 
 ``verify(model, quantity, expression)`` reads the expression with the whitelist parser of
 :mod:`lmm_symbolic.expression` (never ``eval``/``sympify``), then decides:
@@ -7,11 +7,11 @@
   into sums (``expand_log`` under the symbols' positivity assumptions, no ``force``), is brought over a
   common denominator and cancelled to 0 -- a decision procedure for rational functions, the logs, ``pi``
   and roots acting as independent indeterminates -- or ``sympy.simplify`` returns 0. For ``inverse``
-  the proof may also be Sigma * M - I = 0.
+  the proof may also be :math:`\Sigma M - I = 0`.
 * **not equal** with a counterexample: the two sides are first evaluated at a few random points (exact
-  rationals; sigma and sigma_s positive, the other symbols any sign). For rational quantities the values
+  rationals; :math:`\sigma` and :math:`\sigma_s` positive, the other symbols any sign). For rational quantities the values
   are exact rationals and differ exactly; with logarithms they are compared at 50 significant digits and
-  must differ by more than 1e-25 relative. The counterexample reports the symbols' values and both sides.
+  must differ by more than :math:`10^{-25}` relative. The counterexample reports the symbols' values and both sides.
 * **not proven** (``equal=False``, ``counterexample=None``, hint "could not prove equality ..."): the two
   agree at every random point tried but sympy could not simplify the difference to 0 (or the expression is
   too large to try). The package never says "equal" on numerical evidence alone, and never says "wrong"
@@ -19,7 +19,7 @@
 
 Hints are given where they are cheap: a constant difference (e.g. a wrong ``log(2*pi)`` term), a sign, a
 constant factor, a missing, doubled or sign-flipped term, a term that should be another one, and for
-matrices the number of wrong entries (or Sigma given for its inverse).
+matrices the number of wrong entries (or :math:`\Sigma` given for its inverse).
 """
 from __future__ import annotations
 
@@ -216,13 +216,15 @@ def _short(text: str, limit: int = 2000) -> str:
 
 # ------------------------------------------------------------------------------------- entry point
 def verify(model, quantity: str, expression: str, syntax: str | None = None) -> Verdict:
-    """Whether ``expression`` equals the derived ``quantity`` of ``model`` (a Derivation or a Design).
+    r"""Whether ``expression`` equals the derived ``quantity`` of ``model`` (a Derivation or a Design).
 
-    ``quantity``: det, logdet, inverse, quadratic_form, loglik, reml_loglik, sigma (Sigma), kinship (K K^T),
-    gls_information, gls_estimator, beta_covariance, profiled_loglik, deviance, reml_criterion, likelihood,
-    ml_sigma2, ml_sigma_s2, reml_sigma2, reml_sigma_s2 (closed forms of a balanced design), conditional_modes
-    (u_hat), score_<symbol>. An expression without beta is compared with beta = beta_hat substituted, one
-    without y's with the data's y values, and the hint says so.
+    ``quantity``: ``det``, ``logdet``, ``inverse``, ``quadratic_form``, ``loglik``, ``reml_loglik``,
+    ``sigma`` (:math:`\Sigma`), ``kinship`` (:math:`K K^\top`), ``gls_information``, ``gls_estimator``,
+    ``beta_covariance``, ``profiled_loglik``, ``deviance``, ``reml_criterion``, ``likelihood``,
+    ``ml_sigma2``, ``ml_sigma_s2``, ``reml_sigma2``, ``reml_sigma_s2`` (closed forms of a balanced design),
+    ``conditional_modes`` (:math:`\hat u`), ``score_<symbol>``. An expression without :math:`\beta` is
+    compared with :math:`\beta = \hat\beta` substituted, one without :math:`y`'s with the data's :math:`y`
+    values, and the hint says so.
     ``syntax``: "plain", "latex" or None (LaTeX when the text has a backslash or a brace).
     Raises ExpressionError when the expression cannot be read (or is a scalar where a matrix is due, or
     the other way round) and ModelError when the quantity is not written out for this design.
@@ -318,8 +320,8 @@ def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
 
 
 def design_sizes(der: Derivation) -> dict:
-    """The sizes the limits of a sum may name: G groups (of the first random term), n observations, and
-    m = the groups' sizes in the order of y_{ij}'s second index."""
+    r"""The sizes the limits of a sum may name: :math:`G` groups (of the first random term), :math:`n`
+    observations, and :math:`m` = the groups' sizes in the order of :math:`y_{ij}`'s second index."""
     design = der.design
     out = {"n": int(design.n)}
     if design.terms:
@@ -841,8 +843,9 @@ def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
 
 
 def derived_quantity(der: Derivation, key: str):
-    """The quantity ``key`` of the derivation: an attribute (det, loglik, ...) or one derived here by
-    sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...)."""
+    """The quantity ``key`` of the derivation: an attribute (``det``, ``loglik``, ...) or one derived here
+    by sympy from the block forms (``gls_estimator``, ``beta_covariance``, ``deviance``, ``score_<symbol>``,
+    ...)."""
     if key in ("det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"):
         return getattr(der, QUANTITIES[key])
     if key == "deviance":
