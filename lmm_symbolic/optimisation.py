@@ -219,8 +219,8 @@ class Optimum:
     summary: OptSummary
     objective: ThetaDeviance = field(repr=False)
     state: DevianceState = field(repr=False)     # the criterion at theta (scaled response units)
-    #: the Hessian of the profiled deviance at :math:`\theta` (scaled units): analytic for (1|g), else central
-    #: differences of the analytic gradient taken for the final Newton steps
+    #: the Hessian of the profiled deviance at :math:`\theta` (scaled units): analytic for (1|g) and for terms
+    #: sharing one factor, else central differences of the analytic gradient taken for the final Newton steps
     hessian: np.ndarray = field(repr=False, default=None)
 
 
@@ -243,8 +243,8 @@ def optimise(objective: ThetaDeviance) -> Optimum:
         H = (objective.hessian(st) if hasattr(objective, "hessian")
              else difference_hessian(lambda th: objective.gradient(objective.state(th)), theta))
     else:
-        theta, message, H, optimizer = _minimise_several(objective, theta0, lower, path)
-        st = objective.state(theta)
+        theta, message, H, optimizer, st = _minimise_several(objective, theta0, lower, path)
+        st = objective.state(theta) if st is None else st
     at_bound = theta <= lower + 1e-12
     projected = _projected_gradient(objective, st, theta, lower)
     converged = bool(projected < GRADIENT_TOL * max(1.0, abs(objective.value(st))))
@@ -321,13 +321,13 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
     return np.array([x]), message
 
 
-def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int = 100) -> tuple[np.ndarray, str, bool]:
+def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int = 100):
     """Newton's method on the unconstrained theta with the analytic Hessian, made globally convergent as
     Levenberg-Marquardt: the step solves (H + lambda D) s = -g with D = diag|H| (so the damping does not
     depend on theta's scale), lambda = 0 while full Newton steps decrease the criterion, raised fourfold
     until a step does. Stops when a step no longer lowers the criterion beyond its rounding and the Newton
     decrement g^T s is below 1e-10 (relative), or the step is at machine precision. Returns (theta, message,
-    converged)."""
+    converged, the state at theta)."""
     def evaluate(x):
         path.append(np.array(x))
         try:
@@ -338,7 +338,7 @@ def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int 
 
     st, f = evaluate(x)
     if st is None:
-        return x, "the criterion cannot be evaluated at the start", False
+        return x, "the criterion cannot be evaluated at the start", False, None
     lam = 0.0
     for _ in range(max_steps):
         g, H = objective.gradient(st), objective.hessian(st)
@@ -355,17 +355,17 @@ def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int 
             if f_new <= f + 1e-13 * max(1.0, abs(f)):
                 break
             if decrement <= 1e-10 * max(1.0, abs(f)):
-                return x, "converged: the Newton decrement is below the criterion's rounding", True
+                return x, "converged: the Newton decrement is below the criterion's rounding", True, st
             lam = max(4.0 * lam, 1e-3)
             if lam > 1e10:
-                return x, "no descent along the damped Newton direction", False
+                return x, "no descent along the damped Newton direction", False, st
         x_new = x + step / d
         small = np.max(np.abs(x_new - x)) <= 1e-12 * max(1.0, float(np.max(np.abs(x))))
         x, st, f = x_new, st_new, f_new
         lam = lam / 16.0 if lam > 1e-6 else 0.0
         if small or (decrement <= 1e-10 * max(1.0, abs(f)) and lam == 0.0):
-            return x, "converged: Newton steps with the analytic Hessian", True
-    return x, f"iteration limit ({max_steps} Newton steps)", False
+            return x, "converged: Newton steps with the analytic Hessian", True, st
+    return x, f"iteration limit ({max_steps} Newton steps)", False, st
 
 
 def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndarray, path: list):
@@ -382,7 +382,8 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     if hasattr(objective, "hessian"):
         found = _newton_several(objective, theta0, lower, path)
         if found is not None:
-            return (*found, "Newton (analytic Hessian), damped")
+            theta, message, H, st = found
+            return theta, message, H, "Newton (analytic Hessian), damped", st
     quasi = "L-BFGS-B (scipy) + chord-Newton polish"
     bounds = [(lo, None) for lo in objective.lower_bounds]
 
@@ -431,12 +432,12 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
             if not np.any(theta <= lower + 1e-12):
                 theta, H = _polish_general(objective, theta, lower)
                 if H is not None:
-                    return theta, "converged in centred and scaled slope coordinates", H, quasi
+                    return theta, "converged in centred and scaled slope coordinates", H, quasi, None
         theta, res = raw()
         message = str(res.message)
         if first is not None and _value(objective, first) < _value(objective, theta):
             kept, H = _polish_general(objective, first, lower)
-            return kept, f"{message}; centred and scaled slope coordinates better", H, quasi
+            return kept, f"{message}; centred and scaled slope coordinates better", H, quasi, None
     else:
         theta, res = raw()
         message = str(res.message)
@@ -447,7 +448,7 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
             if second is not None and _value(objective, second) < _value(objective, theta):
                 theta, message = second, f"{message}; second start in centred and scaled slope coordinates"
     theta, H = _polish_general(objective, theta, lower)
-    return theta, message, H, quasi
+    return theta, message, H, quasi, None
 
 
 def _newton_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndarray, path: list):
@@ -460,12 +461,13 @@ def _newton_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndar
     standard = _standardising_map(objective)
     start = np.asarray(theta0, dtype=float) if standard is None else standard.theta(np.asarray(theta0, float))
     for _ in range(objective.n_theta + 1):
-        theta, message, ok = _newton(objective, start, path)
+        found, message, ok, st = _newton(objective, start, path)
         if not ok:
             return None
-        theta = _on_the_bounds(objective, _canonical(objective, theta), lower)
+        theta = _on_the_bounds(objective, _canonical(objective, found), lower)
         try:
-            st = objective.state(theta)
+            if not np.array_equal(theta, found):
+                st = objective.state(theta)
             H = objective.hessian(st)
         except NumericalError:
             return None
@@ -476,7 +478,7 @@ def _newton_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndar
         start = inward
     if _projected_gradient(objective, st, theta, lower) >= GRADIENT_TOL * max(1.0, abs(objective.value(st))):
         return None
-    return theta, message, H
+    return theta, message, H, st
 
 
 def _projected_gradient(objective: ThetaDeviance, st: DevianceState, theta: np.ndarray, lower: np.ndarray) -> float:
