@@ -59,8 +59,8 @@ def intercept_kernels():
 
 
 def cholesky_solve(R: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """x with (R R^T) x = b for a lower Cholesky factor R (LAPACK potrs, without scipy's argument checks,
-    which cost more than the solve at these sizes)."""
+    r""":math:`x` with :math:`R R^\top x = b` for a lower Cholesky factor :math:`R` (LAPACK potrs, without
+    scipy's argument checks, which cost more than the solve at these sizes)."""
     x, info = scipy.linalg.lapack.dpotrs(R, b, lower=1)
     if info:
         raise NumericalError(f"potrs failed (info {info})")
@@ -376,7 +376,7 @@ class ThetaDeviance:
 
     @staticmethod
     def a_inverse(st: DevianceState) -> np.ndarray:
-        """(X^T V^-1 X)^-1 at the state, computed once."""
+        r""":math:`(X^\top V^{-1} X)^{-1}` at the state, computed once."""
         if "Ainv" not in st.work:
             st.work["Ainv"] = np.linalg.inv(st.A)
         return st.work["Ainv"]
@@ -398,10 +398,19 @@ class ThetaDeviance:
 
     def _profiled_hessian(self, st: DevianceState, d2logdet: np.ndarray, d2rss: np.ndarray, h: np.ndarray,
                           d2A: np.ndarray | None) -> np.ndarray:
-        """d'' from the second-order pieces at fixed beta: d2logdet = d^2 log|M|, d2rss = d^2 RSS (k, k),
-        h_k = dA_k beta - dc_k (k, p) and d2A (k, k, p, p; REML). beta moves with theta (dbeta_l =
-        -A^-1 h_l), so the total RSS'' = d2rss - 2 h A^-1 h^T; then
-          d'' = d2logdet + n_eff (RSS''/RSS - RSS' RSS'^T / RSS^2)  [+ tr(A^-1 d2A) - tr(A^-1 dA_k A^-1 dA_l)]."""
+        r"""The Hessian :math:`d''` of the profiled deviance from its second-order pieces at fixed
+        :math:`\beta`: ``d2logdet`` :math:`= \partial^2 \log|M|`, ``d2rss`` :math:`= \partial^2 \mathrm{RSS}`
+        (k, k), :math:`h_k = \partial_k A\, \beta - \partial_k c` (k, p) and ``d2A`` (k, k, p, p; REML). As
+        :math:`\beta` moves with :math:`\theta` (:math:`\partial_l \beta = -A^{-1} h_l`), the total
+        :math:`\mathrm{RSS}'' = \partial^2 \mathrm{RSS} - 2\, h A^{-1} h^\top`, and
+
+        .. math::
+
+            d''_{kl} = \partial^2_{kl} \log|M| + n_\text{eff} \Bigl(\frac{\mathrm{RSS}''_{kl}}{\mathrm{RSS}}
+                - \frac{\mathrm{RSS}'_k \mathrm{RSS}'_l}{\mathrm{RSS}^2}\Bigr)
+                \;\bigl[+ \operatorname{tr}(A^{-1} \partial^2_{kl} A)
+                - \operatorname{tr}(A^{-1} \partial_k A\, A^{-1} \partial_l A)\bigr]_\text{REML}.
+        """
         _, drss, dA = self.cached_derivatives(st)
         if self.p:
             Ainv = self.a_inverse(st)
@@ -594,8 +603,9 @@ def block_forms(qs: tuple[int, ...]) -> BlockForms:
 
 @functools.lru_cache(maxsize=None)
 def block_kernels(qs: tuple[int, ...]):
-    """[W_g entries (a <= b), log|M_g|] as one function of (theta, the entries S_a_b (a <= b) of every group
-    at once), lambdified with cse."""
+    r"""The derived :math:`[W_g` entries (:math:`a \le b`), :math:`\log|M_g|]` as one function of
+    (:math:`\theta`, the entries :math:`S_{ab}`, :math:`a \le b`, of every group at once), lambdified with
+    ``cse=True``."""
     f = block_forms(qs)
     q = f.T.shape[0]
     upper = [(a, b) for a in range(q) for b in range(a, q)]
@@ -608,18 +618,33 @@ FEW_PATTERNS = 16
 
 
 class BlockDeviance(ThetaDeviance):
-    """The profiled deviance when all terms share one grouping factor: Sigma is block-diagonal, and each
-    group enters through S_g = Z_g^T Z_g, Z_g^T X_g and Z_g^T y_g (:class:`BlockStatistics`):
-      log|V| = sum_g log|M_g|,  X^T V^-1 X = X^T X - sum_g (Z_g^T X_g)^T W_g (Z_g^T X_g),
-      X^T V^-1 y and y^T V^-1 y likewise, with the derived per-group W_g and log|M_g| (:func:`block_forms`).
-    Groups with the same S_g share W_g: the kernel runs once per distinct S_g (one for a balanced design,
-    whatever G), and the data's per-group products are added up by pattern once, so an evaluation costs
-    O(U q^2 p^2) for U distinct S_g. The derivatives follow from W_g by matrix calculus in the relative
-    covariance Sigma_b = T T^T (W_g = (Sigma_b^-1 + S_g)^-1): with R = I - W S and B = S - S W S,
-      dW_k = R Sigma_k R^T,  dlog|M_g| = tr(B Sigma_k),  Sigma_k = E_k T^T + T E_k^T  (E_k = dT/dtheta_k),
-    which equal the sympy derivatives of the block forms (tests), and likewise the second derivatives."""
+    r"""The profiled deviance when all terms share one grouping factor: :math:`\Sigma` is block-diagonal,
+    and each group enters through :math:`S_g = Z_g^\top Z_g`, :math:`Z_g^\top X_g` and :math:`Z_g^\top y_g`
+    (:class:`BlockStatistics`):
 
-    #: the per-pattern sums of (Z^T X)_g (Z^T X)_g^T are kept when they have at most this many entries
+    .. math::
+
+        \log|V| = \sum_g \log|M_g|, \qquad
+        X^\top V^{-1} X = X^\top X - \sum_g (Z_g^\top X_g)^\top W_g (Z_g^\top X_g),
+
+    :math:`X^\top V^{-1} y` and :math:`y^\top V^{-1} y` likewise, with the derived per-group :math:`W_g` and
+    :math:`\log|M_g|` (:func:`block_forms`). Groups with the same :math:`S_g` share :math:`W_g`: the kernel
+    runs once per distinct :math:`S_g` (one for a balanced design, whatever :math:`G`), and the data's
+    per-group products are added up by pattern once, so an evaluation costs :math:`O(U q^2 p^2)` for
+    :math:`U` distinct :math:`S_g`. The derivatives follow from :math:`W_g` by matrix calculus in the relative
+    covariance :math:`\Sigma_b = T T^\top` (:math:`W_g = (\Sigma_b^{-1} + S_g)^{-1}`): with
+    :math:`R = I - W S`, :math:`B = S - S W S`, :math:`E_k = \partial T / \partial\theta_k` and
+    :math:`\Sigma_k = E_k T^\top + T E_k^\top`,
+
+    .. math::
+
+        \partial_k W_g = R\, \Sigma_k R^\top, \qquad \partial_k \log|M_g| = \operatorname{tr}(B\, \Sigma_k),
+
+    which equal the sympy derivatives of the block forms (tests), and likewise the second derivatives
+    (:meth:`hessian`)."""
+
+    #: the per-pattern sums of :math:`(Z^\top X)_g (Z^\top X)_g^\top` are kept when they have at most this
+    #: many entries
     PATTERN_GRAM_MAX = 20_000_000
 
     def __init__(self, design: Design, reml: bool):
@@ -698,7 +723,7 @@ class BlockDeviance(ThetaDeviance):
                              logdetA=logdetA, b=self._layout(b), work=dict(e=e, W=Wp))
 
     def conditional_variances(self, st: DevianceState) -> np.ndarray:
-        """diag(W_g) = diag(T M_g^-1 T^T) per group."""
+        r""":math:`\operatorname{diag}(W_g) = \operatorname{diag}(T M_g^{-1} T^\top)` per group."""
         return self._layout(np.diagonal(st.work["W"], axis1=1, axis2=2)[self._pattern_of])
 
     def _layout(self, b: np.ndarray) -> np.ndarray:
@@ -710,8 +735,9 @@ class BlockDeviance(ThetaDeviance):
         return np.concatenate(out)
 
     def _first_order(self, st: DevianceState) -> dict:
-        """Per pattern: T, R = I - W S, Sigma_k, dW_k = R Sigma_k R^T, B = S - S W S; and the residual
-        products EE = sum_g e_g e_g^T and Ze = sum_g (Z^T X)_g e_g^T by pattern (computed once per state)."""
+        r"""Per pattern: :math:`R = I - W S`, :math:`\Sigma_k`, :math:`\partial_k W = R \Sigma_k R^\top`,
+        :math:`B = S - S W S`; and the residual products :math:`\sum_g e_g e_g^\top` and
+        :math:`\sum_g (Z^\top X)_g e_g^\top` by pattern (computed once per state)."""
         if "first" not in st.work:
             S, W, q = self._Sfull, st.work["W"], self._Sfull.shape[1]
             T = np.zeros((q, q))
@@ -728,7 +754,10 @@ class BlockDeviance(ThetaDeviance):
         return st.work["first"]
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d log|M| = sum_g tr(B_g Sigma_k), dRSS = -sum_g e_g^T dW_g e_g, dA = -sum_g (Z^T X)_g^T dW_g (Z^T X)_g."""
+        r""":math:`\partial_k \log|M| = \sum_g \operatorname{tr}(B_g \Sigma_k)`,
+        :math:`\partial_k \mathrm{RSS} = -\sum_g e_g^\top \partial_k W_g\, e_g` and
+        :math:`\partial_k A = -\sum_g (Z^\top X)_g^\top\, \partial_k W_g\, (Z^\top X)_g`, with
+        :math:`e_g = Z_g^\top (y_g - X_g \beta)`."""
         f = self._first_order(st)
         dW = f["dW"]                                                            # (U, k, q, q)
         dlogdet = np.einsum("ab,kba->k", np.tensordot(self._counts, f["B"], axes=1), f["Sk"])
@@ -737,12 +766,21 @@ class BlockDeviance(ThetaDeviance):
         return dlogdet, drss, dA
 
     def hessian(self, st: DevianceState) -> np.ndarray:
-        """d'' of the profiled deviance (:meth:`ThetaDeviance._profiled_hessian`), per distinct S_g from
-          d2W_kl = R Sigma_kl R^T - dW_l S Sigma_k R^T - R Sigma_k S dW_l,
-          d2log|M_g| = tr(B Sigma_kl) - tr(S dW_l S Sigma_k),   Sigma_kl = E_k E_l^T + E_l E_k^T,
-        and beta's movement with theta through h_k = dA_k beta - dc_k = sum_g (Z^T X)_g^T dW_k e_g. d2W is
-        only needed in the sums sum_g <Y_g, d2W_g,kl> (Y_g = e_g e_g^T for RSS, (Z^T X)_g,.p (Z^T X)_g,.r^T for
-        A): :meth:`_against_d2W` forms them without the (k, k, q, q) array per group."""
+        r"""The Hessian :math:`d''` of the profiled deviance (assembled as ``_profiled_hessian`` says), per
+        distinct :math:`S_g` from :math:`\Sigma_{kl} = E_k E_l^\top + E_l E_k^\top` and
+
+        .. math::
+
+            \partial^2_{kl} W_g &= R\, \Sigma_{kl} R^\top - \partial_l W_g\, S\, \Sigma_k R^\top
+                - R\, \Sigma_k S\, \partial_l W_g, \\
+            \partial^2_{kl} \log|M_g| &= \operatorname{tr}(B\, \Sigma_{kl})
+                - \operatorname{tr}(S\, \partial_l W_g\, S\, \Sigma_k),
+
+        and :math:`\beta`'s movement with :math:`\theta` through
+        :math:`h_k = \partial_k A\, \beta - \partial_k c = \sum_g (Z^\top X)_g^\top\, \partial_k W_g\, e_g`.
+        :math:`\partial^2 W` is only needed in sums :math:`\sum_g \langle Y_g, \partial^2_{kl} W_g \rangle`
+        (:math:`Y_g = e_g e_g^\top` for the RSS, the products of :math:`Z^\top X`'s columns for :math:`A`),
+        which ``_against_d2W`` forms without a (k, k, q, q) array per group."""
         f = self._first_order(st)
         S, k, p = self._Sfull, self.n_theta, self.p
         U, q = S.shape[:2]
@@ -765,9 +803,11 @@ class BlockDeviance(ThetaDeviance):
         return self._profiled_hessian(st, d2logdet, d2rss, h, d2A)
 
     def _against_d2W(self, f: dict, Y: np.ndarray) -> np.ndarray:
-        """sum_u <Y_u,j, d2W_u,kl> for symmetric weights Y (U, J, q, q), as (J, k, k):
-        <Y, R Sigma_kl R^T> = <R^T Y R, Sigma_kl> and <Y, dW_l S Sigma_k R^T + its transpose> =
-        2 tr(R^T Y dW_l S Sigma_k), each summed over the patterns before the contraction with Sigma."""
+        r""":math:`\sum_u \langle Y_{uj}, \partial^2_{kl} W_u \rangle` for symmetric weights :math:`Y`
+        (U, J, q, q), as (J, k, k), from :math:`\langle Y, R \Sigma_{kl} R^\top \rangle =
+        \langle R^\top Y R, \Sigma_{kl} \rangle` and :math:`\langle Y, \partial_l W S \Sigma_k R^\top +
+        (\cdot)^\top \rangle = 2 \operatorname{tr}(R^\top Y\, \partial_l W S\, \Sigma_k)`, each summed over
+        the patterns before the contraction with :math:`\Sigma`."""
         R, Rt, Sk, dW, S = f["R"], f["Rt"], f["Sk"], f["dW"], self._Sfull
         U, J, q = Y.shape[0], Y.shape[1], Y.shape[2]
         k = Sk.shape[0]

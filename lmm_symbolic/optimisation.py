@@ -1,12 +1,13 @@
-"""Optimisation: minimise the one profiled deviance with scipy, and solve the score equations exactly with
+r"""Optimisation: minimise the one profiled deviance with scipy, and solve the score equations exactly with
 sympy where the design is balanced.
 
-Like lme4's ``optimizeLmer`` the numeric search is over theta alone (sigma_s / sigma for (1|g), the relative
-covariance factors' entries otherwise); sigma^2 and beta follow in closed form. One theta: Newton with the
-analytic second derivative; several: damped Newton with the analytic Hessian where the criterion has one
-(terms sharing one grouping factor), otherwise L-BFGS-B with the analytic gradient over unconstrained theta,
-made canonical and polished. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in one
-immutable object (as MixedModels.jl's ``OptSummary``).
+Like lme4's ``optimizeLmer`` the numeric search is over :math:`\theta` alone (:math:`\sigma_s / \sigma` for
+(1|g), the relative covariance factors' entries otherwise); :math:`\sigma^2` and :math:`\beta` follow in closed
+form. One :math:`\theta`: Newton with the analytic second derivative; several: damped Newton with the
+analytic Hessian where the criterion has one (terms sharing one grouping factor), otherwise L-BFGS-B with
+the analytic gradient over unconstrained :math:`\theta`, made canonical and polished. :class:`OptSummary`
+keeps the optimiser's settings, its path and its outcome in one immutable object (as MixedModels.jl's
+``OptSummary``).
 """
 from __future__ import annotations
 
@@ -225,14 +226,16 @@ class Optimum:
 
 
 def optimise(objective: ThetaDeviance) -> Optimum:
-    """Minimise lme4's profiled deviance over theta within lme4's bounds (diagonal entries of each T >= 0).
+    r"""Minimise lme4's profiled deviance over :math:`\theta` within lme4's bounds (the diagonal entries of
+    each :math:`T_k` are :math:`\ge 0`).
 
-    One theta (a random intercept, a kinship matrix, one scalar term): Newton's method on d'(theta) with the
-    analytic second derivative where the criterion has one (:meth:`InterceptDeviance.hessian`), safeguarded
-    by backtracking; several: damped Newton where the criterion has an analytic Hessian
-    (:meth:`BlockDeviance.hessian`), else L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal
-    theta at its bound 0 is a stationary point (the deviance is even in each column of T), so a stop there
-    is tested by moving that theta inward, and the search restarts from any better point."""
+    One :math:`\theta` (a random intercept, a kinship matrix, one scalar term): Newton's method on
+    :math:`d'(\theta) = 0` with the analytic second derivative where the criterion has one
+    (:meth:`InterceptDeviance.hessian`), safeguarded by backtracking. Several: damped Newton where the
+    criterion has an analytic Hessian (:meth:`BlockDeviance.hessian`), else L-BFGS-B with the analytic
+    gradient, then chord-Newton polishing. A diagonal :math:`\theta` at its bound 0 is a stationary point
+    (the deviance is even in each column of :math:`T_k`), so a stop there is tested by moving that
+    :math:`\theta` inward, and the search restarts from any better point."""
     path: list[np.ndarray] = []
     theta0 = objective.initial()
     lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])

@@ -99,9 +99,9 @@ class FitResult:
 
     @property
     def theta(self) -> pd.Series:
-        """lme4's theta, named and ordered as ``getME(fit, "theta")`` (terms by decreasing number of levels;
-        within a term the lower triangle of its relative Cholesky factor, column by column).
-        ``opt.theta`` is the same vector in the formula's order of terms."""
+        r"""lme4's :math:`\theta`, named and ordered as ``getME(fit, "theta")`` (terms by decreasing number of
+        levels; within a term the lower triangle of its relative Cholesky factor :math:`T_k`, column by
+        column). ``opt.theta`` is the same vector in the formula's order of terms."""
         order, names = lme4_theta_order(self.design, len(self.opt.theta))
         return pd.Series([float(self.opt.theta[k]) for k in order], index=names, name="theta")
 
@@ -476,11 +476,12 @@ _NO_CORRELATIONS = pd.DataFrame({"group": [], "term1": [], "term2": [], "corr": 
 
 def make_result(design: Design, opt: Optimum, messages: tuple[str, ...] = (),
                 cond: Conditioning | None = None) -> FitResult:
-    """Everything a user reads off a fit, computed once from the optimum of the one profiled deviance:
-    VarCorr from the relative factors (D_k = sigma^2 T_k T_k^T), the conditional modes with their SDs,
-    Satterthwaite's df, then the inference every fit shares (:func:`_assemble`). ``opt`` is the optimum of
+    r"""Everything a user reads off a fit, computed once from the optimum of the one profiled deviance:
+    VarCorr from the relative factors (:math:`D_k = \sigma^2 T_k T_k^\top`), the conditional modes with their
+    SDs, Satterthwaite's df, then the inference every fit shares (``_assemble``). ``opt`` is the optimum of
     the design the core fitted (``opt.objective.design``: :func:`conditioned`'s basis), ``cond`` the maps
-    from it to ``design``'s parametrisation: beta = C_X beta~, theta of C_k T~_k, b = C_k b~."""
+    from it to ``design``'s parametrisation: :math:`\beta = C_X \tilde\beta`, :math:`T_k` the lower factor of
+    :math:`C_k \tilde T_k`, :math:`b = C_k \tilde b`."""
     ob = opt.objective
     cond = Conditioning() if cond is None else cond
     work = ob.design

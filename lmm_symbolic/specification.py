@@ -191,13 +191,16 @@ def _basis(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """How a design was re-expressed for the core (:func:`conditioned`), and the maps back.
+    r"""How a design was re-expressed for the core (:func:`conditioned`), and the maps back.
 
-    X~ = X C_X, so X beta = X~ beta~ with beta = C_X beta~ and Var(beta) = C_X Var(beta~) C_X^T; the REML
-    criterion's log|X^T V^-1 X| = log|X~^T V^-1 X~| - 2 log|det C_X| (ML is unchanged). For a correlated
-    term (q >= 2, an unstructured q x q covariance) Z~_k = Z_k C_k, so Z_k b = Z~_k b~ with b = C_k b~ and
-    D_k = C_k D~_k C_k^T: the same model, its relative factor T_k = lower factor of C_k T~_k (lme4's
-    theta for the user's columns). None where the design is used as given."""
+    :math:`\tilde X = X C_X`, so :math:`X\beta = \tilde X \tilde\beta` with :math:`\beta = C_X \tilde\beta` and
+    :math:`\operatorname{Var}(\beta) = C_X \operatorname{Var}(\tilde\beta) C_X^\top`; the REML criterion's
+    :math:`\log|X^\top V^{-1} X| = \log|\tilde X^\top V^{-1} \tilde X| - 2 \log|\det C_X|` (ML is unchanged).
+    For a correlated term (:math:`q \ge 2`, an unstructured :math:`q \times q` covariance)
+    :math:`\tilde Z_k = Z_k C_k`, so :math:`Z_k b = \tilde Z_k \tilde b` with :math:`b = C_k \tilde b` and
+    :math:`D_k = C_k \tilde D_k C_k^\top`: the same model, its relative factor :math:`T_k` the lower factor of
+    :math:`C_k \tilde T_k` (lme4's :math:`\theta` for the user's columns). None where the design is used as
+    given."""
 
     fixed: np.ndarray | None = None
     terms: tuple[np.ndarray | None, ...] = ()
@@ -234,28 +237,31 @@ class Conditioning:
         return np.concatenate(out + [theta[k:]]) if out else theta
 
     def theta(self, theta_t, qs) -> np.ndarray:
-        """lme4's theta for the user's Z from theta~ of Z~ (formula order, q_k per term)."""
+        r"""lme4's :math:`\theta` for the user's :math:`Z` from :math:`\tilde\theta` of :math:`\tilde Z` (formula
+        order, :math:`q_k` per term)."""
         return self._map_theta(theta_t, qs, inverse=False)
 
     def theta_tilde(self, theta, qs) -> np.ndarray:
-        """theta~ of Z~ from lme4's theta."""
+        r""":math:`\tilde\theta` of :math:`\tilde Z` from lme4's :math:`\theta`."""
         return self._map_theta(theta, qs, inverse=True)
 
     def modes(self, b_t: np.ndarray, k: int) -> np.ndarray:
-        """Term k's conditional modes (levels x q) for the user's columns: b = C_k b~ per level."""
+        r"""Term :math:`k`'s conditional modes (levels :math:`\times q`) for the user's columns:
+        :math:`b = C_k \tilde b` per level."""
         C = self.terms[k] if k < len(self.terms) else None
         return b_t if C is None else b_t @ C.T
 
 
 def conditioned(design: Design) -> tuple[Design, Conditioning]:
-    """The design the core fits: X, and the Z of each correlated term (q >= 2), replaced by a well-conditioned
-    basis of the same column space where their condition number exceeds :data:`CONDITION_LIMIT`
-    (near-collinear covariates, a covariate far from 0 such as x = 1000 + 0.01 z), with the maps back
-    (:class:`Conditioning`). The model is the same: col(X) and each unstructured term's family of
-    covariances do not change, so the ML optimum is the same point and every reported quantity is mapped to
-    the user's parametrisation. The normal equations X^T V^-1 X of an X with condition number k lose
-    k^2 eps of the criterion; in the new basis they lose eps. Scalar terms (q = 1) are left as they are
-    (centring their covariate would change the model)."""
+    r"""The design the core fits: :math:`X`, and the :math:`Z` of each correlated term (:math:`q \ge 2`),
+    replaced by a well-conditioned basis of the same column space where their condition number exceeds
+    :data:`CONDITION_LIMIT` (near-collinear covariates, a covariate far from 0 such as
+    :math:`x = 1000 + 0.01 z`), with the maps back (:class:`Conditioning`). The model is the same:
+    :math:`\operatorname{col}(X)` and each unstructured term's family of covariances do not change, so the ML
+    optimum is the same point and every reported quantity is mapped to the user's parametrisation. The
+    normal equations :math:`X^\top V^{-1} X` of an :math:`X` with condition number :math:`\kappa` lose
+    :math:`\kappa^2 \varepsilon` of the criterion; in the new basis they lose :math:`\varepsilon`. Scalar terms
+    (:math:`q = 1`) are left as they are (centring their covariate would change the model)."""
     import dataclasses
 
     if not isinstance(design.X, np.ndarray):
