@@ -1022,7 +1022,8 @@ class SparseDeviance(ThetaDeviance):
 
     def _factor(self, theta) -> dict:
         """M's blocks at theta: M_11^-1 per level, F = M_11^-1 M_12, the Cholesky factor of S, log|M|."""
-        data = self._eye + np.einsum("k,l,kln->n", theta, theta, self._P)
+        k = self.n_theta
+        data = self._eye + np.outer(theta, theta).ravel() @ self._P.reshape(k * k, -1)
         w1, w2, q1 = self.w1, self.w2, self.q1
         rows, cols = self._rows, self._cols
         M11 = np.zeros((w1 // q1, q1, q1))
@@ -1117,7 +1118,8 @@ class SparseDeviance(ThetaDeviance):
 
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         theta, f = st.theta, st.work
-        trace = 2.0 * np.einsum("l,kln,n->k", theta, self._P, self._inverse_on_pattern(f))
+        k = self.n_theta
+        trace = 2.0 * (self._P.reshape(k * k, -1) @ self._inverse_on_pattern(f)).reshape(k, k) @ theta
         # Z^T V^-1 v = Z^T v - Z^T Z Lambda M^-1 Lambda^T Z^T v, for v = y - X beta and the columns of X
         ZtZ_lambda = lambda x: sum(t * (G @ x) for t, G in zip(theta, self._ZtZE))  # noqa: E731
         Zt_res = self.Zty - self.ZtX @ st.beta
