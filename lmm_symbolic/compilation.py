@@ -972,19 +972,37 @@ class SparseDeviance(ThetaDeviance):
         ZtZ = (Z.T @ Z).tocsc()
         self.ZtZ, self.ZtX, self.Zty = ZtZ, np.asarray(Z.T @ X), np.asarray(Z.T @ y)
         self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
-        E = []
+        E, rows, cols, which = [], [], [], []
         for lay in self.layouts:
             base = lay.offset + np.arange(lay.n_levels) * lay.q
             for r, c in lay.theta_index:
-                E.append(scipy.sparse.csc_matrix((np.ones(lay.n_levels), (position[base + r], position[base + c])),
-                                                 shape=(w, w)))
-        self._E = [e.tocsr() for e in E]
+                rows.append(position[base + r])
+                cols.append(position[base + c])
+                which.append(np.full(lay.n_levels, len(E)))
+                E.append(scipy.sparse.csc_matrix((np.ones(lay.n_levels), (rows[-1], cols[-1])), shape=(w, w)))
+        self._by_theta = list(zip(rows, cols))                          # E_k's (row, column) indices
+        self._lam_rows, self._lam_cols, self._lam_which = (np.concatenate(v) for v in (rows, cols, which))
+        # Lambda's and Lambda^T's CSR structure, fixed: an evaluation only fills in theta
+        self._lam = self._csr_structure(self._lam_rows, self._lam_cols)
+        self._lamT = self._csr_structure(self._lam_cols, self._lam_rows)
         self._Et = [e.T.tocsr() for e in E]
-        self._ZtZE = [(ZtZ @ e).tocsr() for e in E]                    # Z^T Z E_k
         self._EtZtX = np.stack([e @ self.ZtX for e in self._Et])     # (k, w, p)
         self._EtZty = np.stack([e @ self.Zty for e in self._Et])     # (k, w)
         self._pattern([[(self._Et[k] @ ZtZ @ E[l]).tocoo() for l in range(self.n_theta)]
                        for k in range(self.n_theta)])
+
+    def _csr_structure(self, rows: np.ndarray, cols: np.ndarray) -> tuple:
+        """(which theta each stored entry takes, indices, indptr) of the w x w CSR matrix with entries at
+        (rows, cols), numbered as ``_lam_which``."""
+        order = np.lexsort((cols, rows))
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=self.width))]).astype(np.int32)
+        return self._lam_which[order], cols[order].astype(np.int32), indptr
+
+    def _lambda(self, theta, transpose: bool = False) -> scipy.sparse.csr_matrix:
+        """Lambda (or Lambda^T) at theta as a CSR matrix on its fixed structure."""
+        which, indices, indptr = self._lamT if transpose else self._lam
+        return scipy.sparse.csr_matrix((np.asarray(theta, dtype=float)[which], indices, indptr),
+                                       shape=(self.width, self.width))
 
     def _pattern(self, P) -> None:
         """M's pattern (the union of the P_kl and the diagonal), each P_kl's values on it, and where each
@@ -1072,7 +1090,7 @@ class SparseDeviance(ThetaDeviance):
         sol = self._solve(f, np.column_stack([LZX, LZy]))
         A, beta, rss, logdetA, u = self._woodbury_profile(theta, LZX, LZy, sol)
         b = np.empty(self.width)
-        b[self._perm] = sum(t * (e @ u) for t, e in zip(theta, self._E))     # Lambda u, Z's column order
+        b[self._perm] = self._lambda(theta) @ u                           # Lambda u, Z's column order
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=f["logdet"], logdetA=logdetA,
                              b=b, work=f)
 
@@ -1081,7 +1099,7 @@ class SparseDeviance(ThetaDeviance):
         on :math:`M`'s pattern."""
         Minv = scipy.sparse.csr_matrix((self._inverse_on_pattern(st.work), (self._rows, self._cols)),
                                        shape=(self.width, self.width))
-        L = sum(t * e for t, e in zip(st.theta, self._E))
+        L = self._lambda(st.theta)
         out = np.empty(self.width)
         out[self._perm] = np.asarray((L @ Minv).multiply(L).sum(axis=1)).ravel()
         return out
@@ -1121,14 +1139,15 @@ class SparseDeviance(ThetaDeviance):
         k = self.n_theta
         trace = 2.0 * (self._P.reshape(k * k, -1) @ self._inverse_on_pattern(f)).reshape(k, k) @ theta
         # Z^T V^-1 v = Z^T v - Z^T Z Lambda M^-1 Lambda^T Z^T v, for v = y - X beta and the columns of X
-        ZtZ_lambda = lambda x: sum(t * (G @ x) for t, G in zip(theta, self._ZtZE))  # noqa: E731
+        L, LT = self._lambda(theta), self._lambda(theta, transpose=True)
         Zt_res = self.Zty - self.ZtX @ st.beta
-        Zt_r = Zt_res - ZtZ_lambda(self._solve(f, sum(t * (e @ Zt_res) for t, e in zip(theta, self._Et))))
-        Zt_P = self.ZtX - ZtZ_lambda(self._solve(f, np.einsum("k,kwp->wp", theta, self._EtZtX)))
-        v = np.stack([e @ Zt_r for e in self._Et])                     # E_k^T Z^T r
-        Q = np.stack([e @ Zt_P for e in self._Et])                     # E_k^T Z^T P
-        drss = -2.0 * (v @ (theta @ v))
-        QQ = Q.transpose(0, 2, 1) @ np.tensordot(theta, Q, axes=1)    # sum_l theta_l Q_k^T Q_l
+        rhs = np.column_stack([Zt_res, self.ZtX])
+        Zt = rhs - self.ZtZ @ (L @ self._solve(f, LT @ rhs))            # [Z^T r, Z^T P]
+        LtZt = LT @ Zt
+        # sum over E_k's entries (i, j): dRSS_k = -2 (Z^T r)_i (Lambda^T Z^T r)_j, dA_k likewise for P
+        rows, cols = self._lam_rows, self._lam_cols
+        drss = -2.0 * np.bincount(self._lam_which, weights=Zt[rows, 0] * LtZt[cols, 0], minlength=k)
+        QQ = np.stack([Zt[r, 1:].T @ LtZt[c, 1:] for r, c in self._by_theta])
         return trace, drss, -(QQ + QQ.transpose(0, 2, 1))
 
 

@@ -331,7 +331,7 @@ def test_blockwise_factorisation_equals_dense_m(monkeypatch, chunk):
     assert (ob.w1, ob.q1, ob.w2) == (60, 2, 13)
     theta = np.array([0.9, -0.3, 0.5, 0.7, 1.2])
     f = ob._factor(theta)
-    L = sum(t * e for t, e in zip(theta, ob._E)).toarray()
+    L = ob._lambda(theta).toarray()
     M = L.T @ ob.ZtZ.toarray() @ L + np.eye(ob.width)
     assert f["logdet"] == pytest.approx(np.linalg.slogdet(M)[1], rel=1e-12)
     Minv = np.linalg.inv(M)
