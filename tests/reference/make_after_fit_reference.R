@@ -32,6 +32,9 @@ read_dataset <- function(name, groups) {
 }
 sleep <- read_dataset("sleepstudy", "Subject")
 toy <- read_dataset("toy", "Ind")
+dyestuff <- read_dataset("Dyestuff", "Batch")
+penicillin <- read_dataset("Penicillin", c("plate", "sample"))
+pastes <- read_dataset("Pastes", c("batch", "cask", "sample"))
 
 NSIM_BOOT <- 500L
 NSIM_SIM <- 4000L
@@ -119,6 +122,38 @@ res$anova <- list(
                              anova_table(anova(s1, s2, refit = FALSE))),
   toy_refit = c(list(formulas = c("Resp ~ 1 + (1|Ind)", "Resp ~ Treat + (1|Ind)")),
                 anova_table(suppressMessages(anova(t0, t1))))
+)
+
+# Profile intervals. confint(fit) interpolates a spline through profile()'s points, taken every
+# delta.cutoff (1/8 by default) in zeta: a few points per parameter, so its limits can sit some 1e-2 away
+# from the roots of zeta = +-qnorm(0.975) on small data. The same profile on a fine grid (delta.cutoff =
+# PROFILE_FINE, up to maxpts points each way) converges to the roots: lmm_symbolic is tested against those
+# and its differences to both reported. A REML fit is profiled as lme4 does it: its ML refit (devfun2).
+PROFILE_FINE <- 1 / 128
+profile_case <- function(formula, data, reml) {
+  m <- lmer(formula, data = data, REML = reml)
+  t0 <- Sys.time()
+  ci <- suppressWarnings(suppressMessages(confint(m)))
+  seconds <- as.numeric(Sys.time() - t0, units = "secs")
+  t0 <- Sys.time()
+  pr <- suppressWarnings(suppressMessages(profile(m, delta.cutoff = PROFILE_FINE, maxpts = 2000)))
+  fine <- suppressWarnings(suppressMessages(confint(pr)))
+  list(formula = deparse1(formula), method = if (reml) "REML" else "ML",
+       theta_names = names(getME(m, "theta")),
+       confint_default = mat(ci), seconds = seconds,
+       confint_fine = c(mat(fine), list(delta_cutoff = PROFILE_FINE, points = nrow(pr),
+                                        seconds_fine = as.numeric(Sys.time() - t0, units = "secs"))))
+}
+res$profiles <- list(
+  toy_ML = profile_case(Resp ~ Treat + (1 | Ind), toy, FALSE),
+  toy_REML = profile_case(Resp ~ Treat + (1 | Ind), toy, TRUE),
+  sleepstudy_intercept_ML = profile_case(Reaction ~ Days + (1 | Subject), sleep, FALSE),
+  sleepstudy_slope_ML = profile_case(Reaction ~ Days + (Days | Subject), sleep, FALSE),
+  sleepstudy_slope_REML = profile_case(Reaction ~ Days + (Days | Subject), sleep, TRUE),
+  dyestuff_REML = profile_case(Yield ~ 1 + (1 | Batch), dyestuff, TRUE),
+  penicillin_REML = profile_case(diameter ~ 1 + (1 | plate) + (1 | sample), penicillin, TRUE),
+  penicillin_reversed_REML = profile_case(diameter ~ 1 + (1 | sample) + (1 | plate), penicillin, TRUE),
+  pastes_REML = profile_case(strength ~ 1 + (1 | batch / cask), pastes, TRUE)
 )
 
 writeLines(toJSON(res, digits = NA, auto_unbox = TRUE, pretty = TRUE, na = "null"), out_file)
