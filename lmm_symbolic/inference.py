@@ -642,14 +642,14 @@ class _Profiler:
                 D, g = self.var_deviance(psi)
                 return D, g[free]
             res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                          options={"ftol": 1e-13, "gtol": 1e-7, "maxiter": 500, "maxls": 40})
+                                          options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 500, "maxls": 40})
         else:
             j = self.fixed.index(name)
             lower = [(lo, None) if lo is not None else (None, None) for lo in self.ob.lower_bounds]
             x0 = self._warm_start(name, v, self.theta_hat)
             x0 = np.array([max(x, a) if a is not None else x for x, (a, _) in zip(x0, lower)])
             res = scipy.optimize.minimize(lambda th: self.beta_deviance(j, v, th), x0, method="L-BFGS-B",
-                                          bounds=lower, options={"ftol": 1e-13, "gtol": 1e-7, "maxiter": 500,
+                                          bounds=lower, options={"ftol": 1e-11, "gtol": 1e-5, "maxiter": 500,
                                                                  "maxls": 40})
         self.starts.setdefault(name, []).append((v, np.asarray(res.x, dtype=float)))
         return float(res.fun)
@@ -794,10 +794,11 @@ def profile(fit, which=None, points: int = 13, level: float = 0.99) -> pd.DataFr
     """lme4's profile(fit): zeta(psi) of each parameter between its limits at ``level`` (lme4's alphamax =
     0.01); columns .par, value, .zeta (the data of a profile-zeta plot). The points are those the root
     search evaluated, filled in to about ``points`` per parameter, evenly spread in zeta."""
-    pr = _Profiler(fit)
     z = scipy.stats.norm.ppf(1 - (1 - level) / 2)
     rows = []
-    with _one_blas_thread(), stage("profiling the deviance for %d parameters", len(which or pr.all_names())):
+    with _one_blas_thread(), stage("profiling the deviance for %d parameters",
+                                   len(which or parameters(fit).index)):
+        pr = _Profiler(fit)
         for name in (which or pr.all_names()):
             lo, hi = pr.limits_w(name, z)
             est = pr.estimate_w(name)
@@ -836,10 +837,10 @@ def conf_int(fit, alpha: float = 0.05, method: str = "profile", nsim: int = 500,
         hi[fit.params.index] = fit.params + z * fit.bse
         out = pd.DataFrame({lo_name: lo, hi_name: hi})
     elif method == "profile":
-        pr = _Profiler(fit)
         z = scipy.stats.norm.ppf(1 - alpha / 2)
         wanted = list(which or names)
         with _one_blas_thread(), stage("profiling the deviance for %d parameters", len(wanted)):
+            pr = _Profiler(fit)
             limits = {name: pr.limits(name, z) for name in wanted}
         out = pd.DataFrame(limits, index=[lo_name, hi_name]).T
     elif method in ("boot", "bootstrap"):
