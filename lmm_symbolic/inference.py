@@ -451,8 +451,11 @@ _COR_EDGE = 1 - 1e-8          # a correlation is profiled inside (-1, 1): at +-1
 
 
 class _Profiler:
-    """The ML deviance as lme4's profile sees it (lme4 refits a REML fit by ML first), evaluated from the
-    fit's own criterion object (the ML fit's ``opt.objective``: nothing is specified or compiled again).
+    """The ML deviance as lme4's profile sees it (lme4 refits a REML fit by ML first): the ML criterion of
+    the fit's own Design (:func:`~lmm_symbolic.compilation.profiled_deviance` of the whitened design, built
+    once; nothing is specified again), a REML fit's ML optimum by :func:`~lmm_symbolic.optimisation.optimise`.
+    A kinship model is the same criterion with one "term" (theta = sigma_s / sigma, Sigma = sigma_s^2 K +
+    sigma^2 I), so it is profiled alike: .sig01 = sigma_s, .sigma, beta.
 
     Variance parameters psi = (SDs and correlations of each term, sigma), theta = T(psi) with
     T_k = diag(sd_k) chol(C_k) / sigma:
@@ -688,11 +691,12 @@ class _Profiler:
         return z / np.sqrt(2 * max(G, 1)) if kind == "sd" else z / np.sqrt(max(G, 1))
 
     def limits_w(self, name: str, z: float) -> tuple[float, float]:
-        """The values (scaled units) where zeta = -z and +z: from the estimate, secant steps with a little
-        overshoot on the scale where zeta is nearly straight (log for an SD and sigma) until the root is
-        bracketed, then Brent's method; each inner fit starts from its neighbours' optima. Where the profile
-        stays inside |zeta| < z up to a bound, the limit is the bound, as lme4 gives it: 0 for an SD, -1 or 1
-        for a correlation."""
+        """The values (scaled units) where zeta = -z and +z, the roots themselves (lme4 reads them off a
+        spline through its profile's points): from the estimate, on the scale where zeta is nearly straight
+        (log for an SD and sigma), a first step (:meth:`_first_step`), then inverse interpolation
+        (:meth:`_root`); each inner fit starts from its neighbours' optima, so a limit costs some five inner
+        fits. Where the profile stays inside |zeta| < z up to a bound, the limit is the bound, as lme4 gives
+        it: 0 for an SD, -1 or 1 for a correlation."""
         est, kind = self.estimate_w(name), self.kind(name)
         logscale = kind == "sigma" or (kind == "sd" and est > 1e-8 * self.psi_hat[-1])
         to_u = np.log if logscale else (lambda v: v)
@@ -724,8 +728,8 @@ class _Profiler:
         interpolation through the (up to) three evaluated points nearest the root -- a secant step from
         two --, kept inside the bracket once there is one (bisection when it would leave it) and moving at
         least a little past the last point while there is none; stops when |f| < 1e-9 or the step is
-        below 1e-10 of the parameter's scale. A bound ``edge`` (an SD's 0, a correlation's +-1), where f has
-        already been found beyond 0, caps the search."""
+        below 1e-10 of the parameter's scale. A bound ``edge`` (an SD's 0, a correlation's +-1) caps the search:
+        (edge, True) when f has not reached 0 there."""
         f0 = fv(of_u(u0))
         pts = [(u0, f0)]
         u = u0 + side * h
