@@ -627,6 +627,19 @@ class _Profiler:
         (u1, x1), (u2, x2) = known[0], known[1]
         return x1 + (v - u1) * (x2 - x1) / (u2 - u1)
 
+    def _feasible(self, psi: np.ndarray, free: list[int], x0: np.ndarray) -> np.ndarray:
+        """A start whose correlation matrices are positive definite: with one correlation held fixed in a
+        term of three or more, the others' warm start may not be; they are shrunk towards 0 until it is
+        (with them at 0, C is positive definite for any one correlation in (-1, 1))."""
+        x = x0.copy()
+        cors = [i for i, k in enumerate(free) if self.kinds[k] == "cor"]
+        for _ in range(200):
+            psi[free] = x
+            if not cors or self.theta_and_jacobian(psi) is not None:
+                break
+            x[cors] *= 0.9
+        return x
+
     def deviance_at(self, name: str, v: float) -> float:
         """D minimised over every other parameter with ``name`` held at v (scaled units)."""
         if name in self.var_index:
@@ -639,6 +652,7 @@ class _Profiler:
             x0 = np.array([min(max(x, a), np.inf if b is None else b) for x, (a, b) in zip(x0, bounds)])
             psi = self.psi_hat.copy()
             psi[w] = v
+            x0 = self._feasible(psi, free, x0)
 
             def fun(x):
                 psi[free] = x
@@ -675,7 +689,7 @@ class _Profiler:
     def _first_step(self, name: str, z: float) -> float:
         """A first step from the estimate towards |zeta| = z on the scale the search uses: z se for beta
         (the ML Wald limit), z / sqrt(2 n) for log sigma, z / sqrt(2 G) for log sd (G levels), z / sqrt(G)
-        for a correlation."""
+        for a correlation's Fisher z = atanh(rho)."""
         kind = self.kind(name)
         if kind == "beta":
             return z * float(self.se_w[self.fixed.index(name)])
@@ -693,14 +707,15 @@ class _Profiler:
     def limits_w(self, name: str, z: float) -> tuple[float, float]:
         """The values (scaled units) where zeta = -z and +z, the roots themselves (lme4 reads them off a
         spline through its profile's points): from the estimate, on the scale where zeta is nearly straight
-        (log for an SD and sigma), a first step (:meth:`_first_step`), then inverse interpolation
+        (log for an SD and sigma, Fisher's z = atanh for a correlation), a first step (:meth:`_first_step`), then inverse interpolation
         (:meth:`_root`); each inner fit starts from its neighbours' optima, so a limit costs some five inner
         fits. Where the profile stays inside |zeta| < z up to a bound, the limit is the bound, as lme4 gives
         it: 0 for an SD, -1 or 1 for a correlation."""
         est, kind = self.estimate_w(name), self.kind(name)
         logscale = kind == "sigma" or (kind == "sd" and est > 1e-8 * self.psi_hat[-1])
-        to_u = np.log if logscale else (lambda v: v)
-        of_u = np.exp if logscale else (lambda u: u)
+        fisher = kind == "cor" and abs(est) < _COR_EDGE
+        to_u = np.log if logscale else np.arctanh if fisher else (lambda v: v)
+        of_u = np.exp if logscale else np.tanh if fisher else (lambda u: u)
         h = self._first_step(name, z) if (logscale or kind != "sd") else 0.3 * self.psi_hat[-1]
         out = []
         for side in (-1, 1):
@@ -716,14 +731,16 @@ class _Profiler:
                 out.append(float(round(edge)))          # the estimate is on the bound
                 continue
             root, at_edge = self._root(fv, to_u, of_u, to_u(est), side, h, edge,
-                                       1.0 if logscale else max(abs(est), h))
+                                       1.0 if logscale or fisher else max(abs(est), h),
+                                       edge_at_infinity=logscale or fisher)
             if at_edge:                                 # |zeta| < z all the way to the bound
                 root = round(edge)
             out.append(float(root))
         return out[0], out[1]
 
     @staticmethod
-    def _root(fv, to_u, of_u, u0: float, side: int, h: float, edge, scale: float) -> tuple[float, bool]:
+    def _root(fv, to_u, of_u, u0: float, side: int, h: float, edge, scale: float,
+              edge_at_infinity: bool = False) -> tuple[float, bool]:
         """The root of the increasing f(v(u)) beyond u0 on ``side`` (f(v(u0)) = -side z): inverse
         interpolation through the (up to) three evaluated points nearest the root -- a secant step from
         two --, kept inside the bracket once there is one (bisection when it would leave it) and moving at
@@ -733,14 +750,15 @@ class _Profiler:
         f0 = fv(of_u(u0))
         pts = [(u0, f0)]
         u = u0 + side * h
-        edge_u = None if edge is None or (to_u is np.log and edge <= 0) else to_u(edge)   # log sd: 0 is -inf
-        zero_checked = False
+        edge_u = None if edge is None or edge_at_infinity else to_u(edge)
+        edge_checked = False
         for _ in range(200):
             clipped = edge_u is not None and side * (u - edge_u) >= 0
             if clipped:
                 u = edge_u
-            if edge is not None and edge_u is None and not zero_checked and of_u(u) < 1e-3 * of_u(u0):
-                zero_checked = True                      # an SD's lower limit on the log scale: is it 0?
+            if (edge is not None and edge_u is None and not edge_checked
+                    and abs(of_u(u) - edge) < 1e-3 * abs(of_u(u0) - edge)):
+                edge_checked = True       # the bound at u = -+inf (log sd, Fisher's z) is near: is it reached?
                 if side * fv(edge) < 0:
                     return edge, True
             fu = fv(of_u(u))
