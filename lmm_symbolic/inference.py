@@ -447,9 +447,6 @@ def _percent_labels(alpha: float) -> tuple[str, str]:
     return f"{100 * alpha / 2:.3g} %", f"{100 * (1 - alpha / 2):.3g} %"
 
 
-_COR_EDGE = 1 - 1e-8          # a correlation is profiled inside (-1, 1): at +-1 the factor C is singular
-
-
 class _Profiler:
     """The ML deviance as lme4's profile sees it (lme4 refits a REML fit by ML first): the ML criterion of
     the fit's own Design (:func:`~lmm_symbolic.compilation.profiled_deviance` of the whitened design, built
@@ -457,11 +454,11 @@ class _Profiler:
     A kinship model is the same criterion with one "term" (theta = sigma_s / sigma, Sigma = sigma_s^2 K +
     sigma^2 I), so it is profiled alike: .sig01 = sigma_s, .sigma, beta.
 
-    Variance parameters psi = (SDs and correlations of each term, sigma), theta = T(psi) with
-    T_k = diag(sd_k) chol(C_k) / sigma:
-        D(psi) = log|M(theta)| + RSS(theta) / sigma^2 + n log(2 pi sigma^2),
-    beta at its GLS value; dD/dpsi = (d log|M| + dRSS / sigma^2) dtheta/dpsi, + 2 n / sigma - 2 RSS / sigma^3
-    for sigma itself (the analytic gradient of the criterion, the chain rule through T). A fixed effect
+    Variance parameters psi = (SDs and correlations of each term, sigma), with D_k = sigma^2 T_k T_k^T:
+        D(theta, sigma) = log|M(theta)| + RSS(theta) / sigma^2 + n log(2 pi sigma^2),
+    beta at its GLS value, minimised over everything but the parameter held fixed, in theta itself (of a
+    criterion whose term has the parameter's variables first, :meth:`_setup`): no correlation matrix can
+    leave the positive semi-definite ones, and the gradient is the criterion's analytic one. A fixed effect
     held at beta_j = b: minimising the quadratic RSS(theta) + (beta - beta_hat)^T A (beta - beta_hat)
     (A = X^T V^-1 X) over the other betas adds (b - beta_hat_j)^2 / (A^-1)_jj, then sigma^2 = RSS_b / n:
         D_b(theta) = log|M| + n (1 + log(2 pi RSS_b(theta) / n)),  minimised over theta.
@@ -498,78 +495,120 @@ class _Profiler:
         self.points: dict[str, list[tuple[float, float]]] = {}      # (value_w, zeta) evaluated, per parameter
         self.starts: dict[str, list[tuple[float, np.ndarray]]] = {}  # (value_w, inner optimum) for warm starts
         self.evaluations = 0
-        check = self.var_deviance(self.psi_hat)[0]
-        if not abs(check - self.base) <= 1e-8 * max(1.0, abs(self.base)):   # lme4's basecheck in profile()
-            raise ModelError(f"profiling over (SDs, correlations, sigma) gives deviance {check:.10g} at the "
-                             f"optimum, the profiled deviance {self.base:.10g}: not numerically consistent")
+        self._criteria: dict = {}
+        self._setups: dict = {}
+        for name in self.var_index:                     # lme4's basecheck in profile()
+            check = self.var_deviance(name, self.estimate_w(name), self._setup(name)["x_hat"])[0]
+            if not abs(check - self.base) <= 1e-8 * max(1.0, abs(self.base)):
+                raise ModelError(f"profiling {name} gives deviance {check:.10g} at the optimum, the profiled "
+                                 f"deviance {self.base:.10g}: not numerically consistent")
 
     # ------------------------------------------------------------------ the parametrisation
-    def theta_and_jacobian(self, psi) -> tuple[np.ndarray, np.ndarray] | None:
-        """theta = T(psi) and dtheta/dpsi (n_theta x (m + 1)); None when a correlation matrix is not
-        positive definite. d chol(C) = L Phi(L^-1 dC L^-T), Phi the lower triangle with half its diagonal."""
-        sigma = psi[-1]
-        theta = np.empty(self.m)
-        J = np.zeros((self.m, self.m + 1))
+    def _where(self, w: int) -> tuple[int, int, int]:
+        """Variance parameter w (formula order) as (term, row, column) of that term's covariance."""
         k = 0
-        for q in self.qs:
+        for term, q in enumerate(self.qs):
             rows, cols = _tril_index(q)
-            mk = len(rows)
-            block = psi[k:k + mk]
-            if q == 1:
-                theta[k] = block[0] / sigma
-                J[k, k] = 1.0 / sigma
-                J[k, -1] = -block[0] / sigma**2
-                k += 1
-                continue
-            sd = np.zeros(q)
-            C = np.eye(q)
-            for v, r, c in zip(block, rows, cols):
-                if r == c:
-                    sd[r] = v
-                else:
-                    C[r, c] = C[c, r] = v
-            try:
-                L = np.linalg.cholesky(C)
-            except np.linalg.LinAlgError:
-                return None
-            T = sd[:, None] * L / sigma
-            theta[k:k + mk] = T[rows, cols]
-            J[k:k + mk, -1] = -theta[k:k + mk] / sigma
-            Linv = np.linalg.inv(L)
-            for j, (r, c) in enumerate(zip(rows, cols)):
-                if r == c:
-                    dT = np.zeros((q, q))
-                    dT[r] = L[r] / sigma
-                else:
-                    dC = np.zeros((q, q))
-                    dC[r, c] = dC[c, r] = 1.0
-                    X = Linv @ dC @ Linv.T
-                    Phi = np.tril(X)
-                    Phi[np.diag_indices(q)] *= 0.5
-                    dT = sd[:, None] * (L @ Phi) / sigma
-                J[k:k + mk, k + j] = dT[rows, cols]
-            k += mk
-        return theta, J
+            if w < k + len(rows):
+                return term, int(rows[w - k]), int(cols[w - k])
+            k += len(rows)
+        raise IndexError(w)
 
-    def var_deviance(self, psi) -> tuple[float, np.ndarray]:
-        """D(psi) and its gradient (scaled units)."""
+    def _criterion(self, term: int, perm: tuple[int, ...]):
+        """The ML criterion with term ``term``'s columns in the order ``perm`` (the same model: Sigma_k
+        permuted), its design made by dataclasses.replace of the term's Z and names (nothing specified
+        again); the fit's own criterion for the identity."""
+        if perm == tuple(range(len(perm))):
+            return self.ob
+        key = (term, perm)
+        if key not in self._criteria:
+            from .compilation import profiled_deviance
+            W = whitened(self.design)
+            terms = list(W.terms)
+            t = terms[term]
+            terms[term] = dataclasses.replace(t, Z=np.ascontiguousarray(t.Z[:, list(perm)]),
+                                              names=tuple(t.names[i] for i in perm))
+            self._criteria[key] = profiled_deviance(dataclasses.replace(W, terms=tuple(terms)), reml=False)
+        return self._criteria[key]
+
+    def _setup(self, name: str) -> dict:
+        """How ``name`` is held fixed, in theta of a criterion whose term has the parameter's variables
+        first (T' = chol(P Sigma_k P^T) / sigma): an SD of variable r is sigma T'_00 (r first); a correlation
+        of r and c is T'_10 / |T'_1.| (c first, r second), so T'_10 = a rho, T'_11 = a sqrt(1 - rho^2) with
+        a >= 0 free; sigma is sigma. Every other theta entry is free (diagonal >= 0), and sigma unless held:
+        no correlation matrix can leave the positive semi-definite ones, and its bound (an SD of 0, a
+        correlation of +-1) is an ordinary point."""
+        if name in self._setups:
+            return self._setups[name]
+        w, kind = self.var_index[name], self.kind(name)
+        term, r, c = self._where(w) if kind != "sigma" else (0, 0, 0)
+        q = self.qs[term]
+        first = [r] if kind == "sd" else [c, r] if kind == "cor" else []
+        perm = tuple(first + [i for i in range(q) if i not in first])
+        ob = self._criterion(term, perm)
+        offset = sum(qq * (qq + 1) // 2 for qq in self.qs[:term])
+        rows, cols = _tril_index(q)
+        pos = {(int(i), int(j)): offset + n for n, (i, j) in enumerate(zip(rows, cols))}
+        held = [] if kind == "sigma" else [pos[0, 0]] if kind == "sd" else [pos[1, 0], pos[1, 1]]
+        free_theta = [i for i in range(self.m) if i not in held]
+        # the estimate in this parametrisation
+        T = _theta_blocks(self.design, self.theta_hat)[term] if self.m else np.zeros((0, 0))
+        thetas = [_tril_colwise(B) for B in _theta_blocks(self.design, self.theta_hat)]
+        if kind != "sigma" and perm != tuple(range(q)):
+            S = (T @ T.T)[np.ix_(perm, perm)]
+            try:
+                Tp = np.linalg.cholesky(S)
+            except np.linalg.LinAlgError:
+                Tp = np.linalg.cholesky(S + 1e-12 * max(np.trace(S), 1e-300) * np.eye(q))
+            thetas[term] = _tril_colwise(Tp)
+        theta0 = np.concatenate(thetas) if thetas else np.zeros(0)
+        lower = [lo if lo is not None else None for lo in ob.lower_bounds]
+        bounds = [(lower[i], None) for i in free_theta]
+        x0 = list(theta0[free_theta])
+        if kind == "cor":
+            x0.append(float(np.hypot(theta0[pos[1, 0]], theta0[pos[1, 1]])))
+            bounds.append((0.0, None))
+        if kind != "sigma":
+            x0.append(self.psi_hat[-1])
+            bounds.append((1e-8 * self.psi_hat[-1], None))
+        setup = dict(ob=ob, kind=kind, held=held, free=free_theta, bounds=bounds, x_hat=np.array(x0))
+        self._setups[name] = setup
+        return setup
+
+    def var_deviance(self, name: str, v: float, x) -> tuple[float, np.ndarray]:
+        """D (scaled units) with ``name`` held at v, the others x (:meth:`_setup`), and its gradient:
+        D = log|M(theta)| + RSS(theta) / sigma^2 + n log(2 pi sigma^2) (beta at its GLS value), dD/dtheta =
+        d log|M| + dRSS / sigma^2 (the criterion's analytic derivatives), dD/dsigma = 2 n / sigma -
+        2 RSS / sigma^3 (+ dD/dtheta'_00 dtheta'_00/dsigma = -v / sigma^2 for an SD held at v)."""
         from .errors import NumericalError
-        psi = np.asarray(psi, dtype=float)
+        su = self._setup(name)
+        kind, free, held, ob = su["kind"], su["free"], su["held"], su["ob"]
+        x = np.asarray(x, dtype=float)
         self.evaluations += 1
-        s = psi[-1]
-        tj = self.theta_and_jacobian(psi) if s > 0 else None
-        if tj is None:
-            return self.base + 1e10, np.zeros_like(psi)
-        theta, J = tj
+        theta = np.empty(self.m)
+        theta[free] = x[:len(free)]
+        s = v if kind == "sigma" else x[-1]
+        if kind == "sd":
+            theta[held[0]] = v / s
+        elif kind == "cor":
+            a = x[len(free)]
+            theta[held[0]], theta[held[1]] = a * v, a * np.sqrt(max(1 - v * v, 0.0))
         try:
-            st = self.ob.state(theta)
-            dlogdet, drss, _ = self.ob.cached_derivatives(st)
+            st = ob.state(theta)
+            dlogdet, drss, _ = ob.cached_derivatives(st)
         except (NumericalError, np.linalg.LinAlgError):
-            return self.base + 1e10, np.zeros_like(psi)
+            return self.base + 1e10, np.zeros_like(x)
         D = st.logdetM + st.rss / s**2 + self.n * np.log(2 * np.pi * s**2)
-        g = (np.asarray(dlogdet) + np.asarray(drss) / s**2) @ J
-        g[-1] += 2 * self.n / s - 2 * st.rss / s**3
-        return float(D), g
+        gt = np.asarray(dlogdet, dtype=float) + np.asarray(drss, dtype=float) / s**2
+        g = list(gt[free])
+        if kind == "cor":
+            g.append(gt[held[0]] * v + gt[held[1]] * np.sqrt(max(1 - v * v, 0.0)))
+        if kind != "sigma":
+            gs = 2 * self.n / s - 2 * st.rss / s**3
+            if kind == "sd":
+                gs += gt[held[0]] * (-v / s**2)
+            g.append(gs)
+        return float(D), np.array(g)
 
     def beta_deviance(self, j: int, b: float, theta) -> float:
         """D_b(theta) (scaled units): log|M| + n (1 + log(2 pi RSS_b / n))."""
@@ -627,38 +666,15 @@ class _Profiler:
         (u1, x1), (u2, x2) = known[0], known[1]
         return x1 + (v - u1) * (x2 - x1) / (u2 - u1)
 
-    def _feasible(self, psi: np.ndarray, free: list[int], x0: np.ndarray) -> np.ndarray:
-        """A start whose correlation matrices are positive definite: with one correlation held fixed in a
-        term of three or more, the others' warm start may not be; they are shrunk towards 0 until it is
-        (with them at 0, C is positive definite for any one correlation in (-1, 1))."""
-        x = x0.copy()
-        cors = [i for i, k in enumerate(free) if self.kinds[k] == "cor"]
-        for _ in range(200):
-            psi[free] = x
-            if not cors or self.theta_and_jacobian(psi) is not None:
-                break
-            x[cors] *= 0.9
-        return x
-
     def deviance_at(self, name: str, v: float) -> float:
         """D minimised over every other parameter with ``name`` held at v (scaled units)."""
         if name in self.var_index:
-            w = self.var_index[name]
-            free = [k for k in range(self.m + 1) if k != w]
-            lo = {"sd": 0.0, "cor": -_COR_EDGE, "sigma": 1e-8 * self.psi_hat[-1]}
-            hi = {"sd": None, "cor": _COR_EDGE, "sigma": None}
-            bounds = [(lo[self.kinds[k]], hi[self.kinds[k]]) for k in free]
-            x0 = self._warm_start(name, v, self.psi_hat[free])
-            x0 = np.array([min(max(x, a), np.inf if b is None else b) for x, (a, b) in zip(x0, bounds)])
-            psi = self.psi_hat.copy()
-            psi[w] = v
-            x0 = self._feasible(psi, free, x0)
-
-            def fun(x):
-                psi[free] = x
-                D, g = self.var_deviance(psi)
-                return D, g[free]
-            res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+            su = self._setup(name)
+            x0 = self._warm_start(name, v, su["x_hat"])
+            x0 = np.array([min(max(x, -np.inf if lo is None else lo), np.inf if hi is None else hi)
+                           for x, (lo, hi) in zip(x0, su["bounds"])])
+            res = scipy.optimize.minimize(lambda x: self.var_deviance(name, v, x), x0, jac=True,
+                                          method="L-BFGS-B", bounds=su["bounds"],
                                           options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 500, "maxls": 40})
         else:
             j = self.fixed.index(name)
@@ -713,7 +729,7 @@ class _Profiler:
         it: 0 for an SD, -1 or 1 for a correlation."""
         est, kind = self.estimate_w(name), self.kind(name)
         logscale = kind == "sigma" or (kind == "sd" and est > 1e-8 * self.psi_hat[-1])
-        fisher = kind == "cor" and abs(est) < _COR_EDGE
+        fisher = kind == "cor" and abs(est) < 1 - 1e-12
         to_u = np.log if logscale else np.arctanh if fisher else (lambda v: v)
         of_u = np.exp if logscale else np.tanh if fisher else (lambda u: u)
         h = self._first_step(name, z) if (logscale or kind != "sd") else 0.3 * self.psi_hat[-1]
@@ -726,7 +742,7 @@ class _Profiler:
                 if v not in memo:
                     memo[v] = self.zeta_w(name, v) - target
                 return memo[v]
-            edge = {("sd", -1): 0.0, ("cor", -1): -_COR_EDGE, ("cor", 1): _COR_EDGE}.get((kind, side))
+            edge = {("sd", -1): 0.0, ("cor", -1): -1.0, ("cor", 1): 1.0}.get((kind, side))
             if edge is not None and abs(edge - est) < 1e-12:
                 out.append(float(round(edge)))          # the estimate is on the bound
                 continue
@@ -804,7 +820,10 @@ class _Profiler:
         """The (value, zeta) points evaluated so far, the estimate's (estimate, 0) among them."""
         pts = dict(self.points.get(name, []))
         pts[self.estimate_w(name)] = 0.0
-        return [(self.from_w(name, v), z) for v, z in sorted(pts.items())]
+        values = sorted(pts)
+        gap = 1e-6 * (values[-1] - values[0])
+        kept = [v for k, v in enumerate(values) if k == 0 or v - values[k - 1] > gap or pts[v] == 0.0]
+        return [(self.from_w(name, v), pts[v]) for v in kept]    # the root search's near-repeats dropped
 
 
 def _one_blas_thread():

@@ -185,7 +185,7 @@ def test_profile_points_lie_on_the_curve_and_are_few():
     pr = inference._Profiler(fit)
     for name, sub in prof.groupby(".par"):
         sub = sub.sort_values("value")
-        assert np.all(np.diff(sub[".zeta"]) > 0)                       # zeta increases with the parameter
+        assert np.all(np.diff(sub[".zeta"]) > -1e-9)                   # zeta increases with the parameter
         assert sub[".zeta"].min() < -2.5 and sub[".zeta"].max() > 2.5   # out to level 0.99's +-2.58
         row = sub.iloc[len(sub) // 3]
         assert pr.zeta(name, row["value"]) == pytest.approx(row[".zeta"], abs=1e-6)
