@@ -130,15 +130,17 @@ res$anova <- list(
 # PROFILE_FINE, up to maxpts points each way) converges to the roots: lmm_symbolic is tested against those
 # and its differences to both reported. A REML fit is profiled as lme4 does it: its ML refit (devfun2).
 PROFILE_FINE <- 1 / 128
-profile_case <- function(formula, data, reml) {
-  m <- lmer(formula, data = data, REML = reml)
+sleep_w <- transform(sleep, w = 1 + (as.integer(Subject) %% 3))
+profile_case <- function(formula, data, reml, weights = NULL) {
+  m <- if (is.null(weights)) lmer(formula, data = data, REML = reml)
+       else do.call(lmer, list(formula = formula, data = data, REML = reml, weights = data[[weights]]))
   t0 <- Sys.time()
   ci <- suppressWarnings(suppressMessages(confint(m)))
   seconds <- as.numeric(Sys.time() - t0, units = "secs")
   t0 <- Sys.time()
   pr <- suppressWarnings(suppressMessages(profile(m, delta.cutoff = PROFILE_FINE, maxpts = 2000)))
   fine <- suppressWarnings(suppressMessages(confint(pr)))
-  list(formula = deparse1(formula), method = if (reml) "REML" else "ML",
+  list(formula = deparse1(formula), method = if (reml) "REML" else "ML", weights = weights,
        theta_names = names(getME(m, "theta")),
        confint_default = mat(ci), seconds = seconds,
        confint_fine = c(mat(fine), list(delta_cutoff = PROFILE_FINE, points = nrow(pr),
@@ -153,7 +155,12 @@ res$profiles <- list(
   dyestuff_REML = profile_case(Yield ~ 1 + (1 | Batch), dyestuff, TRUE),
   penicillin_REML = profile_case(diameter ~ 1 + (1 | plate) + (1 | sample), penicillin, TRUE),
   penicillin_reversed_REML = profile_case(diameter ~ 1 + (1 | sample) + (1 | plate), penicillin, TRUE),
-  pastes_REML = profile_case(strength ~ 1 + (1 | batch / cask), pastes, TRUE)
+  pastes_REML = profile_case(strength ~ 1 + (1 | batch / cask), pastes, TRUE),
+  # two terms on one factor; a term of three (its correlations near -1: the profile must stay among the
+  # positive semi-definite correlation matrices); prior weights w = 1 + (subject's index mod 3)
+  sleepstudy_doublebar_ML = profile_case(Reaction ~ Days + (1 | Subject) + (0 + Days | Subject), sleep, FALSE),
+  sleepstudy_q3_ML = profile_case(Reaction ~ Days + (Days + I(Days^2) | Subject), sleep, FALSE),
+  sleepstudy_weighted_ML = profile_case(Reaction ~ Days + (Days | Subject), sleep_w, FALSE, weights = "w")
 )
 
 writeLines(toJSON(res, digits = NA, auto_unbox = TRUE, pretty = TRUE, na = "null"), out_file)
