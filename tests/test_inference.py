@@ -120,11 +120,11 @@ def _profile_fit(key):
     if key not in _FITS:
         case = PROFILES[key]
         data = lmm.datasets.load(_PROFILE_DATA[key.split("_")[0]])
-        if case.get("weights"):          # the R script's w = 1 + (as.integer(Subject) %% 3)
+        if case.get("weights"):          # the R script's w = 1 + (as.integer(Subject) %% 3); {} is R's NULL
             data = data.assign(w=1 + (data["Subject"].cat.codes.to_numpy() + 1) % 3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", lmm.LMMWarning)
-            _FITS[key] = lmm.fit(case["formula"], data, method=case["method"], weights=case.get("weights"))
+            _FITS[key] = lmm.fit(case["formula"], data, method=case["method"], weights=case.get("weights") or None)
     return _FITS[key]
 
 
