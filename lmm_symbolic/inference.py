@@ -26,15 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import scipy.optimize
-import scipy.sparse
-import scipy.sparse.linalg
 import scipy.stats
 
 from .errors import DataError, FormulaError, ModelError
 from .formula import (Evaluated, Factor, Frame, Node, Numeric, _factor_of_values, deparse, evaluate_terms,
                       expand_terms, missing_rows, model_matrix, parse, split_formula, take_rows)
 from .progress import REPORT_AFTER, logger, stage
-from .specification import Design, _group_values, _random_parts, random_effects_matrix, read_data, whitened
+from .specification import Design, _group_values, _random_parts, read_data, whitened
 
 ML_REFIT_MESSAGE = "refitting model(s) with ML (instead of REML)"
 
@@ -723,10 +721,10 @@ class _Profiler:
     def limits_w(self, name: str, z: float) -> tuple[float, float]:
         """The values (scaled units) where zeta = -z and +z, the roots themselves (lme4 reads them off a
         spline through its profile's points): from the estimate, on the scale where zeta is nearly straight
-        (log for an SD and sigma, Fisher's z = atanh for a correlation), a first step (:meth:`_first_step`), then inverse interpolation
-        (:meth:`_root`); each inner fit starts from its neighbours' optima, so a limit costs some five inner
-        fits. Where the profile stays inside |zeta| < z up to a bound, the limit is the bound, as lme4 gives
-        it: 0 for an SD, -1 or 1 for a correlation."""
+        (log for an SD and sigma, Fisher's z = atanh for a correlation), a first step (:meth:`_first_step`),
+        then inverse interpolation (:meth:`_root`); each inner fit starts from its neighbours' optima, so a
+        limit costs some five inner fits. Where the profile stays inside |zeta| < z up to a bound, the limit
+        is the bound, as lme4 gives it: 0 for an SD, -1 or 1 for a correlation."""
         est, kind = self.estimate_w(name), self.kind(name)
         logscale = kind == "sigma" or (kind == "sd" and est > 1e-8 * self.psi_hat[-1])
         fisher = kind == "cor" and abs(est) < 1 - 1e-12
