@@ -223,7 +223,8 @@ def _fit_quietly(args) -> int:
         print("\nPredictions (conditional: with the random effects, a new level at b = 0; population: X beta):")
         print(pd.DataFrame(extra["predict"]).to_string(float_format=lambda v: f"{v:.6g}"))
     if "profile" in extra:
-        print("\nProfile confidence intervals (lme4's confint; the ML profile, as lme4):")
+        print("\nProfile confidence intervals (lme4's confint; the ML profile, as lme4; the limits are the roots "
+              "of zeta = -+z):")
         print(extra["profile"].to_string(float_format=lambda v: f"{v:.6g}"))
     if "bootstrap" in extra:
         b = extra["bootstrap"]

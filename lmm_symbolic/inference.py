@@ -29,15 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import scipy.optimize
-import scipy.sparse
-import scipy.sparse.linalg
 import scipy.stats
 
 from .errors import DataError, FormulaError, ModelError
 from .formula import (Evaluated, Factor, Frame, Node, Numeric, _factor_of_values, deparse, evaluate_terms,
                       expand_terms, missing_rows, model_matrix, parse, split_formula, take_rows)
 from .progress import REPORT_AFTER, logger, stage
-from .specification import Design, _group_values, _random_parts, random_effects_matrix, read_data, whitened
+from .specification import Design, _group_values, _random_parts, read_data, whitened
 
 ML_REFIT_MESSAGE = "refitting model(s) with ML (instead of REML)"
 
@@ -53,25 +51,38 @@ def _level_key(label) -> str:
     return str(int(v)) if v.is_integer() else text
 
 
+def _blocks(design: Design) -> list[tuple[int, str, tuple[str, ...]]]:
+    """(q, grouping factor, column names) of each random term in formula order; a kinship model's one
+    genetic effect as (1, 'kinship', ('K',))."""
+    if design.kinship is not None:
+        return [(1, "kinship", ("K",))]
+    return [(t.q, t.group, tuple(t.names)) for t in design.terms]
+
+
 def _theta_blocks(design: Design, theta) -> list[np.ndarray]:
     """lme4's theta as each term's relative Cholesky factor T_k (lower triangle, column by column)."""
     theta = np.asarray(theta, dtype=float)
     out, k = [], 0
-    for t in design.terms:
-        T = np.zeros((t.q, t.q))
-        rows, cols = np.tril_indices(t.q)
-        order = np.lexsort((rows, cols))          # column-wise
-        m = t.q * (t.q + 1) // 2
-        T[rows[order], cols[order]] = theta[k:k + m]
+    for q, _, _ in _blocks(design):
+        T = np.zeros((q, q))
+        rows, cols = _tril_index(q)
+        m = len(rows)
+        T[rows, cols] = theta[k:k + m]
         out.append(T)
         k += m
     return out
 
 
-def _tril_colwise(M: np.ndarray) -> np.ndarray:
-    rows, cols = np.tril_indices(M.shape[0])
+def _tril_index(q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of a q x q lower triangle, column by column (lme4's order of theta)."""
+    rows, cols = np.tril_indices(q)
     order = np.lexsort((rows, cols))
-    return M[rows[order], cols[order]]
+    return rows[order], cols[order]
+
+
+def _tril_colwise(M: np.ndarray) -> np.ndarray:
+    rows, cols = _tril_index(M.shape[0])
+    return M[rows, cols]
 
 
 def _ranef_blocks(fit) -> list[np.ndarray]:
@@ -83,28 +94,41 @@ def _ranef_blocks(fit) -> list[np.ndarray]:
     return out
 
 
+def _varpar_order(design: Design) -> list[int]:
+    """lme4's order of the SDs and correlations: entry k of lme4's vector (.sig0k) is entry order[k] of the
+    formula-order one. lme4 sorts the random terms by their number of levels, decreasing
+    (:func:`~lmm_symbolic.results.lme4_theta_order`); within a term the order is theta's."""
+    from .results import lme4_theta_order
+    m = sum(q * (q + 1) // 2 for q, _, _ in _blocks(design))
+    return lme4_theta_order(design, m)[0]
+
+
+def _formula_order_labels(design: Design) -> list[str]:
+    out = []
+    for q, group, names in _blocks(design):
+        for r, c in zip(*_tril_index(q)):
+            out.append(f"sd_{names[r]}|{group}" if r == c else f"cor_{names[r]}.{names[c]}|{group}")
+    return out
+
+
 def varpar_names(design: Design) -> list[str]:
-    """lme4's names of the variance parameters on the SD/correlation scale: ``.sig01``, ``.sig02``, ...
-    (each term's lower triangle column by column: an SD on the diagonal, a correlation below it),
-    ``.sigma``."""
-    m = sum(t.q * (t.q + 1) // 2 for t in design.terms)
+    """lme4's names of the variance parameters on the SD/correlation scale, in lme4's order: ``.sig01``,
+    ``.sig02``, ... (the terms sorted by number of levels, decreasing, as lme4 sorts them; within a term its
+    lower triangle column by column: an SD on the diagonal, a correlation below it), then ``.sigma``."""
+    m = sum(q * (q + 1) // 2 for q, _, _ in _blocks(design))
     return [f".sig{k:02d}" for k in range(1, m + 1)] + [".sigma"]
 
 
 def varpar_labels(design: Design) -> list[str]:
-    """What each ``.sigNN`` is, in words: ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``,
-    ``sigma``."""
-    out = []
-    for t in design.terms:
-        rows, cols = np.tril_indices(t.q)
-        for r, c in sorted(zip(rows, cols), key=lambda rc: (rc[1], rc[0])):
-            out.append(f"sd_{t.names[r]}|{t.group}" if r == c else f"cor_{t.names[r]}.{t.names[c]}|{t.group}")
-    return out + ["sigma"]
+    """What each ``.sigNN`` is, in words, in lme4's order: ``sd_(Intercept)|Subject``,
+    ``cor_Days.(Intercept)|Subject``, ..., ``sigma``."""
+    labels = _formula_order_labels(design)
+    return [labels[k] for k in _varpar_order(design)] + ["sigma"]
 
 
 def sdcor_of_theta(design: Design, theta, sigma: float) -> np.ndarray:
-    r"""(SDs and correlations of each term, :math:`\sigma`) from lme4's :math:`\theta` and :math:`\sigma`:
-    :math:`D_k = \sigma^2 T_k T_k^\top`."""
+    r"""(SDs and correlations of each term, :math:`\sigma`) from :math:`\theta` and :math:`\sigma`, both in
+    formula order: :math:`D_k = \sigma^2 T_k T_k^\top`."""
     out = []
     for T in _theta_blocks(design, theta):
         D = sigma**2 * T @ T.T
@@ -117,44 +141,10 @@ def sdcor_of_theta(design: Design, theta, sigma: float) -> np.ndarray:
     return np.concatenate(out + [[sigma]])
 
 
-def theta_of_sdcor(design: Design, par) -> np.ndarray | None:
-    r"""lme4's :math:`\theta` from (SDs, correlations, :math:`\sigma`):
-    :math:`T_k = \operatorname{diag}(\mathrm{sd})\, \operatorname{chol}(C) / \sigma`; None when a
-    correlation matrix is not positive definite."""
-    par = np.asarray(par, dtype=float)
-    sigma = par[-1]
-    out, k = [], 0
-    for t in design.terms:
-        m = t.q * (t.q + 1) // 2
-        rows, cols = np.tril_indices(t.q)
-        order = np.lexsort((rows, cols))
-        M = np.zeros((t.q, t.q))
-        M[rows[order], cols[order]] = par[k:k + m]
-        sd = np.diag(M).copy()
-        C = M + M.T - np.diag(np.diag(M) * 2) + np.eye(t.q)
-        try:
-            L = np.linalg.cholesky(C)
-        except np.linalg.LinAlgError:
-            return None
-        out.append(_tril_colwise(sd[:, None] * L / sigma))
-        k += m
-    return np.concatenate(out)
-
-
-def sdcor_bounds(design: Design) -> list[tuple[float, float]]:
-    r"""SDs in :math:`[0, \infty)`, correlations in :math:`[-1, 1]`, :math:`\sigma` in :math:`(0, \infty)`."""
-    out = []
-    for t in design.terms:
-        rows, cols = np.tril_indices(t.q)
-        for r, c in sorted(zip(rows, cols), key=lambda rc: (rc[1], rc[0])):
-            out.append((0.0, np.inf) if r == c else (-1.0, 1.0))
-    return out + [(0.0, np.inf)]
-
-
-def _require_terms(fit, what: str) -> None:
-    if fit.design.kinship is not None or not fit.design.terms:
-        raise ModelError(f"{what} works on models with random-effect terms (lme4's Z); a kinship model has "
-                         "none: use the Wald intervals (method='wald')")
+def _lme4_sdcor(design: Design, theta, sigma: float) -> np.ndarray:
+    r"""(SDs and correlations, :math:`\sigma`) in lme4's order, :math:`\theta` in formula order."""
+    par = sdcor_of_theta(design, theta, sigma)
+    return np.concatenate([par[_varpar_order(design)], par[-1:]])
 
 
 # ========================================================================================= prediction
@@ -375,12 +365,9 @@ def refit(fit, y, method: str | None = None):
 
 
 def parameters(fit) -> pd.Series:
-    r"""Every parameter as lme4's confint names it: ``.sig01``, ... (SDs and correlations), ``.sigma``,
-    then :math:`\beta`."""
-    if fit.design.kinship is not None:
-        var = pd.Series([fit.sigma_s, fit.sigma], index=[".sig01", ".sigma"])
-    else:
-        var = pd.Series(sdcor_of_theta(fit.design, fit.opt.theta, fit.sigma), index=varpar_names(fit.design))
+    r"""Every parameter as lme4's confint names it: ``.sig01``, ... (SDs and correlations), ``.sigma``, then
+    :math:`\beta`."""
+    var = pd.Series(_lme4_sdcor(fit.design, fit.opt.theta, fit.sigma), index=varpar_names(fit.design))
     return pd.concat([var, fit.params])
 
 
@@ -466,200 +453,426 @@ def _percent_labels(alpha: float) -> tuple[str, str]:
 
 
 class _Profiler:
-    """The ML deviance as lme4's profile sees it (lme4 refits a REML fit by ML first).
+    """The ML deviance as lme4's profile sees it (lme4 refits a REML fit by ML first): the ML criterion of
+    the fit's own Design (:func:`~lmm_symbolic.compilation.profiled_deviance` of the whitened design, built
+    once; nothing is specified again), a REML fit's ML optimum by :func:`~lmm_symbolic.optimisation.optimise`.
+    A kinship model is the same criterion with one "term" (theta = sigma_s / sigma, Sigma = sigma_s^2 K +
+    sigma^2 I), so it is profiled alike: .sig01 = sigma_s, .sigma, beta.
 
-    Variance parameters psi = (SDs, correlations, sigma):
-        D(theta, sigma) = log|L_theta|^2 + r^2(theta) / sigma^2 + n log(2 pi sigma^2),
-    with theta from psi, log|L_theta|^2 = log|Lambda^T Z^T Z Lambda + I| and the penalised residual sum of
-    squares r^2(theta) read off the profiled deviance d(theta) = log|L_theta|^2 + n (1 + log(2 pi r^2 / n))
-    (:func:`deviance_function`). A fixed effect beta_j = b: the profiled deviance of the design with column
-    j moved into the offset (y - b x_j), minimised over theta."""
+    Variance parameters psi = (SDs and correlations of each term, sigma), with D_k = sigma^2 T_k T_k^T:
+        D(theta, sigma) = log|M(theta)| + RSS(theta) / sigma^2 + n log(2 pi sigma^2),
+    beta at its GLS value, minimised over everything but the parameter held fixed, in theta itself (of a
+    criterion whose term has the parameter's variables first, :meth:`_setup`): no correlation matrix can
+    leave the positive semi-definite ones, and the gradient is the criterion's analytic one. A fixed effect
+    held at beta_j = b: minimising the quadratic RSS(theta) + (beta - beta_hat)^T A (beta - beta_hat)
+    (A = X^T V^-1 X) over the other betas adds (b - beta_hat_j)^2 / (A^-1)_jj, then sigma^2 = RSS_b / n:
+        D_b(theta) = log|M| + n (1 + log(2 pi RSS_b(theta) / n)),  minimised over theta.
+    zeta(psi) = sign(psi - psi_hat) sqrt(D_min(psi) - D_hat). Internally everything is in the criterion's
+    scaled response units (SDs, sigma and beta divided by ``objective.scale``; beta also shifted)."""
 
     def __init__(self, fit):
-        from .results import deviance_function, fit_design
-        _require_terms(fit, "profiling")
+        from .compilation import profiled_deviance
+        from .optimisation import optimise
         self.fit = fit
-        self.ml = fit if fit.method == "ML" else fit_design(fit.design, "ML", exact=False)
         self.design = fit.design
-        self.white = whitened(fit.design)
-        self.d = deviance_function(self.white, "ML")
-        self.n = self.design.n
-        Z = random_effects_matrix(self.white)
-        self.ZtZ = (Z.T @ Z).tocsc()
-        self.theta_hat = np.asarray(self.ml.opt.theta, dtype=float)
-        self.par_hat = sdcor_of_theta(self.design, self.theta_hat, self.ml.sigma)
-        self.bounds = sdcor_bounds(self.design)
-        self.names = varpar_names(self.design)
-        self.base = float(self.d(self.theta_hat))
-        check = self.deviance_sdcor(self.par_hat)
-        if not abs(check - self.base) <= 1e-6 * max(1.0, abs(self.base)):   # lme4's basecheck in profile()
-            raise ModelError(f"profiling over (theta, sigma) gives deviance {check:.10g} at the optimum, the "
-                             f"profiled deviance {self.base:.10g}: not numerically consistent")
-        self.theta_lower = [(-np.inf if b is None else b) for b in self.d.lower_bounds]
+        ob = self.ob = profiled_deviance(whitened(fit.design), reml=False)
+        self.theta_hat = (np.asarray(fit.opt.theta, dtype=float) if fit.method == "ML"
+                          else np.asarray(optimise(ob).theta, dtype=float))
+        self.k = float(ob.scale)
+        self.shift = np.asarray(ob.beta_shift, dtype=float)
+        self.qs = [lay.q for lay in ob.layouts]
+        self.n = ob.n
+        st = ob.state(self.theta_hat)
+        self.base = float(ob.value(st))
+        sig = float(np.sqrt(st.rss / self.n))
+        self.psi_hat = sdcor_of_theta(self.design, self.theta_hat, sig)
+        self.se_w = np.sqrt(sig**2 * np.diag(np.linalg.inv(st.A))) if ob.p else np.zeros(0)
+        self.beta_hat = np.asarray(st.beta, dtype=float)
+        self.m = len(self.psi_hat) - 1
+        order = _varpar_order(self.design)
+        self.var_index = {f".sig{pos + 1:02d}": k for pos, k in enumerate(order)}
+        self.var_index[".sigma"] = self.m
+        self.kinds = []
+        for q in self.qs:
+            self.kinds += ["sd" if r == c else "cor" for r, c in zip(*_tril_index(q))]
+        self.kinds.append("sigma")
+        self.fixed = list(self.design.fixed_names)
+        self.points: dict[str, list[tuple[float, float]]] = {}      # (value_w, zeta) evaluated, per parameter
+        self.starts: dict[str, list[tuple[float, np.ndarray]]] = {}  # (value_w, inner optimum) for warm starts
+        self.evaluations = 0
+        self._criteria: dict = {}
+        self._setups: dict = {}
+        for name in self.var_index:                     # lme4's basecheck in profile()
+            check = self.var_deviance(name, self.estimate_w(name), self._setup(name)["x_hat"])[0]
+            if not abs(check - self.base) <= 1e-8 * max(1.0, abs(self.base)):
+                raise ModelError(f"profiling {name} gives deviance {check:.10g} at the optimum, the profiled "
+                                 f"deviance {self.base:.10g}: not numerically consistent")
 
-    def _lambda_pattern(self):
-        """Lambda's non-zeros (lme4's Lind): row, column and the theta entry each one holds."""
-        rows, cols, idx, offset, k = [], [], [], 0, 0
-        for t in self.design.terms:
-            r, c = np.tril_indices(t.q)
-            order = np.lexsort((r, c))
-            r, c = r[order], c[order]
-            base = offset + np.arange(t.n_levels)[:, None] * t.q
-            rows.append((base + r).ravel())
-            cols.append((base + c).ravel())
-            idx.append(np.tile(k + np.arange(len(r)), t.n_levels))
-            offset += t.q * t.n_levels
-            k += len(r)
-        return np.concatenate(rows), np.concatenate(cols), np.concatenate(idx), offset
+    # ------------------------------------------------------------------ the parametrisation
+    def _where(self, w: int) -> tuple[int, int, int]:
+        """Variance parameter w (formula order) as (term, row, column) of that term's covariance."""
+        k = 0
+        for term, q in enumerate(self.qs):
+            rows, cols = _tril_index(q)
+            if w < k + len(rows):
+                return term, int(rows[w - k]), int(cols[w - k])
+            k += len(rows)
+        raise IndexError(w)
 
-    def logdet(self, theta) -> float:
-        """log|Lambda^T Z^T Z Lambda + I| (lme4's log|L_theta|^2), by a Cholesky factor."""
-        if not hasattr(self, "_pattern"):
-            self._pattern = self._lambda_pattern()
-            self._dense = self._pattern[3] <= 2000
-            if self._dense:
-                self._ZtZ = self.ZtZ.toarray()
-        rows, cols, idx, q = self._pattern
-        theta = np.asarray(theta, dtype=float)
-        if self._dense:
-            Lam = np.zeros((q, q))
-            Lam[rows, cols] = theta[idx]
-            M = Lam.T @ self._ZtZ @ Lam
-            M[np.diag_indices(q)] += 1.0
+    def _criterion(self, term: int, perm: tuple[int, ...]):
+        """The ML criterion with term ``term``'s columns in the order ``perm`` (the same model: Sigma_k
+        permuted), its design made by dataclasses.replace of the term's Z and names (nothing specified
+        again); the fit's own criterion for the identity."""
+        if perm == tuple(range(len(perm))):
+            return self.ob
+        key = (term, perm)
+        if key not in self._criteria:
+            from .compilation import profiled_deviance
+            W = whitened(self.design)
+            terms = list(W.terms)
+            t = terms[term]
+            terms[term] = dataclasses.replace(t, Z=np.ascontiguousarray(t.Z[:, list(perm)]),
+                                              names=tuple(t.names[i] for i in perm))
+            self._criteria[key] = profiled_deviance(dataclasses.replace(W, terms=tuple(terms)), reml=False)
+        return self._criteria[key]
+
+    def _setup(self, name: str) -> dict:
+        """How ``name`` is held fixed, in theta of a criterion whose term has the parameter's variables
+        first (T' = chol(P Sigma_k P^T) / sigma): an SD of variable r is sigma T'_00 (r first); a correlation
+        of r and c is T'_10 / |T'_1.| (c first, r second), so T'_10 = a rho, T'_11 = a sqrt(1 - rho^2) with
+        a >= 0 free; sigma is sigma. Every other theta entry is free (diagonal >= 0), and sigma unless held:
+        no correlation matrix can leave the positive semi-definite ones, and its bound (an SD of 0, a
+        correlation of +-1) is an ordinary point."""
+        if name in self._setups:
+            return self._setups[name]
+        w, kind = self.var_index[name], self.kind(name)
+        term, r, c = self._where(w) if kind != "sigma" else (0, 0, 0)
+        q = self.qs[term]
+        first = [r] if kind == "sd" else [c, r] if kind == "cor" else []
+        perm = tuple(first + [i for i in range(q) if i not in first])
+        ob = self._criterion(term, perm)
+        offset = sum(qq * (qq + 1) // 2 for qq in self.qs[:term])
+        rows, cols = _tril_index(q)
+        pos = {(int(i), int(j)): offset + n for n, (i, j) in enumerate(zip(rows, cols))}
+        held = [] if kind == "sigma" else [pos[0, 0]] if kind == "sd" else [pos[1, 0], pos[1, 1]]
+        free_theta = [i for i in range(self.m) if i not in held]
+        # the estimate in this parametrisation
+        T = _theta_blocks(self.design, self.theta_hat)[term] if self.m else np.zeros((0, 0))
+        thetas = [_tril_colwise(B) for B in _theta_blocks(self.design, self.theta_hat)]
+        if kind != "sigma" and perm != tuple(range(q)):
+            S = (T @ T.T)[np.ix_(perm, perm)]
             try:
-                return float(2 * np.log(np.diag(np.linalg.cholesky(M))).sum())
-            except np.linalg.LinAlgError:          # rounding at extreme theta: the determinant still exists
-                return float(np.linalg.slogdet(M)[1])
-        Lam = scipy.sparse.csc_matrix((theta[idx], (rows, cols)), shape=(q, q))
-        M = (Lam.T @ self.ZtZ @ Lam + scipy.sparse.identity(q)).tocsc()
-        lu = scipy.sparse.linalg.splu(M)
-        return float(np.log(np.abs(lu.U.diagonal())).sum())
+                Tp = np.linalg.cholesky(S)
+            except np.linalg.LinAlgError:
+                Tp = np.linalg.cholesky(S + 1e-12 * max(np.trace(S), 1e-300) * np.eye(q))
+            thetas[term] = _tril_colwise(Tp)
+        theta0 = np.concatenate(thetas) if thetas else np.zeros(0)
+        lower = [lo if lo is not None else None for lo in ob.lower_bounds]
+        bounds = [(lower[i], None) for i in free_theta]
+        x0 = list(theta0[free_theta])
+        if kind == "cor":
+            x0.append(float(np.hypot(theta0[pos[1, 0]], theta0[pos[1, 1]])))
+            bounds.append((0.0, None))
+        if kind != "sigma":
+            x0.append(self.psi_hat[-1])
+            bounds.append((1e-8 * self.psi_hat[-1], None))
+        setup = dict(ob=ob, kind=kind, held=held, free=free_theta, bounds=bounds, x_hat=np.array(x0))
+        self._setups[name] = setup
+        return setup
 
-    def deviance_sdcor(self, par) -> float:
-        par = np.asarray(par, dtype=float)
-        sigma = par[-1]
-        if sigma <= 0:
-            return np.inf
-        theta = theta_of_sdcor(self.design, par)
-        if theta is None:
-            return np.inf
+    def var_deviance(self, name: str, v: float, x) -> tuple[float, np.ndarray]:
+        """D (scaled units) with ``name`` held at v, the others x (:meth:`_setup`), and its gradient:
+        D = log|M(theta)| + RSS(theta) / sigma^2 + n log(2 pi sigma^2) (beta at its GLS value), dD/dtheta =
+        d log|M| + dRSS / sigma^2 (the criterion's analytic derivatives), dD/dsigma = 2 n / sigma -
+        2 RSS / sigma^3 (+ dD/dtheta'_00 dtheta'_00/dsigma = -v / sigma^2 for an SD held at v)."""
         from .errors import NumericalError
+        su = self._setup(name)
+        kind, free, held, ob = su["kind"], su["free"], su["held"], su["ob"]
+        x = np.asarray(x, dtype=float)
+        self.evaluations += 1
+        theta = np.empty(self.m)
+        theta[free] = x[:len(free)]
+        s = v if kind == "sigma" else x[-1]
+        if kind == "sd":
+            theta[held[0]] = v / s
+        elif kind == "cor":
+            a = x[len(free)]
+            theta[held[0]], theta[held[1]] = a * v, a * np.sqrt(max(1 - v * v, 0.0))
         try:
-            ld = self.logdet(theta)
-            s2 = np.exp((self.d(theta) - ld) / self.n - 1) / (2 * np.pi)        # r^2(theta) / n
-        except (NumericalError, np.linalg.LinAlgError):       # far outside the region a profile visits
-            return self.base + 1e12
-        return ld + self.n * (s2 / sigma**2 + np.log(2 * np.pi * sigma**2))
+            st = ob.state(theta)
+            dlogdet, drss, _ = ob.cached_derivatives(st)
+        except (NumericalError, np.linalg.LinAlgError):
+            return self.base + 1e10, np.zeros_like(x)
+        D = st.logdetM + st.rss / s**2 + self.n * np.log(2 * np.pi * s**2)
+        gt = np.asarray(dlogdet, dtype=float) + np.asarray(drss, dtype=float) / s**2
+        g = list(gt[free])
+        if kind == "cor":
+            g.append(gt[held[0]] * v + gt[held[1]] * np.sqrt(max(1 - v * v, 0.0)))
+        if kind != "sigma":
+            gs = 2 * self.n / s - 2 * st.rss / s**3
+            if kind == "sd":
+                gs += gt[held[0]] * (-v / s**2)
+            g.append(gs)
+        return float(D), np.array(g)
 
-    def _minimise(self, fun, x0, bounds):
-        if len(x0) == 0:
-            return float(fun(np.array([]))), np.array([])
-        res = scipy.optimize.minimize(fun, x0, method="L-BFGS-B", bounds=bounds,
-                                      options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 2000, "maxls": 50})
-        return float(res.fun), res.x
+    def beta_deviance(self, j: int, b: float, theta) -> float:
+        """D_b(theta) (scaled units): log|M| + n (1 + log(2 pi RSS_b / n))."""
+        from .errors import NumericalError
+        self.evaluations += 1
+        try:
+            st = self.ob.state(np.asarray(theta, dtype=float))
+            ainv = np.linalg.inv(st.A)[j, j]
+        except (NumericalError, np.linalg.LinAlgError):
+            return self.base + 1e10
+        rss = st.rss + (b - st.beta[j]) ** 2 / ainv
+        return float(st.logdetM + self.n * (1 + np.log(2 * np.pi * rss / self.n)))
 
-    def _kind(self, name: str) -> str:
-        if name not in self.names:
+    # ------------------------------------------------------------------ one parameter held fixed
+    def kind(self, name: str) -> str:
+        if name in self.var_index:
+            return self.kinds[self.var_index[name]]
+        if name in self.fixed:
             return "beta"
-        if name == ".sigma":
-            return "sigma"
-        return "cor" if self.bounds[self.names.index(name)][0] == -1 else "sd"
+        raise ModelError(f"no parameter {name!r}; the parameters are {', '.join(self.all_names())}")
+
+    def to_w(self, name: str, value: float) -> float:
+        kind = self.kind(name)
+        if kind == "cor":
+            return float(value)
+        if kind == "beta":
+            j = self.fixed.index(name)
+            return (float(value) - self.shift[j]) / self.k
+        return float(value) / self.k
+
+    def from_w(self, name: str, value: float) -> float:
+        kind = self.kind(name)
+        if kind == "cor":
+            return float(value)
+        if kind == "beta":
+            return float(value) * self.k + self.shift[self.fixed.index(name)]
+        return float(value) * self.k
+
+    def estimate_w(self, name: str) -> float:
+        if name in self.var_index:
+            return float(self.psi_hat[self.var_index[name]])
+        return float(self.beta_hat[self.fixed.index(name)])
+
+    def estimate(self, name: str) -> float:
+        return self.from_w(name, self.estimate_w(name))
+
+    def _warm_start(self, name: str, v: float, x_hat: np.ndarray) -> np.ndarray:
+        """The inner optimum at v extrapolated linearly from the two nearest ones on v's side of the
+        estimate (the estimate's own among them)."""
+        est = self.estimate_w(name)
+        known = [(est, x_hat)] + [(u, x) for u, x in self.starts.get(name, []) if (u - est) * (v - est) > 0]
+        known.sort(key=lambda ux: abs(ux[0] - v))
+        if len(known) == 1 or known[0][0] == known[1][0]:
+            return known[0][1].copy()
+        (u1, x1), (u2, x2) = known[0], known[1]
+        return x1 + (v - u1) * (x2 - x1) / (u2 - u1)
+
+    def deviance_at(self, name: str, v: float) -> float:
+        """D minimised over every other parameter with ``name`` held at v (scaled units)."""
+        if name in self.var_index:
+            su = self._setup(name)
+            x0 = self._warm_start(name, v, su["x_hat"])
+            x0 = np.array([min(max(x, -np.inf if lo is None else lo), np.inf if hi is None else hi)
+                           for x, (lo, hi) in zip(x0, su["bounds"])])
+            res = scipy.optimize.minimize(lambda x: self.var_deviance(name, v, x), x0, jac=True,
+                                          method="L-BFGS-B", bounds=su["bounds"],
+                                          options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 500, "maxls": 40})
+        else:
+            j = self.fixed.index(name)
+            lower = [(lo, None) if lo is not None else (None, None) for lo in self.ob.lower_bounds]
+            x0 = self._warm_start(name, v, self.theta_hat)
+            x0 = np.array([max(x, a) if a is not None else x for x, (a, _) in zip(x0, lower)])
+            res = scipy.optimize.minimize(lambda th: self.beta_deviance(j, v, th), x0, method="L-BFGS-B",
+                                          bounds=lower, options={"ftol": 1e-11, "gtol": 1e-5, "maxiter": 500,
+                                                                 "maxls": 40})
+        self.starts.setdefault(name, []).append((v, np.asarray(res.x, dtype=float)))
+        return float(res.fun)
+
+    def zeta_w(self, name: str, v: float) -> float:
+        est = self.estimate_w(name)
+        if v == est:
+            return 0.0
+        dev = self.deviance_at(name, v)
+        z = float(np.sign(v - est) * np.sqrt(max(dev - self.base, 0.0)))
+        self.points.setdefault(name, []).append((v, z))
+        return z
 
     def zeta(self, name: str, value: float) -> float:
         """sign(value - estimate) sqrt(D_min(value) - D_hat): the signed root of the deviance increase when
         the parameter is held at ``value`` and every other one is re-estimated."""
-        kind = self._kind(name)
-        if kind != "beta":
-            w = self.names.index(name)
-            free = [k for k in range(len(self.par_hat)) if k != w]
-            kinds = [self._kind(self.names[k]) for k in free]
-            bounds = [(-1 + 1e-9, 1 - 1e-9) if kd == "cor" else (1e-2 * self.par_hat[-1], None) if kd == "sigma"
-                      else (0.0, None) for kd in kinds]
-            x0 = np.array([min(max(self.par_hat[k], lo), np.inf if hi is None else hi)
-                           for k, (lo, hi) in zip(free, bounds)])
+        return self.zeta_w(name, self.to_w(name, value))
 
-            def fun(x):
-                par = self.par_hat.copy()
-                par[w] = value
-                par[free] = x
-                return self.deviance_sdcor(par)
-            dev, _ = self._minimise(fun, x0, bounds)
-        else:
-            from .results import deviance_function
-            j = list(self.design.fixed_names).index(name)
-            W = self.white
-            keep = [k for k in range(W.p) if k != j]
-            Wj = dataclasses.replace(W, X=W.X[:, keep], y=W.y - value * W.X[:, j],
-                                     fixed_names=tuple(W.fixed_names[k] for k in keep))
-            dj = deviance_function(Wj, "ML")
-            bounds = [(lo, None) if np.isfinite(lo) else (None, None) for lo in self.theta_lower]
-            dev, _ = self._minimise(lambda th: dj(th), self.theta_hat, bounds)
-        return float(np.sign(value - self.estimate(name)) * np.sqrt(max(dev - self.base, 0.0)))
+    # ------------------------------------------------------------------ the roots of zeta = +-z
+    def _first_step(self, name: str, z: float) -> float:
+        """A first step from the estimate towards |zeta| = z on the scale the search uses: z se for beta
+        (the ML Wald limit), z / sqrt(2 n) for log sigma, z / sqrt(2 G) for log sd (G levels), z / sqrt(G)
+        for a correlation's Fisher z = atanh(rho)."""
+        kind = self.kind(name)
+        if kind == "beta":
+            return z * float(self.se_w[self.fixed.index(name)])
+        if kind == "sigma":
+            return z / np.sqrt(2 * self.n)
+        w = self.var_index[name]
+        k, G = 0, self.n
+        for q, lay in zip(self.qs, self.ob.layouts):
+            mk = q * (q + 1) // 2
+            if k <= w < k + mk:
+                G = lay.n_levels
+            k += mk
+        return z / np.sqrt(2 * max(G, 1)) if kind == "sd" else z / np.sqrt(max(G, 1))
 
-    def estimate(self, name: str) -> float:
-        return float(self.par_hat[self.names.index(name)]) if name in self.names else float(self.ml.params[name])
-
-    def limits(self, name: str, z: float) -> tuple[float, float]:
-        """The values where zeta = -z and +z, found by bracketing and Brent's method (lme4 interpolates a
-        spline through the profile's points). Where the profile stays inside |zeta| < z up to a bound, the
-        limit is the bound, as lme4 gives it: 0 for an SD, -1 or 1 for a correlation."""
-        est, kind = self.estimate(name), self._kind(name)
-        scale = {"beta": lambda: z * float(self.ml.bse[name]), "sigma": lambda: 0.2 * est,
-                 "sd": lambda: 0.5 * est if est > 0 else 0.1 * self.par_hat[-1], "cor": lambda: 0.0}[kind]()
+    def limits_w(self, name: str, z: float) -> tuple[float, float]:
+        """The values (scaled units) where zeta = -z and +z, the roots themselves (lme4 reads them off a
+        spline through its profile's points): from the estimate, on the scale where zeta is nearly straight
+        (log for an SD and sigma, Fisher's z = atanh for a correlation), a first step (:meth:`_first_step`),
+        then inverse interpolation (:meth:`_root`); each inner fit starts from its neighbours' optima, so a
+        limit costs some five inner fits. Where the profile stays inside |zeta| < z up to a bound, the limit
+        is the bound, as lme4 gives it: 0 for an SD, -1 or 1 for a correlation."""
+        est, kind = self.estimate_w(name), self.kind(name)
+        logscale = kind == "sigma" or (kind == "sd" and est > 1e-8 * self.psi_hat[-1])
+        fisher = kind == "cor" and abs(est) < 1 - 1e-12
+        to_u = np.log if logscale else np.arctanh if fisher else (lambda v: v)
+        of_u = np.exp if logscale else np.tanh if fisher else (lambda u: u)
+        h = self._first_step(name, z) if (logscale or kind != "sd") else 0.3 * self.psi_hat[-1]
         out = []
         for side in (-1, 1):
             target = side * z
+            memo: dict[float, float] = {}
 
-            def f(v):
-                return self.zeta(name, v) - target
-            edge = side * (1 - 1e-9) if kind == "cor" else (0.0 if kind == "sd" and side < 0 else None)
-            if edge is not None:
-                bound = float(round(edge))
-                if abs(edge - est) < 1e-12 or side * f(edge) <= 0:
-                    out.append(bound)
-                    continue
-                a, b = est, edge
-            else:
-                a, step = est, scale
-                b = est + side * step
-                for _ in range(80):
-                    if side * f(b) >= 0:
-                        break
-                    a, step = b, 2 * step
-                    b = est + side * step
-                    if kind == "sigma" and b <= 0:
-                        b = a / 2
-                else:
-                    raise ModelError(f"the profile of {name} never reaches |zeta| = {z:.3g}")
-            lo, hi = sorted((a, b))
-            out.append(float(scipy.optimize.brentq(f, lo, hi, xtol=1e-8 * max(1.0, abs(est)), rtol=1e-10)))
+            def fv(v):
+                if v not in memo:
+                    memo[v] = self.zeta_w(name, v) - target
+                return memo[v]
+            edge = {("sd", -1): 0.0, ("cor", -1): -1.0, ("cor", 1): 1.0}.get((kind, side))
+            if edge is not None and abs(edge - est) < 1e-12:
+                out.append(float(round(edge)))          # the estimate is on the bound
+                continue
+            root, at_edge = self._root(fv, to_u, of_u, to_u(est), side, h, edge,
+                                       1.0 if logscale or fisher else max(abs(est), h),
+                                       edge_at_infinity=logscale or fisher)
+            if at_edge:                                 # |zeta| < z all the way to the bound
+                root = round(edge)
+            out.append(float(root))
         return out[0], out[1]
 
+    @staticmethod
+    def _root(fv, to_u, of_u, u0: float, side: int, h: float, edge, scale: float,
+              edge_at_infinity: bool = False) -> tuple[float, bool]:
+        """The root of the increasing f(v(u)) beyond u0 on ``side`` (f(v(u0)) = -side z): inverse
+        interpolation through the (up to) three evaluated points nearest the root -- a secant step from
+        two --, kept inside the bracket once there is one (bisection when it would leave it) and moving at
+        least a little past the last point while there is none; stops when |f| < 1e-9 or the step is
+        below 1e-10 of the parameter's scale. A bound ``edge`` (an SD's 0, a correlation's +-1) caps the search:
+        (edge, True) when f has not reached 0 there."""
+        f0 = fv(of_u(u0))
+        pts = [(u0, f0)]
+        u = u0 + side * h
+        edge_u = None if edge is None or edge_at_infinity else to_u(edge)
+        edge_checked = False
+        for _ in range(200):
+            clipped = edge_u is not None and side * (u - edge_u) >= 0
+            if clipped:
+                u = edge_u
+            if (edge is not None and edge_u is None and not edge_checked
+                    and abs(of_u(u) - edge) < 1e-3 * abs(of_u(u0) - edge)):
+                edge_checked = True       # the bound at u = -+inf (log sd, Fisher's z) is near: is it reached?
+                if side * fv(edge) < 0:
+                    return edge, True
+            fu = fv(of_u(u))
+            pts.append((u, fu))
+            if clipped and side * fu < 0:
+                return edge, True
+            if abs(fu) < 1e-9:
+                return float(of_u(u)), False
+            short = [p for p in pts if p[1] < 0] if side > 0 else [p for p in pts if p[1] > 0]
+            past = [p for p in pts if p not in short]
+            a = max(short, key=lambda p: side * p[0])                      # the nearest point short of it
+            b = min(past, key=lambda p: side * p[0]) if past else None      # the nearest point past it
+            near = sorted(pts, key=lambda p: abs(p[1]))[:3]
+            fs, us = np.array([p[1] for p in near]), np.array([p[0] for p in near])
+            if len(set(fs)) < len(fs):
+                fs, us = fs[:2], us[:2]
+            new = float(sum(us[i] * np.prod([(0 - fs[j]) / (fs[i] - fs[j]) for j in range(len(fs)) if j != i])
+                            for i in range(len(fs))))
+            if b is not None:
+                lo, hi = sorted((a[0], b[0]))
+                if not (lo < new < hi) or not np.isfinite(new):
+                    new = 0.5 * (lo + hi)
+                if hi - lo < 1e-10 * scale:
+                    return float(of_u(new)), False
+            else:
+                step = abs(a[0] - u0)
+                if not np.isfinite(new) or side * (new - a[0]) <= 0:
+                    new = a[0] + side * 2 * max(step, h)
+                new = a[0] + side * min(max(abs(new - a[0]) * 1.02, 1e-6 * scale), 4 * step + h)
+            if abs(new - u) < 1e-10 * scale:
+                return float(of_u(new)), False
+            u = new
+        raise ModelError(f"the profile never reaches |zeta| = {abs(f0):.3g}")
+
+    def limits(self, name: str, z: float) -> tuple[float, float]:
+        lo, hi = self.limits_w(name, z)
+        return self.from_w(name, lo), self.from_w(name, hi)
+
     def all_names(self) -> list[str]:
-        return self.names + list(self.design.fixed_names)
+        return varpar_names(self.design) + self.fixed
+
+    def curve(self, name: str) -> list[tuple[float, float]]:
+        """The (value, zeta) points evaluated so far, the estimate's (estimate, 0) among them."""
+        pts = dict(self.points.get(name, []))
+        pts[self.estimate_w(name)] = 0.0
+        values = sorted(pts)
+        gap = 1e-6 * (values[-1] - values[0])
+        kept = [v for k, v in enumerate(values) if k == 0 or v - values[k - 1] > gap or pts[v] == 0.0]
+        return [(self.from_w(name, v), pts[v]) for v in kept]    # the root search's near-repeats dropped
+
+
+def _one_blas_thread():
+    from .results import _threadpools
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def profile(fit, which=None, points: int = 13, level: float = 0.99) -> pd.DataFrame:
-    r"""lme4's profile(fit): :math:`\zeta(\psi)` on a grid of each parameter between its limits at ``level`` (lme4's
-    alphamax = 0.01); columns ``.par``, ``value``, ``.zeta`` (the data of lme4's ``xyplot`` of the profile)."""
-    pr = _Profiler(fit)
+    r"""lme4's profile(fit): :math:`\zeta(\psi)` of each parameter between its limits at ``level`` (lme4's
+    alphamax = 0.01); columns ``.par``, ``value``, ``.zeta`` (the data of a profile-zeta plot). The points are
+    those the root search evaluated, filled in to about ``points`` per parameter, evenly spread in
+    :math:`\zeta`."""
     z = scipy.stats.norm.ppf(1 - (1 - level) / 2)
     rows = []
-    for name in (which or pr.all_names()):
-        lo, hi = pr.limits(name, z)
-        est = pr.estimate(name)
-        grid = np.unique(np.concatenate([np.linspace(lo, est, points // 2 + 1), np.linspace(est, hi, points // 2 + 1)]))
-        for v in grid:
-            rows.append({".par": name, "value": float(v), ".zeta": pr.zeta(name, v) if v != est else 0.0})
+    with _one_blas_thread(), stage("profiling the deviance for %d parameters",
+                                   len(which or parameters(fit).index)):
+        pr = _Profiler(fit)
+        for name in (which or pr.all_names()):
+            lo, hi = pr.limits_w(name, z)
+            est = pr.estimate_w(name)
+            for side, end in ((-1, lo), (1, hi)):
+                wanted = np.linspace(0, side * z, max(points // 2, 1) + 1)[1:-1]
+                for target in wanted:
+                    have = sorted((v, zz) for v, zz in pr.points.get(name, []) if (v - est) * side > 0)
+                    if min((abs(zz - target) for _, zz in have), default=np.inf) < z / points:
+                        continue
+                    vs = np.array([est] + [v for v, _ in have])
+                    zs = np.array([0.0] + [zz for _, zz in have])
+                    order = np.argsort(zs)
+                    v = float(np.interp(target, zs[order], vs[order]))
+                    if v != est and (v - end) * side < 0:
+                        pr.zeta_w(name, v)
+            rows += [{".par": name, "value": v, ".zeta": zz} for v, zz in pr.curve(name)]
     return pd.DataFrame(rows)
 
 
 def conf_int(fit, alpha: float = 0.05, method: str = "profile", nsim: int = 500, seed=None,
              which=None) -> pd.DataFrame:
-    r"""Intervals for every parameter (lme4's confint): 'profile' (lme4's default: the likelihood-ratio
-    interval :math:`\{\psi : |\zeta(\psi)| \le z_{1-\alpha/2}\}` of the ML profile), 'wald'
-    (:math:`\hat\beta \pm z_{1-\alpha/2}\, \mathrm{se}`; NaN for the variance parameters, as lme4) or 'boot' (percentile intervals of a parametric bootstrap of nsim
-    refits). Rows ``.sig01``, ..., ``.sigma``, then the fixed effects, as lme4 prints them."""
+    """Intervals for every parameter (lme4's confint): 'profile' (lme4's default: the likelihood-ratio
+    interval {psi : |zeta(psi)| <= z_(1 - alpha/2)} of the ML profile, its limits the roots of zeta = +-z
+    themselves where lme4 interpolates a spline through its profile's points), 'wald' (beta +- z se; NaN
+    for the variance parameters, as lme4) or 'boot' (percentile intervals of a parametric bootstrap of nsim
+    refits). Rows .sig01, ..., .sigma, then the fixed effects, as lme4 prints them (the .sigNN in lme4's
+    order: the random terms sorted by their number of levels, decreasing)."""
     method = method.lower()
     lo_name, hi_name = _percent_labels(alpha)
     names = list(parameters(fit).index)
@@ -671,10 +884,11 @@ def conf_int(fit, alpha: float = 0.05, method: str = "profile", nsim: int = 500,
         hi[fit.params.index] = fit.params + z * fit.bse
         out = pd.DataFrame({lo_name: lo, hi_name: hi})
     elif method == "profile":
-        pr = _Profiler(fit)
         z = scipy.stats.norm.ppf(1 - alpha / 2)
-        with stage("profiling the deviance for %d parameters", len(names)):
-            limits = {name: pr.limits(name, z) for name in (which or names)}
+        wanted = list(which or names)
+        with _one_blas_thread(), stage("profiling the deviance for %d parameters", len(wanted)):
+            pr = _Profiler(fit)
+            limits = {name: pr.limits(name, z) for name in wanted}
         out = pd.DataFrame(limits, index=[lo_name, hi_name]).T
     elif method in ("boot", "bootstrap"):
         out = bootstrap(fit, nsim, seed).conf_int(alpha)

@@ -32,6 +32,9 @@ read_dataset <- function(name, groups) {
 }
 sleep <- read_dataset("sleepstudy", "Subject")
 toy <- read_dataset("toy", "Ind")
+dyestuff <- read_dataset("Dyestuff", "Batch")
+penicillin <- read_dataset("Penicillin", c("plate", "sample"))
+pastes <- read_dataset("Pastes", c("batch", "cask", "sample"))
 
 NSIM_BOOT <- 500L
 NSIM_SIM <- 4000L
@@ -119,6 +122,45 @@ res$anova <- list(
                              anova_table(anova(s1, s2, refit = FALSE))),
   toy_refit = c(list(formulas = c("Resp ~ 1 + (1|Ind)", "Resp ~ Treat + (1|Ind)")),
                 anova_table(suppressMessages(anova(t0, t1))))
+)
+
+# Profile intervals. confint(fit) interpolates a spline through profile()'s points, taken every
+# delta.cutoff (1/8 by default) in zeta: a few points per parameter, so its limits can sit some 1e-2 away
+# from the roots of zeta = +-qnorm(0.975) on small data. The same profile on a fine grid (delta.cutoff =
+# PROFILE_FINE, up to maxpts points each way) converges to the roots: lmm_symbolic is tested against those
+# and its differences to both reported. A REML fit is profiled as lme4 does it: its ML refit (devfun2).
+PROFILE_FINE <- 1 / 128
+sleep_w <- transform(sleep, w = 1 + (as.integer(Subject) %% 3))
+profile_case <- function(formula, data, reml, weights = NULL) {
+  m <- if (is.null(weights)) lmer(formula, data = data, REML = reml)
+       else do.call(lmer, list(formula = formula, data = data, REML = reml, weights = data[[weights]]))
+  t0 <- Sys.time()
+  ci <- suppressWarnings(suppressMessages(confint(m)))
+  seconds <- as.numeric(Sys.time() - t0, units = "secs")
+  t0 <- Sys.time()
+  pr <- suppressWarnings(suppressMessages(profile(m, delta.cutoff = PROFILE_FINE, maxpts = 2000)))
+  fine <- suppressWarnings(suppressMessages(confint(pr)))
+  list(formula = deparse1(formula), method = if (reml) "REML" else "ML", weights = weights,
+       theta_names = names(getME(m, "theta")),
+       confint_default = mat(ci), seconds = seconds,
+       confint_fine = c(mat(fine), list(delta_cutoff = PROFILE_FINE, points = nrow(pr),
+                                        seconds_fine = as.numeric(Sys.time() - t0, units = "secs"))))
+}
+res$profiles <- list(
+  toy_ML = profile_case(Resp ~ Treat + (1 | Ind), toy, FALSE),
+  toy_REML = profile_case(Resp ~ Treat + (1 | Ind), toy, TRUE),
+  sleepstudy_intercept_ML = profile_case(Reaction ~ Days + (1 | Subject), sleep, FALSE),
+  sleepstudy_slope_ML = profile_case(Reaction ~ Days + (Days | Subject), sleep, FALSE),
+  sleepstudy_slope_REML = profile_case(Reaction ~ Days + (Days | Subject), sleep, TRUE),
+  dyestuff_REML = profile_case(Yield ~ 1 + (1 | Batch), dyestuff, TRUE),
+  penicillin_REML = profile_case(diameter ~ 1 + (1 | plate) + (1 | sample), penicillin, TRUE),
+  penicillin_reversed_REML = profile_case(diameter ~ 1 + (1 | sample) + (1 | plate), penicillin, TRUE),
+  pastes_REML = profile_case(strength ~ 1 + (1 | batch / cask), pastes, TRUE),
+  # two terms on one factor; a term of three (its correlations near -1: the profile must stay among the
+  # positive semi-definite correlation matrices); prior weights w = 1 + (subject's index mod 3)
+  sleepstudy_doublebar_ML = profile_case(Reaction ~ Days + (1 | Subject) + (0 + Days | Subject), sleep, FALSE),
+  sleepstudy_q3_ML = profile_case(Reaction ~ Days + (Days + I(Days^2) | Subject), sleep, FALSE),
+  sleepstudy_weighted_ML = profile_case(Reaction ~ Days + (Days | Subject), sleep_w, FALSE, weights = "w")
 )
 
 writeLines(toJSON(res, digits = NA, auto_unbox = TRUE, pretty = TRUE, na = "null"), out_file)
