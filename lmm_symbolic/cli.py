@@ -270,6 +270,12 @@ def _verify(args) -> int:
     from . import derive
     from .verification import verify, verify_steps
     if args.steps:
+        import stat
+
+        from .errors import DataError
+        if not stat.S_ISREG(os.stat(args.steps).st_mode):   # a FIFO would block until a writer comes
+            raise DataError(f"{args.steps!r} is not a regular file (a pipe, socket or device is not read); save "
+                            "the derivation to a text file, one expression a line")
         with open(args.steps, encoding="utf-8") as fh:
             lines = [line for line in fh.read(1_000_000).splitlines() if line.strip()]
         report = verify_steps(derive(args.formula, _data(args.data)), args.quantity, lines,

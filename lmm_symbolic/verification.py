@@ -733,15 +733,27 @@ class StepReport:
         if self.first_break is None:
             out.append("every step follows from the one before")
         else:
-            out.append(f"first broken step: line {self.first_break - 1} -> line {self.first_break}")
+            label = self.step.quantity if self.step is not None else ""
+            if self.first_break == 1 or not label.startswith(("line ", "the left side")):
+                out.append(f"first broken step: line {self.first_break} is not {TITLES.get(self.quantity, self.quantity)}")
+            elif label.startswith("the left side"):
+                out.append(f"first broken step: inside line {self.first_break}, from one side of '=' to the next")
+            else:
+                out.append(f"first broken step: {label} -> line {self.first_break}")
             out.extend("  " + line for line in str(self.step).splitlines()[1:])
         return "\n".join(out)
 
 
 def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> StepReport:
     """Check a derivation written over several lines: each line against ``quantity`` (as :func:`verify`)
-    and each line against the one before it; the first step whose two lines differ is the break, with a
-    counterexample between them."""
+    and each line against the one before it, mathematically (exact proof or counterexample, as
+    :func:`verify`); the first step whose two lines differ is the break, with a counterexample between them.
+
+    A line may be written as in a derivation on paper: ``= ...`` or ``&= ... \\\\`` (the chain goes on),
+    or ``A = B = C`` (each ``=`` a step; a left side that is not an expression, such as ``|\\Sigma|`` or
+    ``log L``, is a label and skipped). A line is compared with the one before it after the same plug-ins
+    :func:`verify` makes: a line without beta is compared with the previous one at beta = beta_hat, a line
+    without y's at the data's y values. A step between two lines that both equal the quantity always holds."""
     lines = [str(x) for x in lines if str(x).strip()]
     if not lines:
         raise ExpressionError("no lines to check")
@@ -750,27 +762,77 @@ def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> Step
     der = model if isinstance(model, Derivation) else derive(model) if isinstance(model, Design) else None
     if der is None:
         raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
-    verdicts = tuple(verify(der, quantity, text, syntax) for text in lines)
     names = symbol_table(der)
     order = _symbol_order(names)
+    sizes = design_sizes(der)
+    parts: list[list[tuple[str, object]]] = []       # per line: its readable sides (text, value)
+    for k, text in enumerate(lines, 1):
+        sides = _sides(text)
+        read = []
+        for m, side in enumerate(sides):
+            try:
+                read.append((side, parse_expression(side, names, syntax, sizes)))
+            except ExpressionError as exc:
+                if m == 0 and len(sides) > 1:       # a label: |\Sigma| = ..., log L = ...
+                    continue
+                raise ExpressionError(f"line {k}: {exc}") from None
+        parts.append(read)
+    verdicts = []
+    for k, read in enumerate(parts, 1):
+        try:
+            verdicts.append(verify(der, quantity, read[-1][0], syntax))
+        except ExpressionError as exc:
+            raise ExpressionError(f"line {k}: {exc}") from None
+    verdicts = tuple(verdicts)
     first, step = None, None
-    previous = parse_expression(lines[0], names, syntax, design_sizes(der))
-    for k, text in enumerate(lines[1:], 2):
-        current = parse_expression(text, names, syntax, design_sizes(der))
-        if isinstance(current, MatrixBase) or isinstance(previous, MatrixBase):
-            v = _compare_matrix(current, previous, quantity, der, order) if \
-                isinstance(current, MatrixBase) and isinstance(previous, MatrixBase) and \
-                current.shape == previous.shape else Verdict(False, "shape", None, "a matrix and a scalar",
-                                                             quantity=quantity, status="different")
-        else:
-            v = _compare_scalar(current, previous, f"line {k - 1}", order)
-        if not v.equal:
-            first, step = k, v
+    previous, prev_line = None, 0
+    for k, read in enumerate(parts, 1):
+        for m, (_, current) in enumerate(read):
+            both_equal = m == len(read) - 1 and prev_line != k and verdicts[prev_line - 1].equal and \
+                verdicts[k - 1].equal       # the two expressions verify checked, both the quantity
+            if previous is not None and not both_equal:
+                v = _compare_step(der, quantity, previous, current, f"line {prev_line}" if prev_line != k
+                                  else f"the left side of line {k}", order)
+                if not v.equal:
+                    first, step = k, v
+                    break
+            previous, prev_line = current, k
+        if first is not None:
             break
-        previous = current
     if first is None and not verdicts[0].equal:
         first, step = 1, verdicts[0]
     return StepReport(quantity, verdicts, tuple(k for k, v in enumerate(verdicts, 1) if v.equal), first, step)
+
+
+def _sides(text: str) -> list[str]:
+    """The expressions of a derivation line: ``&=``, a leading ``=`` and a trailing ``\\\\`` dropped, and
+    the line split at each ``=`` outside brackets and braces (so \\sum_{j=1} keeps its =)."""
+    t = text.strip()
+    t = t.removesuffix("\\\\").strip().removesuffix(",").strip()
+    t = t.lstrip("&").lstrip().removeprefix("=").lstrip()
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(t):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "=" and depth == 0:
+            out.append(t[start:i].replace("&", " "))
+            start = i + 1
+    out.append(t[start:].replace("&", " ") if len(out) else t[start:])
+    return [p.strip() for p in out if p.strip()] or [t]
+
+
+def _compare_step(der: Derivation, quantity: str, previous, current, label: str, order: dict) -> Verdict:
+    """current against previous, with previous's beta = beta_hat and y's = the data when current has none
+    (the plug-ins :func:`verify` makes)."""
+    if isinstance(current, MatrixBase) != isinstance(previous, MatrixBase) or (
+            isinstance(current, MatrixBase) and current.shape != previous.shape):
+        return Verdict(False, "shape", None, "the two lines are not of the same shape (a matrix and a scalar, "
+                       "or matrices of different sizes)", quantity=label, status="different")
+    key = _ALIASES.get(str(quantity).strip().lower(), str(quantity).strip())
+    previous, _ = _plugged_in(der, key if key in QUANTITIES else "", previous, current)
+    if isinstance(current, MatrixBase):
+        return _compare_matrix(current, previous, label, der, order)
+    return _compare_scalar(current, previous, label, order)
 
 
 # ------------------------------------------------------------------------- the quantities derived next
