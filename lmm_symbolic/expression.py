@@ -646,6 +646,8 @@ class _PlainParser:
         name = func.id
         if name in PLAIN_BIG_OPERATORS:
             return self._big_operator(node, name, depth)
+        if name == "Determinant":          # sympy's unevaluated det, as sympy prints it
+            name = "det"
         if name == "Rational" and len(node.args) == 2 and not node.keywords:
             a, b = (self.walk(x, depth + 1) for x in node.args)
             if not (isinstance(a, sp.Expr) and isinstance(b, sp.Expr) and a.is_Rational and b.is_Rational):

@@ -341,10 +341,43 @@ def _normal(e: sp.Expr) -> sp.Expr:
     ``expand_log`` runs without ``force``: a log is split only where sympy can tell the factors are
     positive, so no identity that fails for some values is used.
     """
+    if e.has(sp.exp):
+        e = e.replace(lambda x: isinstance(x, sp.exp), lambda x: sp.exp(_canonical(x.args[0])))
     if not e.has(sp.log):
         return e
     e = e.replace(lambda x: isinstance(x, sp.log), lambda x: sp.log(_factored(x.args[0])))
-    return sp.expand_log(e, force=False)
+    e = sp.expand_log(e, force=False)
+    if e.has(sp.exp):   # log(a exp(x)) = log(a) + x for x real (a rational function of real symbols)
+        e = e.replace(lambda x: isinstance(x, sp.log) and x.args[0].has(sp.exp), _log_of_exp)
+    return e
+
+
+def _log_of_exp(x: sp.log) -> sp.Expr:
+    """log(a exp(x1) exp(x2) ...) = log(a) + x1 + x2 + ... for real x_k: exp of a real number is a positive
+    real, and a positive factor does not change the principal log's argument."""
+    factors = sp.Mul.make_args(x.args[0])
+    real = [f for f in factors if isinstance(f, sp.exp) and _real_rational(f.args[0])]
+    if not real:
+        return x
+    rest = sp.Mul(*[f for f in factors if f not in real])
+    return (0 if rest == 1 else sp.log(rest)) + sp.Add(*[f.args[0] for f in real])
+
+
+def _real_rational(x: sp.Expr) -> bool:
+    """True when x is a rational function (rational coefficients, pi allowed) of real symbols, so real
+    wherever it is defined."""
+    free = x.free_symbols
+    return all(s.is_real for s in free) and x.is_rational_function(*free) and not x.has(sp.I)
+
+
+def _canonical(arg: sp.Expr) -> sp.Expr:
+    """An exponent in one form (its logs split, over a common denominator, cancelled), so that
+    exp(-Q/2) written two ways is the same atom to cancel: the likelihood L = exp(log L) (Eq. 9)."""
+    arg = _normal(arg)
+    m, back = _masked(arg)
+    if _terms_estimate(m) > HINT_TERMS:
+        return arg
+    return sp.cancel(sp.together(m)).xreplace(back)
 
 
 def _factored(arg: sp.Expr) -> sp.Expr:
@@ -567,6 +600,10 @@ def _compare_scalar(given: sp.Expr, expected: sp.Expr, quantity: str, order: dic
                            _scalar_hint(given, expected, diff), quantity=quantity, status="different")
         agree += 1
     proof = _is_zero(given - expected)
+    if not proof and given.has(sp.exp) and expected.has(sp.exp) and not given.is_Add and not expected.is_Add:
+        # a product with exp(...), as the likelihood L: the principal log is one-to-one, so
+        # log(given) = log(expected) identically proves given = expected
+        proof = _is_zero(_normal(sp.log(given)) - _normal(sp.log(expected))) or proof
     if proof:
         return Verdict(True, "0", None, None, quantity=quantity, status="equal")
     for point in _points(symbols, TRIES):   # a near miss (off by 1e-30): exact points, adaptive precision
