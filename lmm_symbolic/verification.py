@@ -435,14 +435,19 @@ def _exp_degree(nodes: list[sp.Expr]) -> int:
     return num * den
 
 
-def _masked(e: sp.Expr) -> tuple[sp.Expr, dict]:
-    """e with its exponentials replaced by fresh symbols when their exponents are large (see _exp_degree).
+def _masked(e: sp.Expr, every: bool = False) -> tuple[sp.Expr, dict]:
+    """e with its exponentials replaced by fresh symbols when their exponents are large (see _exp_degree),
+    or (``every``, for the cheap hints and the shown difference) every exp of a non-constant argument:
+    sympy splits exp(a + b + ...) into one generator per term, which makes cancel slow for exp(-Q/2).
 
     Sound for proving zero: an identity in independent indeterminates holds for any values of them, so
     masking can only fail to prove an equality, never prove a false one.
     """
     nodes = _exponentials(e)
-    if not nodes or _exp_degree(nodes) <= MAX_EXP_DEGREE:
+    if every and any(isinstance(x, sp.exp) and x.args[0].free_symbols for x in nodes):
+        nodes = [x for x in nodes if isinstance(x, sp.exp) and x.args[0].free_symbols] + \
+            ([x for x in nodes if not isinstance(x, sp.exp)] if _exp_degree(nodes) > MAX_EXP_DEGREE else [])
+    elif not nodes or _exp_degree(nodes) <= MAX_EXP_DEGREE:
         return e, {}
     mapping = {x: sp.Dummy(f"E{k}") for k, x in enumerate(dict.fromkeys(nodes))}
     return e.xreplace(mapping), {v: k for k, v in mapping.items()}
@@ -471,7 +476,7 @@ def _quick_zero(d: sp.Expr) -> bool:
     d = _normal(d)
     if d == 0:
         return True
-    d, _ = _masked(d)
+    d, _ = _masked(d, every=True)
     if _terms_estimate(d) > HINT_TERMS:
         return False
     return sp.cancel(sp.together(d)) == 0
@@ -480,7 +485,7 @@ def _quick_zero(d: sp.Expr) -> bool:
 def _simplified(d: sp.Expr) -> sp.Expr:
     """The difference in its shortest readable form: cancelled over a common denominator, or factored."""
     d = _normal(d)
-    m, back = _masked(d)
+    m, back = _masked(d, every=True)
     if _terms_estimate(m) > HINT_TERMS:
         return d
     c = sp.cancel(sp.together(m))
@@ -557,14 +562,28 @@ def _value(v: sp.Expr):
 def _counterexample(point: dict, e: sp.Expr, g: sp.Expr, order: dict, entry=None) -> dict:
     out = {s.name: _value(v) for s, v in sorted(point.items(), key=lambda kv: order.get(kv[0], 10**6))}
     exp_v, giv_v = _value(e), _value(g)
-    if exp_v == giv_v:  # the difference is below float resolution: show the exact numbers
-        exp_v = sp.sstr(e if e.is_Rational else e.evalf(30))
-        giv_v = sp.sstr(g if g.is_Rational else g.evalf(30))
+    if exp_v == giv_v:  # the difference is below float resolution: show the numbers to the digits that differ
+        digits = _digits_apart(g, e)
+        exp_v = sp.sstr(e if e.is_Rational else e.evalf(digits))
+        giv_v = sp.sstr(g if g.is_Rational else g.evalf(digits))
     out["expected"] = exp_v
     out["given"] = giv_v
     if entry is not None:
         out["entry"] = [entry[0] + 1, entry[1] + 1]
     return out
+
+
+def _digits_apart(g: sp.Expr, e: sp.Expr) -> int:
+    """Significant digits that show two close numbers apart: 20 more than log10(|e| / |g - e|), at most
+    5000 (the precision _differ_exactly works to)."""
+    try:
+        d = abs((g - e).evalf(20, maxn=5000))
+        scale = max(abs(e.evalf(20)), sp.Float(1))
+        if d.is_Number and d != 0:
+            return int(min(5000, 20 + max(0, math.ceil(math.log10(float(scale)) - float(sp.log(d, 10).evalf(20))))))
+    except (TypeError, ValueError, ArithmeticError, OverflowError):  # pragma: no cover - defensive
+        pass
+    return 30
 
 
 def _free(*exprs) -> list[sp.Symbol]:
@@ -630,7 +649,7 @@ def _scalar_hint(given: sp.Expr, expected: sp.Expr, diff: sp.Expr) -> str | None
         return "wrong sign: the expression is minus the derived one"
     G, E = _normal(given), _normal(expected)
     if E != 0 and _terms_estimate(G) + _terms_estimate(E) <= HINT_TERMS:
-        ratio, _ = _masked(G / E)
+        ratio, _ = _masked(G / E, every=True)
         ratio = sp.cancel(sp.together(ratio))
         if not ratio.free_symbols and ratio != 1:
             return f"off by a constant factor: the expression is {sp.sstr(ratio)} times the derived one"
@@ -728,7 +747,7 @@ def _matrix_hint(given, expected, D, quantity: str, der: Derivation) -> str | No
     wrong = [(k // D.shape[1], k % D.shape[1]) for k, x in enumerate(D) if x != 0]
     first = next(((g, e) for g, e in zip(given, expected) if e != 0), None)
     if first is not None:
-        ratio, _ = _masked(_normal(first[0]) / _normal(first[1]))
+        ratio, _ = _masked(_normal(first[0]) / _normal(first[1]), every=True)
         ratio = sp.cancel(sp.together(ratio))
         if not ratio.free_symbols and ratio not in (0, 1) and all(_quick_zero(g - ratio * e) for g, e in zip(given, expected)):
             if ratio == -1:
@@ -941,7 +960,17 @@ def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
 
 def derived_quantity(der: Derivation, key: str):
     """The quantity ``key`` of the derivation: an attribute (det, loglik, ...) or one derived here by
-    sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...)."""
+    sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...); a
+    determinant left unevaluated by the derivation (|X^T Sigma^-1 X| of a slope model's REML criterion)
+    written out, so that the quantity can be evaluated at a point."""
+    value = _derived_quantity(der, key)
+    if isinstance(value, sp.Basic) and value.has(sp.Determinant):
+        value = value.replace(lambda x: isinstance(x, sp.Determinant),
+                              lambda x: sp.Matrix(x.arg).det(method="berkowitz"))
+    return value
+
+
+def _derived_quantity(der: Derivation, key: str):
     if key in ("det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"):
         return getattr(der, QUANTITIES[key])
     if key == "deviance":
@@ -955,9 +984,13 @@ def derived_quantity(der: Derivation, key: str):
         names = symbol_table(der)
         if name.endswith("2") and name[:-1] in names and names[name[:-1]].is_positive:   # d/d sigma^2
             s = names[name[:-1]]
+            if s not in der.loglik.free_symbols:
+                raise ExpressionError(f"score_{name}: {s.name} is not a parameter of this model's log-likelihood")
             return sp.diff(der.loglik, s) / (2 * s)
         if name not in names:
             raise ExpressionError(f"score_{name}: unknown symbol {name!r}")
+        if names[name] not in der.loglik.free_symbols:
+            raise ExpressionError(f"score_{name}: {name} is not a parameter of this model's log-likelihood")
         return sp.diff(der.loglik, names[name])
     if not der.symbolic_y:
         raise ModelError(f"{key} is written out only for designs with symbolic responses")
