@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import random
 import textwrap
+import weakref
 from dataclasses import dataclass, field
 from math import comb
 
@@ -963,11 +964,24 @@ def derived_quantity(der: Derivation, key: str):
     sympy from the block forms (gls_estimator, beta_covariance, deviance, score_<symbol>, ...); a
     determinant left unevaluated by the derivation (|X^T Sigma^-1 X| of a slope model's REML criterion)
     written out, so that the quantity can be evaluated at a point."""
+    try:
+        cache = _CACHE.setdefault(der, {})
+    except TypeError:               # pragma: no cover - a derivation that cannot be weakly referenced
+        cache = {}
+    if key in cache:
+        return cache[key]
     value = _derived_quantity(der, key)
     if isinstance(value, sp.Basic) and value.has(sp.Determinant):
         value = value.replace(lambda x: isinstance(x, sp.Determinant),
                               lambda x: sp.Matrix(x.arg).det(method="berkowitz"))
+    if isinstance(value, MatrixBase):
+        value = sp.ImmutableMatrix(value)
+    cache[key] = value
     return value
+
+
+#: the quantities derived so far, per derivation (sympy objects are immutable; a derivation never changes)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _derived_quantity(der: Derivation, key: str):
@@ -998,6 +1012,9 @@ def _derived_quantity(der: Derivation, key: str):
         return _closed_form_estimate(der, key)
     if key == "conditional_modes":
         return _conditional_modes(der)
+    if key == "profiled_loglik":
+        beta_hat = derived_quantity(der, "gls_estimator")
+        return der.loglik.xreplace(dict(zip(der.symbols.beta, beta_hat)))
     A, b = _gls_parts(der)
     if key == "gls_information":
         return A
@@ -1007,6 +1024,6 @@ def _derived_quantity(der: Derivation, key: str):
     beta_hat = (Ainv * b).applyfunc(sp.factor)
     if key == "gls_estimator":
         return beta_hat
-    if key == "profiled_loglik":
+    if key == "profiled_loglik":  # pragma: no cover - handled above
         return der.loglik.xreplace(dict(zip(der.symbols.beta, beta_hat)))
     raise ExpressionError(f"unknown quantity {key!r}")  # pragma: no cover

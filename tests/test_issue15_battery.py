@@ -264,7 +264,7 @@ def test_every_quantity_by_hand(toy, quantity, syntax):
 def _perturbed(e):
     """A wrong answer: the quantity times 1001/1000 (a matrix: its first entry, plus 1/1000)."""
     if isinstance(e, sp.MatrixBase):
-        e = e.copy()
+        e = sp.Matrix(e)
         e[0, 0] = e[0, 0] * sp.Rational(1001, 1000) + sp.Rational(1, 1000)
         return e
     return e * sp.Rational(1001, 1000)
@@ -439,7 +439,7 @@ def test_steps_from_the_command_line_both_syntaxes(tmp_path, capsys):
 def test_near_misses_get_an_exact_counterexample(toy, quantity, extra):
     e = derived_quantity(toy, quantity)
     if extra is None:
-        e = e.copy()
+        e = sp.Matrix(e)
         e[1, 0] += sp.Rational(1, 10**30)
         text = sp.sstr(e.tolist())
     else:
