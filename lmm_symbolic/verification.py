@@ -308,6 +308,8 @@ def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
             for k, v in extra.items():
                 names.setdefault(str(k), v)
     for attr in ("det", "quadratic_form"):
+        if attr == "quadratic_form" and attr not in vars(der):
+            continue     # not derived yet (25 s for crossed terms): its names are the y's, beta's and variances
         try:
             value = getattr(der, attr)
         except Exception:  # noqa: BLE001 - a quantity that is not written out holds no names

@@ -26,6 +26,7 @@ TOY = "Resp ~ Treat + (1|Ind)"
 UNBALANCED = pd.DataFrame({"g": list("aabbbcccc"), "x": [0, 1, 0, 1, 1, 0, 1, 0, 1],
                            "y": [1.0, 2.5, 4.0, 3.0, 0.5, 2.0, 5.0, 4.5, 7.0]})
 BALANCED = pd.DataFrame({"y": [1.0, 2.5, 4.0, 3.0, 0.5, 2.0], "g": list("aabbcc")})
+CROSSED = pd.DataFrame({"g": list("aabbcc"), "h": list("pqpqpq"), "y": [1.0, 2.5, 4.0, 3.0, 0.5, 2.0]})
 SLOPE = pd.DataFrame({"g": list("aaabbbccc"), "x": [0, 1, 2] * 3, "y": [1.0, 2.5, 4.0, 3.0, 0.5, 2.0, 5.0, 4.5, 7.0]})
 
 
@@ -37,7 +38,8 @@ def toy():
 @pytest.fixture(scope="module")
 def designs(toy):
     return {"toy": toy, "unbalanced": lmm.derive("y ~ x + (1|g)", UNBALANCED),
-            "balanced": lmm.derive("y ~ 1 + (1|g)", BALANCED), "slope": lmm.derive("y ~ x + (x|g)", SLOPE)}
+            "balanced": lmm.derive("y ~ 1 + (1|g)", BALANCED), "slope": lmm.derive("y ~ x + (x|g)", SLOPE),
+            "crossed": lmm.derive("y ~ 1 + (1|g) + (1|h)", CROSSED)}
 
 
 def _equal(der, quantity, text, syntax=None):
@@ -279,6 +281,9 @@ DESIGN_QUANTITIES = {
     # the slope model: every quantity whose printed text is at most MAX_LENGTH characters (see below)
     "slope": ["det", "logdet", "quadratic_form", "loglik", "sigma", "kinship", "gls_information", "gls_estimator",
               "beta_covariance", "deviance", "likelihood", "score_beta_0", "score_beta_1"],
+    # two random terms (1|g) + (1|h): names sigma_g_Intercept / sigma_1, sigma_h_Intercept / sigma_2
+    "crossed": ["det", "logdet", "quadratic_form", "sigma", "kinship", "gls_information", "gls_estimator",
+                "beta_covariance", "loglik", "score_beta_0"],
 }
 #: about 10 s each (the REML criterion's |X^T Sigma^-1 X| of the slope model cancelled exactly)
 SLOW = [("slope", "reml_loglik"), ("slope", "reml_criterion")]
@@ -346,6 +351,9 @@ def test_slope_names_long_and_short_both_syntaxes(designs):
     for text in (det, short, tex, "σ⁶" + short[len("sigma**6"):] if short.startswith("sigma**6") else short):
         _equal(der, "det", text)
     _wrong(der, "det", short.replace("rho**2", "rho"))
+    pasted = short.replace("sigma_0", "σ₀").replace("sigma_1", "σ₁").replace("rho", "ρ").replace("**", "^")
+    _equal(der, "det", pasted)
+    _wrong(der, "det", pasted.replace("ρ^2", "ρ"))
     _wrong(der, "det", tex.replace(r"\sigma^{6}", r"\sigma^{4}", 1))
     # the block form: |Sigma| = prod_j |sigma^2 I + Z_j D Z_j^T|, D from sigma_0, sigma_1, rho
     block = ("Product(det([[sigma^2 + sigma_0^2, sigma_0^2 + rho*sigma_0*sigma_1, sigma_0^2 + 2*rho*sigma_0*sigma_1],"
