@@ -2,8 +2,9 @@
 
 The text never reaches ``eval``, ``sympify``, ``parse_expr`` or ``lambdify``. Plain syntax is read with
 ``ast.parse(..., mode="eval")`` and the tree is walked allowing only numbers, the derivation's symbol names,
-``pi`` and ``e``, ``+ - * / **``, a few functions (``log``, ``ln``, ``exp``, ``sqrt``, ``abs``) and lists of
-rows for matrices. LaTeX is read by a small tokenizer and recursive-descent parser of our own. Both build
+``pi`` and ``e``, ``+ - * / **``, a few functions (``log``, ``ln``, ``exp``, ``sqrt``, ``abs``, ``det``),
+``Rational(a, b)``, sums and products over an index (``Sum(body, (j, 1, G))``, ``Product``, or
+``sum_{j=1}^{G} body`` as on paper) and lists of rows for matrices. LaTeX is read by a small tokenizer and recursive-descent parser of our own. Both build
 the sympy object through :class:`_Builder`, which bounds everything that could make sympy work hard:
 
 * the text's length (:data:`MAX_LENGTH`) and bracket nesting (:data:`MAX_DEPTH`, counted before any parser
@@ -72,7 +73,8 @@ def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | No
                      sizes: Mapping | None = None) -> Value:
     """The sympy expression (or Matrix) ``text`` states, with symbol names taken from ``names``.
 
-    ``sizes`` are the design's sizes that the limits of a LaTeX sum or product may name:
+    ``sizes`` are the design's sizes that the limits of a sum or product (LaTeX ``\\sum_{j=1}^{G}``, plain
+    ``Sum(body, (j, 1, G))`` or ``sum_{j=1}^{G} body``) and the expression itself (G, n) may name:
     ``{"G": groups, "n": observations, "m": [size of group 1, ...]}`` (so ``\\sum_{j=1}^{G}``,
     ``\\prod_{i=1}^{m_j}``, and ``m_j`` or ``n_j`` in the body is group j's size).
 

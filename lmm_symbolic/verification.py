@@ -467,11 +467,25 @@ def _is_zero(d: sp.Expr) -> bool | None:
     if d == 0:
         return True
     d, _ = _masked(d)
-    if _terms_estimate(d) > MAX_TERMS:
+    if _terms_estimate(d) > MAX_TERMS and not _few_generators(d):
         return None
     if sp.cancel(sp.together(d)) == 0:
         return True
     return bool(_small(d) and sp.simplify(d) == 0)
+
+
+#: a difference in at most this many generators (symbols, logs, exps, roots) is cancelled whatever its
+#: estimated size: the estimate counts products of sums, but few variables allow few monomials (an answer
+#: with the data's y values and beta_hat plugged in is a rational function of sigma and sigma_s alone)
+FEW_GENERATORS = 4
+
+
+def _few_generators(d: sp.Expr) -> bool:
+    """At most FEW_GENERATORS symbols, logs and exps of non-constants and roots, and few monomials of
+    their degree: comb(k + D, k) <= 5 MAX_TERMS for k generators and degree bound D."""
+    roots = {p.base for p in d.atoms(sp.Pow) if not p.exp.is_Integer and p.free_symbols}
+    k = len(d.free_symbols) + len([a for a in d.atoms(sp.log, sp.exp) if a.free_symbols]) + len(roots)
+    return k <= FEW_GENERATORS and comb(k + degree_bound(d), k) <= 5 * MAX_TERMS
 
 
 def _quick_zero(d: sp.Expr) -> bool:

@@ -561,3 +561,33 @@ def test_plain_sums_read_what_latex_sums_read(toy):
              ("prod_(j=1)^G (sigma^2 + m_j sigma_s^2)", r"\prod_{j=1}^{G}(\sigma^2 + m_j\sigma_s^2)")]
     for plain, latex in pairs:
         assert parse_expression(plain, names, None, sizes) == parse_expression(latex, names, None, sizes), plain
+
+
+# ================================================== 8. answers with beta_hat or the data's y plugged in
+PLUGGED = ["quadratic_form", "loglik", "likelihood", "deviance", "reml_criterion", "conditional_modes", "score_sigma"]
+
+
+@pytest.mark.parametrize("design", ["toy", "unbalanced"])
+@pytest.mark.parametrize("quantity", PLUGGED)
+def test_answers_with_beta_hat_or_y_plugged_in(designs, design, quantity):
+    """With beta = beta_hat substituted, and with the data's y values as well: equal, the hint saying what
+    was substituted; the same answer off by a factor 1001/1000 gets a counterexample and the same note."""
+    der = designs[design]
+    e = derived_quantity(der, quantity)
+    beta_hat = derived_quantity(der, "gls_estimator")
+    at_hat = dict(zip(der.symbols.beta, list(beta_hat)))
+    at_y = {y: sp.Rational(repr(float(v))) for y, v in zip(der.symbols.y, der.design.y)}
+    sub = (lambda x, at: x.xreplace(at)) if not isinstance(e, sp.MatrixBase) else \
+        (lambda x, at: x.applyfunc(lambda c: c.xreplace(at)))
+    for at, note in ((at_hat, "beta_hat"), ({**at_hat}, "y values")):
+        value = sub(e, at_hat)
+        if note == "y values":
+            value = sub(value, at_y)
+        for val, check in ((value, _equal), (_perturbed(value), _wrong)):
+            plain = sp.sstr(val.tolist() if isinstance(val, sp.MatrixBase) else val)
+            latex = sp.latex(val, symbol_names=der.symbols.latex_names)
+            for text in (plain, latex):
+                if len(text) > MAX_LENGTH:
+                    continue
+                v = check(der, quantity, text)
+                assert note in v.hint, v.hint
