@@ -62,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    "likelihood, ml_sigma2, ml_sigma_s2, reml_sigma2, reml_sigma_s2 (closed forms, balanced designs), "
                    "conditional_modes (u_hat), score_<symbol> (score_sigma2 for d/d sigma^2)")
     src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--expr", help="the expression, plain (sigma**2) or LaTeX (\\sigma^2); "
-                     "one starting with '-' is read too (--expr -2*log(2*pi) ...)")
+    src.add_argument("--expr", help="the expression, plain (sigma**2, Sum(log(sigma**2 + m_j*sigma_s**2), "
+                     "(j, 1, G))) or LaTeX (\\sigma^2, \\sum_{j=1}^{G}); one starting with '-' is read too "
+                     "(--expr -2*log(2*pi) ...)")
     src.add_argument("--steps", metavar="FILE", help="a derivation, one expression a line: which lines equal "
                      "the quantity and the first step that breaks the chain")
     v.add_argument("--latex", action="store_true", help="read --expr as LaTeX")
@@ -271,6 +272,12 @@ def _verify(args) -> int:
     from . import derive
     from .verification import verify, verify_steps
     if args.steps:
+        import stat
+
+        from .errors import DataError
+        if not stat.S_ISREG(os.stat(args.steps).st_mode):   # a FIFO would block until a writer comes
+            raise DataError(f"{args.steps!r} is not a regular file (a pipe, socket or device is not read); save "
+                            "the derivation to a text file, one expression a line")
         with open(args.steps, encoding="utf-8") as fh:
             lines = [line for line in fh.read(1_000_000).splitlines() if line.strip()]
         report = verify_steps(derive(args.formula, _data(args.data)), args.quantity, lines,

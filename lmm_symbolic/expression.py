@@ -2,9 +2,11 @@
 
 The text never reaches ``eval``, ``sympify``, ``parse_expr`` or ``lambdify``. Plain syntax is read with
 ``ast.parse(..., mode="eval")`` and the tree is walked allowing only numbers, the derivation's symbol names,
-``pi`` and ``e``, ``+ - * / **``, a few functions (``log``, ``ln``, ``exp``, ``sqrt``, ``abs``) and lists of
-rows for matrices. LaTeX is read by a small tokenizer and recursive-descent parser of our own. Both build
-the sympy object through ``_Builder``, which bounds everything that could make sympy work hard:
+``pi`` and ``e``, ``+ - * / **``, a few functions (``log``, ``ln``, ``exp``, ``sqrt``, ``abs``, ``det``),
+``Rational(a, b)``, sums and products over an index (``Sum(body, (j, 1, G))``, ``Product``, or
+``sum_{j=1}^{G} body`` as on paper) and lists of rows for matrices. LaTeX is read by a small tokenizer and
+recursive-descent parser of our own. Both build the sympy object through ``_Builder``, which bounds
+everything that could make sympy work hard:
 
 * the text's length (:data:`MAX_LENGTH`) and bracket nesting (:data:`MAX_DEPTH`, counted before any parser
   runs, so 100,000 nested parentheses never reach ``ast.parse``);
@@ -67,15 +69,21 @@ _INFINITE = (sp.zoo, sp.nan, sp.oo, -sp.oo)
 
 
 def detect_syntax(text: str) -> str:
-    """``"latex"`` when the text has a backslash, a brace or a sum or product sign, else ``"plain"``."""
-    return "latex" if ("\\" in text or "{" in text or "∑" in text or "∏" in text) else "plain"
+    """``"latex"`` when the text has a backslash, a brace or a sum or product sign, else ``"plain"`` -- also
+    for text without a backslash whose braces come with a plain sum, ``sum_{j=1}^{G} log(...)``."""
+    if "\\" in text or "∑" in text or "∏" in text:
+        return "latex"
+    if "{" in text:
+        return "plain" if (_PLAIN_BIG.search(text) or _PLAIN_CALL.search(text)) else "latex"
+    return "plain"
 
 
 def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | None = None,
                      sizes: Mapping | None = None) -> Value:
     """The sympy expression (or Matrix) ``text`` states, with symbol names taken from ``names``.
 
-    ``sizes`` are the design's sizes that the limits of a LaTeX sum or product may name:
+    ``sizes`` are the design's sizes that the limits of a sum or product (LaTeX ``\\sum_{j=1}^{G}``, plain
+    ``Sum(body, (j, 1, G))`` or ``sum_{j=1}^{G} body``) and the expression itself (G, n) may name:
     ``{"G": groups, "n": observations, "m": [size of group 1, ...]}`` (so ``\\sum_{j=1}^{G}``,
     ``\\prod_{i=1}^{m_j}``, and ``m_j`` or ``n_j`` in the body is group j's size).
 
@@ -102,7 +110,7 @@ def parse_expression(text: str, names: Mapping[str, sp.Symbol], syntax: str | No
         raise ExpressionError(f"unknown syntax {syntax!r}; use 'plain' or 'latex'")
     _check_nesting(text)
     if syntax == "plain":
-        text = implicit_products(text, names)
+        text = implicit_products(plain_big_operators(text), names)
     builder = _Builder(names, sizes)
     try:
         parser = _PlainParser(text, builder) if syntax == "plain" else _LatexParser(text, builder)
@@ -186,10 +194,64 @@ def implicit_products(text: str, names: Mapping[str, sp.Symbol]) -> str:
         if kind == "num" or tok in (")", "]"):
             prev = "operand"
         elif kind == "name" and not keyword.iskeyword(tok):
-            prev = "operand" if (tok in names or tok in CONSTANTS) else "call"
+            # a function's name has no underscore: m_j, y_ij and an index j are operands even when unknown
+            prev = "call" if (tok not in names and tok not in CONSTANTS and "_" not in tok and len(tok) > 1) \
+                else "operand"
         else:
             prev = None
     return "".join(out)
+
+
+#: sum_{j=1}^{G}, prod_(i=1)^(m_j), Sum_{k=1}^3 in plain text: the operator, its index and two limits
+_PLAIN_BIG = re.compile(r"""\b(sum|prod|Sum|Product)_\s*[{(]\s*([A-Za-z])\s*=\s*([A-Za-z0-9_ +-]{1,40}?)\s*[})]
+    \s*(?:\^|\*\*)\s*(?:[{(]\s*([A-Za-z0-9_ +-]{1,40}?)\s*[})]|([A-Za-z](?:_[A-Za-z0-9]{1,10})?|\d{1,7}))""", re.VERBOSE)
+_PLAIN_CALL = re.compile(r"\b(?:Sum|Product|summation|product)\s*\(")
+#: the most sums and products written sum_{j=1}^{G} in one plain expression
+MAX_PLAIN_BIG = 50
+
+
+def plain_big_operators(text: str) -> str:
+    """Plain sums written as on paper, ``sum_{j=1}^{G} (m_j - 1) log(sigma^2)``, rewritten as the sympy form
+    ``Sum((m_j - 1) log(sigma^2), (j, 1, G))`` that the plain parser reads. As in LaTeX, the body is the
+    product that follows, up to the next + or - outside brackets (put a longer body in parentheses).
+    Subscripts in braces become plain names (``y_{i,j}`` is ``y_i_j``), other braces parentheses."""
+    matches = list(_PLAIN_BIG.finditer(text))
+    if len(matches) > MAX_PLAIN_BIG:
+        raise ExpressionError(f"too many sums and products (at most {MAX_PLAIN_BIG})")
+    for m in reversed(matches):      # the last first: an earlier sum's body then holds the rewritten one
+        end = _body_end(text, m.end())
+        body = text[m.end():end].strip()
+        if not body:
+            raise ExpressionError(f"{m.group(1)}_{{{m.group(2)}={m.group(3)}}} needs a body after its limits")
+        hi = m.group(4) or m.group(5)
+        call = "Sum" if m.group(1).lower() == "sum" else "Product"
+        text = f"{text[:m.start()]}{call}({body}, ({m.group(2)}, {m.group(3)}, {hi})){text[end:]}"
+    if "{" in text or "}" in text:
+        text = re.sub(r"_\{([A-Za-z0-9, ]{1,40})\}", lambda s: "_" + "_".join(re.split(r"[, ]+", s.group(1).strip())),
+                      text)
+        text = text.replace("{", "(").replace("}", ")")
+    return text
+
+
+def _body_end(text: str, start: int) -> int:
+    """Where the body of a plain sum starting at ``start`` ends: the next + or - between terms, a comma or
+    a closing bracket outside the body's own brackets, or the end of the text."""
+    depth, operand = 0, False
+    for m in _PLAIN_TOKEN.finditer(text, start):
+        kind, tok = m.lastgroup, m.group(0)
+        if kind == "ws":
+            continue
+        if tok in "([{":
+            depth, operand = depth + 1, False
+        elif tok in ")]}":
+            if depth == 0:
+                return m.start()
+            depth, operand = depth - 1, True
+        elif depth == 0 and (tok == "," or (tok in "+-" and operand)):
+            return m.start()
+        else:
+            operand = kind in ("num", "name")
+    return len(text)
 
 
 def _check_nesting(text: str) -> None:
@@ -305,7 +367,17 @@ class _Builder:
             return self.names[name]
         if name in CONSTANTS:
             return CONSTANTS[name]
+        size = self.size(name)
+        if size is not None:
+            return size
         raise ExpressionError(f"unknown symbol {name!r}; known names: {self.known()}")
+
+    def size(self, name: str) -> sp.Integer | None:
+        """G, n (or N): the design's numbers of groups and observations, when they are not symbols."""
+        key = {"N": "n"}.get(name, name)
+        if key in ("G", "n") and name not in self.names and isinstance(self.sizes.get(key), int):
+            return sp.Integer(self.sizes[key])
+        return None
 
     def known(self) -> str:
         order = [n for n in ("sigma", "sigma_s") if n in self.names] + \
@@ -487,10 +559,18 @@ _OP_NAMES = {ast.Mod: "%", ast.FloorDiv: "//", ast.MatMult: "@", ast.BitAnd: "&"
              ast.BitXor: "^", ast.LShift: "<<", ast.RShift: ">>", ast.Not: "not", ast.Invert: "~"}
 
 
+#: the plain names of a sum and a product over an index, as sympy spells them: Sum(body, (j, 1, G))
+PLAIN_BIG_OPERATORS = {"Sum": "sum", "summation": "sum", "sum": "sum", "Product": "prod", "product": "prod",
+                       "prod": "prod"}
+
+
 class _PlainParser:
     def __init__(self, text: str, builder: _Builder):
         self.source = text.replace("^", "**").strip()
         self.b = builder
+        self.bound: dict[str, int] = {}      # the indices of the sums and products being expanded
+        self.expanded = 0                    # bodies read so far, all sums together
+        self.work = 0                        # tree nodes read in the bodies of sums and products
 
     def parse(self) -> Value:
         try:
@@ -508,6 +588,11 @@ class _PlainParser:
     def walk(self, node: ast.AST, depth: int, top: bool = False) -> Value:
         if depth > MAX_DEPTH:
             raise ExpressionError(f"the expression is nested too deeply (more than {MAX_DEPTH} levels)")
+        if self.bound:
+            self.work += 1
+            if self.work > MAX_EXPANDED_TOKENS:
+                raise ExpressionError(f"the sums and products are too long to expand (more than "
+                                      f"{MAX_EXPANDED_TOKENS:,} terms read)")
         b = self.b
         if isinstance(node, ast.BinOp):
             op = type(node.op)
@@ -529,7 +614,7 @@ class _PlainParser:
         if isinstance(node, ast.Constant):
             return self._constant(node)
         if isinstance(node, ast.Name):
-            return b.symbol(node.id)
+            return self._name(node.id)
         if isinstance(node, ast.Call):
             return self._call(node, depth, top)
         if isinstance(node, (ast.List, ast.Tuple)):
@@ -570,6 +655,10 @@ class _PlainParser:
             what = f"attribute access ('.{func.attr}')" if isinstance(func, ast.Attribute) else "calling this"
             raise ExpressionError(f"{what} is not allowed; functions: {', '.join(PLAIN_FUNCTIONS)}")
         name = func.id
+        if name in PLAIN_BIG_OPERATORS:
+            return self._big_operator(node, name, depth)
+        if name == "Determinant":          # sympy's unevaluated det, as sympy prints it
+            name = "det"
         if name == "Rational" and len(node.args) == 2 and not node.keywords:
             a, b = (self.walk(x, depth + 1) for x in node.args)
             if not (isinstance(a, sp.Expr) and isinstance(b, sp.Expr) and a.is_Rational and b.is_Rational):
@@ -584,6 +673,98 @@ class _PlainParser:
                 raise ExpressionError("Matrix takes a list of rows, e.g. Matrix([[a, b], [c, d]])")
             return self._matrix(node.args[0], depth)
         return self.b.function(name, self.walk(node.args[0], depth + 1))
+
+    # --------------------------------------------------------------------- sums and products
+    def _name(self, name: str) -> sp.Expr:
+        """A name in the body of a sum: the index is its value, an index in a subscript is replaced
+        (y_ij is y_12 at i = 1, j = 2), and m_j, n_j, m_2 are the size of group j or 2; else the symbol."""
+        if name in self.bound:
+            return sp.Integer(self.bound[name])
+        if "_" in name and name not in self.b.names:
+            base, _, sub = name.partition("_")
+            if self.bound and any(c in self.bound for c in sub) and all(c.isdigit() or c in self.bound or c == "_"
+                                                                       for c in sub):
+                sub = "_".join(str(self.bound.get(c, c)) for c in sub if c != "_")
+                name = f"{base}_{sub}"
+            if base in ("m", "n") and sub.replace("_", "").isdigit() and self.b.sizes.get("m") and \
+                    self.b.resolve(name) not in self.b.names:
+                return sp.Integer(self._group_size(sub.replace("_", "")))
+        return self.b.symbol(name)
+
+    def _group_size(self, sub: str) -> int:
+        sizes = self.b.sizes.get("m") or ()
+        k = int(sub)
+        if not 1 <= k <= len(sizes):
+            raise ExpressionError(f"there is no group {k} (the design has {len(sizes)} groups)")
+        return int(sizes[k - 1])
+
+    def _limit(self, node: ast.AST) -> int:
+        """A limit: a whole number, G or n (the design's groups and observations), m_j or n_j (the size of
+        group j), an index being expanded, or a sum or difference of these (m_j - 1)."""
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if node.value > 10**6:
+                raise ExpressionError(f"the sums and products expand to more than {MAX_EXPANDED_TERMS} terms")
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -self._limit(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+            a, b = self._limit(node.left), self._limit(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a - b
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name in self.bound:
+                return self.bound[name]
+            key = {"J": "G", "N": "n"}.get(name, name)
+            if key in ("G", "n") and key in self.b.sizes:
+                return int(self.b.sizes[key])
+            base, _, sub = name.partition("_")
+            if base in ("m", "n") and sub and self.b.sizes.get("m"):
+                sub = "".join(str(self.bound.get(c, c)) for c in sub if c != "_")
+                if sub.isdigit():
+                    return self._group_size(sub)
+                raise ExpressionError(f"{name} in a limit: write the group index of a sum around it")
+        raise ExpressionError("a limit of a sum must be a whole number, G (groups), n (observations) or m_j "
+                              "(the size of group j)")
+
+    def _big_operator(self, node: ast.Call, name: str, depth: int) -> Value:
+        """Sum(body, (j, 1, G)) and Product(...), sympy's spelling; several limits as in sympy, the
+        innermost first: Sum(body, (i, 1, m_j), (j, 1, G)). The body is read once for each value of the
+        index; at most :data:`MAX_EXPANDED_TERMS` bodies and :data:`MAX_EXPANDED_TOKENS` nodes in all."""
+        usage = f"{name}(body, (j, 1, G)), e.g. Sum(log(sigma**2 + m_j*sigma_s**2), (j, 1, G))"
+        if node.keywords or len(node.args) < 2 or len(node.args) > 4:
+            raise ExpressionError(f"{name} takes a body and its limits: {usage}")
+        limits = []
+        for lim in node.args[1:]:
+            if not (isinstance(lim, ast.Tuple) and len(lim.elts) == 3 and isinstance(lim.elts[0], ast.Name)
+                    and len(lim.elts[0].id) == 1):
+                raise ExpressionError(f"the limits of {name} are (index, lower, upper) with a one-letter index: "
+                                      f"{usage}")
+            limits.append(lim)
+        return self._expand(node.args[0], limits[::-1], PLAIN_BIG_OPERATORS[name], depth)
+
+    def _expand(self, body: ast.AST, limits: list, kind: str, depth: int) -> Value:
+        if not limits:
+            return self.walk(body, depth + 1)
+        index, lo, hi = limits[0].elts
+        if index.id in self.bound:
+            raise ExpressionError(f"the index {index.id} is already in use by an outer sum or product")
+        lo, hi = self._limit(lo), self._limit(hi)
+        count = max(0, hi - lo + 1)
+        if self.expanded + count > MAX_EXPANDED_TERMS:
+            raise ExpressionError(f"the sums and products expand to more than {MAX_EXPANDED_TERMS} terms")
+        values = []
+        try:
+            for v in range(lo, hi + 1):
+                self.bound[index.id] = v
+                self.expanded += 1
+                values.append(self._expand(body, limits[1:], kind, depth + 1))
+        finally:
+            self.bound.pop(index.id, None)
+        if not values:                    # an empty sum is 0, an empty product 1
+            return sp.Integer(0 if kind == "sum" else 1)
+        if len(values) == 1:
+            return values[0]
+        return self.b.add([(1, v) for v in values]) if kind == "sum" else self.b.mul([("*", v) for v in values])
 
     def _matrix(self, node, depth: int) -> sp.Matrix:
         if not node.elts or not all(isinstance(r, (ast.List, ast.Tuple)) for r in node.elts):
@@ -814,6 +995,8 @@ class _LatexParser:
             value = sp.Integer(self._group_size(sub))
         elif sub is None and t.kind == "letter" and base == "e":
             value = sp.E
+        elif sub is None and t.kind == "letter" and self.b.size(base) is not None:
+            value = self.b.size(base)
         else:
             name = self.b.resolve(base if sub is None else f"{base}_{sub}")
             if name not in self.b.names:

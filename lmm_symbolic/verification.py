@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import random
 import textwrap
+import weakref
 from dataclasses import dataclass, field
 from math import comb
 
@@ -309,6 +310,8 @@ def symbol_table(der: Derivation) -> dict[str, sp.Symbol]:
             for k, v in extra.items():
                 names.setdefault(str(k), v)
     for attr in ("det", "quadratic_form"):
+        if attr == "quadratic_form" and attr not in vars(der):
+            continue     # not derived yet (25 s for crossed terms): its names are the y's, beta's and variances
         try:
             value = getattr(der, attr)
         except Exception:  # noqa: BLE001 - a quantity that is not written out holds no names
@@ -343,10 +346,43 @@ def _normal(e: sp.Expr) -> sp.Expr:
     ``expand_log`` runs without ``force``: a log is split only where sympy can tell the factors are
     positive, so no identity that fails for some values is used.
     """
+    if e.has(sp.exp):
+        e = e.replace(lambda x: isinstance(x, sp.exp), lambda x: sp.exp(_canonical(x.args[0])))
     if not e.has(sp.log):
         return e
     e = e.replace(lambda x: isinstance(x, sp.log), lambda x: sp.log(_factored(x.args[0])))
-    return sp.expand_log(e, force=False)
+    e = sp.expand_log(e, force=False)
+    if e.has(sp.exp):   # log(a exp(x)) = log(a) + x for x real (a rational function of real symbols)
+        e = e.replace(lambda x: isinstance(x, sp.log) and x.args[0].has(sp.exp), _log_of_exp)
+    return e
+
+
+def _log_of_exp(x: sp.log) -> sp.Expr:
+    """log(a exp(x1) exp(x2) ...) = log(a) + x1 + x2 + ... for real x_k: exp of a real number is a positive
+    real, and a positive factor does not change the principal log's argument."""
+    factors = sp.Mul.make_args(x.args[0])
+    real = [f for f in factors if isinstance(f, sp.exp) and _real_rational(f.args[0])]
+    if not real:
+        return x
+    rest = sp.Mul(*[f for f in factors if f not in real])
+    return (0 if rest == 1 else sp.log(rest)) + sp.Add(*[f.args[0] for f in real])
+
+
+def _real_rational(x: sp.Expr) -> bool:
+    """True when x is a rational function (rational coefficients, pi allowed) of real symbols, so real
+    wherever it is defined."""
+    free = x.free_symbols
+    return all(s.is_real for s in free) and x.is_rational_function(*free) and not x.has(sp.I)
+
+
+def _canonical(arg: sp.Expr) -> sp.Expr:
+    """An exponent in one form (its logs split, over a common denominator, cancelled), so that
+    exp(-Q/2) written two ways is the same atom to cancel: the likelihood L = exp(log L) (Eq. 9)."""
+    arg = _normal(arg)
+    m, back = _masked(arg)
+    if _terms_estimate(m) > HINT_TERMS:
+        return arg
+    return sp.cancel(sp.together(m)).xreplace(back)
 
 
 def _factored(arg: sp.Expr) -> sp.Expr:
@@ -404,14 +440,19 @@ def _exp_degree(nodes: list[sp.Expr]) -> int:
     return num * den
 
 
-def _masked(e: sp.Expr) -> tuple[sp.Expr, dict]:
-    """e with its exponentials replaced by fresh symbols when their exponents are large (see _exp_degree).
+def _masked(e: sp.Expr, every: bool = False) -> tuple[sp.Expr, dict]:
+    """e with its exponentials replaced by fresh symbols when their exponents are large (see _exp_degree),
+    or (``every``, for the cheap hints and the shown difference) every exp of a non-constant argument:
+    sympy splits exp(a + b + ...) into one generator per term, which makes cancel slow for exp(-Q/2).
 
     Sound for proving zero: an identity in independent indeterminates holds for any values of them, so
     masking can only fail to prove an equality, never prove a false one.
     """
     nodes = _exponentials(e)
-    if not nodes or _exp_degree(nodes) <= MAX_EXP_DEGREE:
+    if every and any(isinstance(x, sp.exp) and x.args[0].free_symbols for x in nodes):
+        nodes = [x for x in nodes if isinstance(x, sp.exp) and x.args[0].free_symbols] + \
+            ([x for x in nodes if not isinstance(x, sp.exp)] if _exp_degree(nodes) > MAX_EXP_DEGREE else [])
+    elif not nodes or _exp_degree(nodes) <= MAX_EXP_DEGREE:
         return e, {}
     mapping = {x: sp.Dummy(f"E{k}") for k, x in enumerate(dict.fromkeys(nodes))}
     return e.xreplace(mapping), {v: k for k, v in mapping.items()}
@@ -428,11 +469,25 @@ def _is_zero(d: sp.Expr) -> bool | None:
     if d == 0:
         return True
     d, _ = _masked(d)
-    if _terms_estimate(d) > MAX_TERMS:
+    if _terms_estimate(d) > MAX_TERMS and not _few_generators(d):
         return None
     if sp.cancel(sp.together(d)) == 0:
         return True
     return bool(_small(d) and sp.simplify(d) == 0)
+
+
+#: a difference in at most this many generators (symbols, logs, exps, roots) is cancelled whatever its
+#: estimated size: the estimate counts products of sums, but few variables allow few monomials (an answer
+#: with the data's y values and beta_hat plugged in is a rational function of sigma and sigma_s alone)
+FEW_GENERATORS = 4
+
+
+def _few_generators(d: sp.Expr) -> bool:
+    """At most FEW_GENERATORS symbols, logs and exps of non-constants and roots, and few monomials of
+    their degree: comb(k + D, k) <= 5 MAX_TERMS for k generators and degree bound D."""
+    roots = {p.base for p in d.atoms(sp.Pow) if not p.exp.is_Integer and p.free_symbols}
+    k = len(d.free_symbols) + len([a for a in d.atoms(sp.log, sp.exp) if a.free_symbols]) + len(roots)
+    return k <= FEW_GENERATORS and comb(k + degree_bound(d), k) <= 5 * MAX_TERMS
 
 
 def _quick_zero(d: sp.Expr) -> bool:
@@ -440,7 +495,7 @@ def _quick_zero(d: sp.Expr) -> bool:
     d = _normal(d)
     if d == 0:
         return True
-    d, _ = _masked(d)
+    d, _ = _masked(d, every=True)
     if _terms_estimate(d) > HINT_TERMS:
         return False
     return sp.cancel(sp.together(d)) == 0
@@ -449,7 +504,7 @@ def _quick_zero(d: sp.Expr) -> bool:
 def _simplified(d: sp.Expr) -> sp.Expr:
     """The difference in its shortest readable form: cancelled over a common denominator, or factored."""
     d = _normal(d)
-    m, back = _masked(d)
+    m, back = _masked(d, every=True)
     if _terms_estimate(m) > HINT_TERMS:
         return d
     c = sp.cancel(sp.together(m))
@@ -526,14 +581,28 @@ def _value(v: sp.Expr):
 def _counterexample(point: dict, e: sp.Expr, g: sp.Expr, order: dict, entry=None) -> dict:
     out = {s.name: _value(v) for s, v in sorted(point.items(), key=lambda kv: order.get(kv[0], 10**6))}
     exp_v, giv_v = _value(e), _value(g)
-    if exp_v == giv_v:  # the difference is below float resolution: show the exact numbers
-        exp_v = sp.sstr(e if e.is_Rational else e.evalf(30))
-        giv_v = sp.sstr(g if g.is_Rational else g.evalf(30))
+    if exp_v == giv_v:  # the difference is below float resolution: show the numbers to the digits that differ
+        digits = _digits_apart(g, e)
+        exp_v = sp.sstr(e if e.is_Rational else e.evalf(digits))
+        giv_v = sp.sstr(g if g.is_Rational else g.evalf(digits))
     out["expected"] = exp_v
     out["given"] = giv_v
     if entry is not None:
         out["entry"] = [entry[0] + 1, entry[1] + 1]
     return out
+
+
+def _digits_apart(g: sp.Expr, e: sp.Expr) -> int:
+    """Significant digits that show two close numbers apart: 20 more than log10(|e| / |g - e|), at most
+    5000 (the precision _differ_exactly works to)."""
+    try:
+        d = abs((g - e).evalf(20, maxn=5000))
+        scale = max(abs(e.evalf(20)), sp.Float(1))
+        if d.is_Number and d != 0:
+            return int(min(5000, 20 + max(0, math.ceil(math.log10(float(scale)) - float(sp.log(d, 10).evalf(20))))))
+    except (TypeError, ValueError, ArithmeticError, OverflowError):  # pragma: no cover - defensive
+        pass
+    return 30
 
 
 def _free(*exprs) -> list[sp.Symbol]:
@@ -569,6 +638,10 @@ def _compare_scalar(given: sp.Expr, expected: sp.Expr, quantity: str, order: dic
                            _scalar_hint(given, expected, diff), quantity=quantity, status="different")
         agree += 1
     proof = _is_zero(given - expected)
+    if not proof and given.has(sp.exp) and expected.has(sp.exp) and not given.is_Add and not expected.is_Add:
+        # a product with exp(...), as the likelihood L: the principal log is one-to-one, so
+        # log(given) = log(expected) identically proves given = expected
+        proof = _is_zero(_normal(sp.log(given)) - _normal(sp.log(expected))) or proof
     if proof:
         return Verdict(True, "0", None, None, quantity=quantity, status="equal")
     for point in _points(symbols, TRIES):   # a near miss (off by 1e-30): exact points, adaptive precision
@@ -595,7 +668,7 @@ def _scalar_hint(given: sp.Expr, expected: sp.Expr, diff: sp.Expr) -> str | None
         return "wrong sign: the expression is minus the derived one"
     G, E = _normal(given), _normal(expected)
     if E != 0 and _terms_estimate(G) + _terms_estimate(E) <= HINT_TERMS:
-        ratio, _ = _masked(G / E)
+        ratio, _ = _masked(G / E, every=True)
         ratio = sp.cancel(sp.together(ratio))
         if not ratio.free_symbols and ratio != 1:
             return f"off by a constant factor: the expression is {sp.sstr(ratio)} times the derived one"
@@ -693,7 +766,7 @@ def _matrix_hint(given, expected, D, quantity: str, der: Derivation) -> str | No
     wrong = [(k // D.shape[1], k % D.shape[1]) for k, x in enumerate(D) if x != 0]
     first = next(((g, e) for g, e in zip(given, expected) if e != 0), None)
     if first is not None:
-        ratio, _ = _masked(_normal(first[0]) / _normal(first[1]))
+        ratio, _ = _masked(_normal(first[0]) / _normal(first[1]), every=True)
         ratio = sp.cancel(sp.together(ratio))
         if not ratio.free_symbols and ratio not in (0, 1) and all(_quick_zero(g - ratio * e) for g, e in zip(given, expected)):
             if ratio == -1:
@@ -735,15 +808,27 @@ class StepReport:
         if self.first_break is None:
             out.append("every step follows from the one before")
         else:
-            out.append(f"first broken step: line {self.first_break - 1} -> line {self.first_break}")
+            label = self.step.quantity if self.step is not None else ""
+            if self.first_break == 1 or not label.startswith(("line ", "the left side")):
+                out.append(f"first broken step: line {self.first_break} is not {TITLES.get(self.quantity, self.quantity)}")
+            elif label.startswith("the left side"):
+                out.append(f"first broken step: inside line {self.first_break}, from one side of '=' to the next")
+            else:
+                out.append(f"first broken step: {label} -> line {self.first_break}")
             out.extend("  " + line for line in str(self.step).splitlines()[1:])
         return "\n".join(out)
 
 
 def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> StepReport:
     """Check a derivation written over several lines: each line against ``quantity`` (as :func:`verify`)
-    and each line against the one before it; the first step whose two lines differ is the break, with a
-    counterexample between them."""
+    and each line against the one before it, mathematically (exact proof or counterexample, as
+    :func:`verify`); the first step whose two lines differ is the break, with a counterexample between them.
+
+    A line may be written as in a derivation on paper: ``= ...`` or ``&= ... \\\\`` (the chain goes on),
+    or ``A = B = C`` (each ``=`` a step; a left side that is not an expression, such as ``|\\Sigma|`` or
+    ``log L``, is a label and skipped). A line is compared with the one before it after the same plug-ins
+    :func:`verify` makes: a line without beta is compared with the previous one at beta = beta_hat, a line
+    without y's at the data's y values. A step between two lines that both equal the quantity always holds."""
     lines = [str(x) for x in lines if str(x).strip()]
     if not lines:
         raise ExpressionError("no lines to check")
@@ -752,27 +837,77 @@ def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> Step
     der = model if isinstance(model, Derivation) else derive(model) if isinstance(model, Design) else None
     if der is None:
         raise TypeError(f"model must be a Derivation or a Design, not {type(model).__name__}")
-    verdicts = tuple(verify(der, quantity, text, syntax) for text in lines)
     names = symbol_table(der)
     order = _symbol_order(names)
+    sizes = design_sizes(der)
+    parts: list[list[tuple[str, object]]] = []       # per line: its readable sides (text, value)
+    for k, text in enumerate(lines, 1):
+        sides = _sides(text)
+        read = []
+        for m, side in enumerate(sides):
+            try:
+                read.append((side, parse_expression(side, names, syntax, sizes)))
+            except ExpressionError as exc:
+                if m == 0 and len(sides) > 1:       # a label: |\Sigma| = ..., log L = ...
+                    continue
+                raise ExpressionError(f"line {k}: {exc}") from None
+        parts.append(read)
+    verdicts = []
+    for k, read in enumerate(parts, 1):
+        try:
+            verdicts.append(verify(der, quantity, read[-1][0], syntax))
+        except ExpressionError as exc:
+            raise ExpressionError(f"line {k}: {exc}") from None
+    verdicts = tuple(verdicts)
     first, step = None, None
-    previous = parse_expression(lines[0], names, syntax, design_sizes(der))
-    for k, text in enumerate(lines[1:], 2):
-        current = parse_expression(text, names, syntax, design_sizes(der))
-        if isinstance(current, MatrixBase) or isinstance(previous, MatrixBase):
-            v = _compare_matrix(current, previous, quantity, der, order) if \
-                isinstance(current, MatrixBase) and isinstance(previous, MatrixBase) and \
-                current.shape == previous.shape else Verdict(False, "shape", None, "a matrix and a scalar",
-                                                             quantity=quantity, status="different")
-        else:
-            v = _compare_scalar(current, previous, f"line {k - 1}", order)
-        if not v.equal:
-            first, step = k, v
+    previous, prev_line = None, 0
+    for k, read in enumerate(parts, 1):
+        for m, (_, current) in enumerate(read):
+            both_equal = m == len(read) - 1 and prev_line != k and verdicts[prev_line - 1].equal and \
+                verdicts[k - 1].equal       # the two expressions verify checked, both the quantity
+            if previous is not None and not both_equal:
+                v = _compare_step(der, quantity, previous, current, f"line {prev_line}" if prev_line != k
+                                  else f"the left side of line {k}", order)
+                if not v.equal:
+                    first, step = k, v
+                    break
+            previous, prev_line = current, k
+        if first is not None:
             break
-        previous = current
     if first is None and not verdicts[0].equal:
         first, step = 1, verdicts[0]
     return StepReport(quantity, verdicts, tuple(k for k, v in enumerate(verdicts, 1) if v.equal), first, step)
+
+
+def _sides(text: str) -> list[str]:
+    """The expressions of a derivation line: ``&=``, a leading ``=`` and a trailing ``\\\\`` dropped, and
+    the line split at each ``=`` outside brackets and braces (so \\sum_{j=1} keeps its =)."""
+    t = text.strip()
+    t = t.removesuffix("\\\\").strip().removesuffix(",").strip()
+    t = t.lstrip("&").lstrip().removeprefix("=").lstrip()
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(t):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "=" and depth == 0:
+            out.append(t[start:i].replace("&", " "))
+            start = i + 1
+    out.append(t[start:].replace("&", " ") if len(out) else t[start:])
+    return [p.strip() for p in out if p.strip()] or [t]
+
+
+def _compare_step(der: Derivation, quantity: str, previous, current, label: str, order: dict) -> Verdict:
+    """current against previous, with previous's beta = beta_hat and y's = the data when current has none
+    (the plug-ins :func:`verify` makes)."""
+    if isinstance(current, MatrixBase) != isinstance(previous, MatrixBase) or (
+            isinstance(current, MatrixBase) and current.shape != previous.shape):
+        return Verdict(False, "shape", None, "the two lines are not of the same shape (a matrix and a scalar, "
+                       "or matrices of different sizes)", quantity=label, status="different")
+    key = _ALIASES.get(str(quantity).strip().lower(), str(quantity).strip())
+    previous, _ = _plugged_in(der, key if key in QUANTITIES else "", previous, current)
+    if isinstance(current, MatrixBase):
+        return _compare_matrix(current, previous, label, der, order)
+    return _compare_scalar(current, previous, label, order)
 
 
 # ------------------------------------------------------------------------- the quantities derived next
@@ -843,9 +978,32 @@ def _gls_parts(der: Derivation) -> tuple[sp.Matrix, sp.Matrix]:
 
 
 def derived_quantity(der: Derivation, key: str):
-    """The quantity ``key`` of the derivation: an attribute (``det``, ``loglik``, ...) or one derived here
-    by sympy from the block forms (``gls_estimator``, ``beta_covariance``, ``deviance``, ``score_<symbol>``,
-    ...)."""
+    r"""The quantity ``key`` of the derivation: an attribute (``det``, ``loglik``, ...) or one derived here
+    by sympy from the block forms (``gls_estimator``, ``beta_covariance``, ``deviance``,
+    ``score_<symbol>``, ...); a determinant left unevaluated by the derivation
+    (:math:`|X^\top \Sigma^{-1} X|` of a slope model's REML criterion) written out, so that the quantity can
+    be evaluated at a point."""
+    try:
+        cache = _CACHE.setdefault(der, {})
+    except TypeError:               # pragma: no cover - a derivation that cannot be weakly referenced
+        cache = {}
+    if key in cache:
+        return cache[key]
+    value = _derived_quantity(der, key)
+    if isinstance(value, sp.Basic) and value.has(sp.Determinant):
+        value = value.replace(lambda x: isinstance(x, sp.Determinant),
+                              lambda x: sp.Matrix(x.arg).det(method="berkowitz"))
+    if isinstance(value, MatrixBase):
+        value = sp.ImmutableMatrix(value)
+    cache[key] = value
+    return value
+
+
+#: the quantities derived so far, per derivation (sympy objects are immutable; a derivation never changes)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _derived_quantity(der: Derivation, key: str):
     if key in ("det", "logdet", "inverse", "quadratic_form", "loglik", "reml_loglik", "sigma", "kinship"):
         return getattr(der, QUANTITIES[key])
     if key == "deviance":
@@ -859,9 +1017,13 @@ def derived_quantity(der: Derivation, key: str):
         names = symbol_table(der)
         if name.endswith("2") and name[:-1] in names and names[name[:-1]].is_positive:   # d/d sigma^2
             s = names[name[:-1]]
+            if s not in der.loglik.free_symbols:
+                raise ExpressionError(f"score_{name}: {s.name} is not a parameter of this model's log-likelihood")
             return sp.diff(der.loglik, s) / (2 * s)
         if name not in names:
             raise ExpressionError(f"score_{name}: unknown symbol {name!r}")
+        if names[name] not in der.loglik.free_symbols:
+            raise ExpressionError(f"score_{name}: {name} is not a parameter of this model's log-likelihood")
         return sp.diff(der.loglik, names[name])
     if not der.symbolic_y:
         raise ModelError(f"{key} is written out only for designs with symbolic responses")
@@ -869,6 +1031,9 @@ def derived_quantity(der: Derivation, key: str):
         return _closed_form_estimate(der, key)
     if key == "conditional_modes":
         return _conditional_modes(der)
+    if key == "profiled_loglik":
+        beta_hat = derived_quantity(der, "gls_estimator")
+        return der.loglik.xreplace(dict(zip(der.symbols.beta, beta_hat)))
     A, b = _gls_parts(der)
     if key == "gls_information":
         return A
@@ -878,6 +1043,6 @@ def derived_quantity(der: Derivation, key: str):
     beta_hat = (Ainv * b).applyfunc(sp.factor)
     if key == "gls_estimator":
         return beta_hat
-    if key == "profiled_loglik":
+    if key == "profiled_loglik":  # pragma: no cover - handled above
         return der.loglik.xreplace(dict(zip(der.symbols.beta, beta_hat)))
     raise ExpressionError(f"unknown quantity {key!r}")  # pragma: no cover
