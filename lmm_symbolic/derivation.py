@@ -1224,6 +1224,11 @@ class GeneralDerivation(Derivation):
                  + "".join(rf" \\ {n} &= {b}" for n, b in zip(names, blocks)) + r" \end{aligned}")
         return dataclasses.replace(eq, latex=latex)
 
+    def _readable(self) -> bool:
+        """The per-group reading of Eq. 12 (one Woodbury weight w per group size) is the random intercept's;
+        a slope or multi-term model prints its quadratic form as derived."""
+        return False
+
     def _eq12(self) -> Equation:
         eq = super()._eq12()
         note = "" if self.symbolic_y else "the data's values substituted; identical blocks pooled"

@@ -364,8 +364,6 @@ def test_slope_names_long_and_short_both_syntaxes(designs):
     _wrong(der, "det", block.replace("4*sigma_1^2]]", "3*sigma_1^2]]"))
 
 
-@pytest.mark.xfail(reason="lmm-symbolic derive of a slope model fails in derivation.py "
-                          "(GeneralDerivation._weight uses the (1|g) block); outside this module", strict=False)
 def test_names_printed_by_derive_json_are_accepted_for_a_slope_model(tmp_path, capsys):
     import json
     path = tmp_path / "slope.csv"
