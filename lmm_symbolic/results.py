@@ -13,7 +13,6 @@ where :math:`A = 2 H^{-1}` is the covariance of the variance parameters :math:`(
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import html
@@ -28,11 +27,10 @@ import scipy.stats
 import sympy as sp
 
 from .compilation import LogLikelihood, ThetaDeviance, profiled_deviance
-from .statistics import (GroupStatistics, SpectralStatistics, constant_response, constant_within_groups,
-                         fitted_values, spans_constant)
+from .statistics import (GroupStatistics, constant_response, constant_within_groups, fitted_values,
+                         spans_constant)
 from .errors import LMMWarning, ModelError, NumericalError
 from .optimisation import SINGULAR_TOL, ExactOptimum, Optimum, exact_optimum, optimise
-from .derivation import EXACT_N
 from .progress import stage
 from .specification import Conditioning, Design, conditioned, whitened
 
