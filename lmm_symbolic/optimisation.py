@@ -325,12 +325,13 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
 
 
 def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int = 100):
-    """Newton's method on the unconstrained theta with the analytic Hessian, made globally convergent as
-    Levenberg-Marquardt: the step solves (H + lambda D) s = -g with D = diag|H| (so the damping does not
-    depend on theta's scale), lambda = 0 while full Newton steps decrease the criterion, raised fourfold
-    until a step does. Stops when a step no longer lowers the criterion beyond its rounding and the Newton
-    decrement g^T s is below 1e-10 (relative), or the step is at machine precision. Returns (theta, message,
-    converged, the state at theta)."""
+    r"""Newton's method on the unconstrained :math:`\theta` with the analytic Hessian, made globally
+    convergent as Levenberg-Marquardt: the step solves :math:`(H + \lambda D)\, s = -g` with
+    :math:`D = \operatorname{diag}|H|` (so the damping does not depend on :math:`\theta`'s scale),
+    :math:`\lambda = 0` while full Newton steps decrease the criterion, raised fourfold until a step does.
+    Stops when a step no longer lowers the criterion beyond its rounding and the Newton decrement
+    :math:`-g^\top s` is below :math:`10^{-10}` (relative), or the step is at machine precision. Returns
+    (theta, message, converged, the state at theta)."""
     def evaluate(x):
         path.append(np.array(x))
         try:
@@ -352,6 +353,8 @@ def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int 
                 step = -cholesky_solve(np.linalg.cholesky(Hs + lam * np.eye(len(x))), gs)
             except (np.linalg.LinAlgError, NumericalError):
                 lam = max(4.0 * lam, 1e-3)
+                if lam > 1e10 or not np.all(np.isfinite(Hs)):
+                    return x, "the Hessian cannot be made positive definite", False, st
                 continue
             st_new, f_new = evaluate(x + step / d)
             decrement = -float(gs @ step)
