@@ -327,6 +327,14 @@ def degree_bound(e: sp.Basic, memo: dict | None = None) -> int:
     return d
 
 
+def group_size(builder, sub: str) -> int:
+    """m_k of the text ``m_k``: the size of group k (1-based) of the design the builder reads for."""
+    sizes = builder.sizes.get("m") or ()
+    k = int(sub)
+    if not 1 <= k <= len(sizes):
+        raise ExpressionError(f"there is no group {k} (the design has {len(sizes)} groups)")
+    return int(sizes[k - 1])
+
 class _Builder:
     """Makes the sympy objects for both parsers, checking every bound before sympy evaluates anything."""
 
@@ -692,11 +700,7 @@ class _PlainParser:
         return self.b.symbol(name)
 
     def _group_size(self, sub: str) -> int:
-        sizes = self.b.sizes.get("m") or ()
-        k = int(sub)
-        if not 1 <= k <= len(sizes):
-            raise ExpressionError(f"there is no group {k} (the design has {len(sizes)} groups)")
-        return int(sizes[k - 1])
+        return group_size(self.b, sub)
 
     def _limit(self, node: ast.AST) -> int:
         """A limit: a whole number, G or n (the design's groups and observations), m_j or n_j (the size of
@@ -1181,11 +1185,7 @@ class _LatexParser:
         raise ExpressionError(f"unexpected {t.show()} in LaTeX input")
 
     def _group_size(self, sub: str) -> int:
-        sizes = self.b.sizes.get("m") or ()
-        k = int(sub)
-        if not 1 <= k <= len(sizes):
-            raise ExpressionError(f"there is no group {k} (the design has {len(sizes)} groups)")
-        return int(sizes[k - 1])
+        return group_size(self.b, sub)
 
     def _limit(self) -> int:
         """A limit of a sum: a whole number, G or n (the design's groups and observations), m_j or n_j (the
