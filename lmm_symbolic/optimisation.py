@@ -247,7 +247,7 @@ def optimise(objective: ThetaDeviance) -> Optimum:
              else difference_hessian(lambda th: objective.gradient(objective.state(th)), theta))
     else:
         theta, message, H, optimizer, st = _minimise_several(objective, theta0, lower, path)
-        st = objective.state(theta) if st is None else st
+        st = _state(objective, theta) if st is None else st
     at_bound = theta <= lower + 1e-12
     projected = _projected_gradient(objective, st, theta, lower)
     converged = bool(projected < GRADIENT_TOL * max(1.0, abs(objective.value(st))))
@@ -396,7 +396,8 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
     def fun(x):
         path.append(np.array(x))
         try:
-            return objective.value_and_gradient(x)
+            st = _state(objective, x)
+            return objective.value(st), objective.gradient(st)
         except NumericalError:          # theta where X^T V^-1 X or M lost definiteness in rounding: back off
             return np.inf, np.zeros_like(x)
 
@@ -487,6 +488,18 @@ def _newton_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.ndar
     return theta, message, H, st
 
 
+def _state(objective: ThetaDeviance, theta) -> DevianceState:
+    """The criterion's state at theta, remembering the last one: the search, the checks after it and the
+    polish ask for the same point several times (a large crossed design pays ~0.1 s per evaluation)."""
+    theta = np.asarray(theta, dtype=float)
+    last = getattr(objective, "_last_state", None)
+    if last is not None and last[0].shape == theta.shape and np.array_equal(last[0], theta):
+        return last[1]
+    st = objective.state(theta)
+    objective._last_state = (theta.copy(), st)
+    return st
+
+
 def _projected_gradient(objective: ThetaDeviance, st: DevianceState, theta: np.ndarray, lower: np.ndarray) -> float:
     """max |gradient| at theta, projected on the bounds (a bound may hold a positive derivative)."""
     grad = objective.gradient(st)
@@ -497,7 +510,7 @@ def _projected_gradient(objective: ThetaDeviance, st: DevianceState, theta: np.n
 def _stationary(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) -> bool:
     """The projected gradient at theta within the convergence test."""
     try:
-        st = objective.state(theta)
+        st = _state(objective, theta)
         return _projected_gradient(objective, st, theta, lower) < GRADIENT_TOL * max(1.0, abs(objective.value(st)))
     except NumericalError:
         return False
@@ -506,7 +519,7 @@ def _stationary(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray) 
 def _value(objective, theta) -> float:
     """The criterion at theta, inf where it cannot be evaluated (definiteness lost in rounding)."""
     try:
-        return float(objective(theta))
+        return float(objective.value(_state(objective, theta)))
     except NumericalError:
         return np.inf
 
@@ -635,12 +648,12 @@ def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarr
     try:
         Hf = H[np.ix_(free, free)]
         np.linalg.cholesky(Hf)
-        st = objective.state(theta)
+        st = _state(objective, theta)
         f, g = objective.value(st), objective.gradient(st)[free]
         for _ in range(steps):
             new = theta.copy()
             new[free] = np.maximum(theta[free] - np.linalg.solve(Hf, g), lower[free])
-            st = objective.state(new)
+            st = _state(objective, new)
             f_new, g_new = objective.value(st), objective.gradient(st)[free]
             if not (np.linalg.norm(g_new) < np.linalg.norm(g) and f_new <= f + 1e-10 * max(1.0, abs(f))):
                 break
