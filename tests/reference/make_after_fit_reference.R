@@ -5,6 +5,8 @@
 #
 # Usage:  Rscript tests/reference/make_after_fit_reference.R [OUT.json]
 #         (default OUT: after_fit_reference.json next to this script)
+#         LMM_PROFILE_CASES=toy_ML,dyestuff_REML Rscript ...   profiles only these cases (the test's fresh
+#         run: the fine-grid profiles of every case take many minutes, the three-effect term most of them)
 #
 # The data are the CSV files the package ships (lmm_symbolic/datasets/data/), read as
 # make_reference.R reads them: grouping columns as factors, everything else numeric.
@@ -146,7 +148,7 @@ profile_case <- function(formula, data, reml, weights = NULL) {
        confint_fine = c(mat(fine), list(delta_cutoff = PROFILE_FINE, points = nrow(pr),
                                         seconds_fine = as.numeric(Sys.time() - t0, units = "secs"))))
 }
-res$profiles <- list(
+profile_calls <- alist(
   toy_ML = profile_case(Resp ~ Treat + (1 | Ind), toy, FALSE),
   toy_REML = profile_case(Resp ~ Treat + (1 | Ind), toy, TRUE),
   sleepstudy_intercept_ML = profile_case(Reaction ~ Days + (1 | Subject), sleep, FALSE),
@@ -162,6 +164,9 @@ res$profiles <- list(
   sleepstudy_q3_ML = profile_case(Reaction ~ Days + (Days + I(Days^2) | Subject), sleep, FALSE),
   sleepstudy_weighted_ML = profile_case(Reaction ~ Days + (Days | Subject), sleep_w, FALSE, weights = "w")
 )
+selected <- Sys.getenv("LMM_PROFILE_CASES", "")
+selected <- if (nzchar(selected)) strsplit(selected, ",")[[1]] else names(profile_calls)
+res$profiles <- lapply(profile_calls[selected], eval, envir = globalenv())
 
 writeLines(toJSON(res, digits = NA, auto_unbox = TRUE, pretty = TRUE, na = "null"), out_file)
 cat("wrote", out_file, "\n")
