@@ -328,7 +328,8 @@ def degree_bound(e: sp.Basic, memo: dict | None = None) -> int:
 
 
 def group_size(builder, sub: str) -> int:
-    """m_k of the text ``m_k``: the size of group k (1-based) of the design the builder reads for."""
+    r""":math:`m_k` of the text ``m_k``: the size of group :math:`k` (1-based) of the design the builder reads
+    for."""
     sizes = builder.sizes.get("m") or ()
     k = int(sub)
     if not 1 <= k <= len(sizes):

@@ -820,15 +820,16 @@ class StepReport:
 
 
 def verify_steps(model, quantity: str, lines, syntax: str | None = None) -> StepReport:
-    """Check a derivation written over several lines: each line against ``quantity`` (as :func:`verify`)
+    r"""Check a derivation written over several lines: each line against ``quantity`` (as :func:`verify`)
     and each line against the one before it, mathematically (exact proof or counterexample, as
     :func:`verify`); the first step whose two lines differ is the break, with a counterexample between them.
 
-    A line may be written as in a derivation on paper: ``= ...`` or ``&= ... \\\\`` (the chain goes on),
-    or ``A = B = C`` (each ``=`` a step; a left side that is not an expression, such as ``|\\Sigma|`` or
+    A line may be written as in a derivation on paper: ``= ...`` or ``&= ... \\`` (the chain goes on),
+    or ``A = B = C`` (each ``=`` a step; a left side that is not an expression, such as ``|\Sigma|`` or
     ``log L``, is a label and skipped). A line is compared with the one before it after the same plug-ins
-    :func:`verify` makes: a line without beta is compared with the previous one at beta = beta_hat, a line
-    without y's at the data's y values. A step between two lines that both equal the quantity always holds."""
+    :func:`verify` makes: a line without :math:`\beta` is compared with the previous one at
+    :math:`\beta = \hat\beta`, a line without :math:`y`'s at the data's :math:`y` values. A step between two
+    lines that both equal the quantity always holds."""
     lines = [str(x) for x in lines if str(x).strip()]
     if not lines:
         raise ExpressionError("no lines to check")
