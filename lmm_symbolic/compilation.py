@@ -821,6 +821,23 @@ class BlockDeviance(ThetaDeviance):
         return first - 2.0 * np.einsum("jlab,kba->jkl", Z, Sk)
 
 
+def lambda_pattern(layouts) -> list[tuple[np.ndarray, np.ndarray]]:
+    r"""Where each :math:`\theta_k` sits in :math:`\Lambda` (Z's column layout): the (rows, columns) of
+    :math:`E_k = \partial\Lambda / \partial\theta_k`, one entry per level of its term."""
+    out = []
+    for lay in layouts:
+        base = lay.offset + np.arange(lay.n_levels) * lay.q
+        out += [(base + r, base + c) for r, c in lay.theta_index]
+    return out
+
+
+def _stacked(pattern) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All E_k's entries at once: rows, columns and which theta each is."""
+    rows, cols = (np.concatenate(v) for v in zip(*pattern))
+    which = np.concatenate([np.full(len(r), k) for k, (r, _) in enumerate(pattern)])
+    return rows, cols, which
+
+
 # ------------------------------------------------------------------------- any Z, few random effects: dense M
 #: at most this many random effects in all are evaluated with dense matrices (:class:`DenseDeviance`)
 DENSE_MAX = 120
@@ -851,17 +868,8 @@ class DenseDeviance(ThetaDeviance):
         self.ZtZ = np.asarray((Z.T @ Z).toarray())
         self.ZtX, self.Zty = np.asarray(Z.T @ X), np.asarray(Z.T @ y).ravel()
         self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
-        rows, cols, which = [], [], []
-        k = 0
-        for lay in self.layouts:
-            base = lay.offset + np.arange(lay.n_levels) * lay.q
-            for r, c in lay.theta_index:
-                rows.append(base + r)
-                cols.append(base + c)
-                which.append(np.full(lay.n_levels, k))
-                k += 1
-        self._rows, self._cols, self._which = (np.concatenate(v) for v in (rows, cols, which))
-        self._by_theta = [(r, c) for r, c in zip(rows, cols)]             # E_k's (row, column) indices
+        self._by_theta = lambda_pattern(self.layouts)                   # E_k's (row, column) indices
+        self._rows, self._cols, self._which = _stacked(self._by_theta)
         self._eye = np.eye(self.width)
 
     def _lambda(self, theta) -> np.ndarray:
@@ -972,16 +980,9 @@ class SparseDeviance(ThetaDeviance):
         ZtZ = (Z.T @ Z).tocsc()
         self.ZtZ, self.ZtX, self.Zty = ZtZ, np.asarray(Z.T @ X), np.asarray(Z.T @ y)
         self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
-        E, rows, cols, which = [], [], [], []
-        for lay in self.layouts:
-            base = lay.offset + np.arange(lay.n_levels) * lay.q
-            for r, c in lay.theta_index:
-                rows.append(position[base + r])
-                cols.append(position[base + c])
-                which.append(np.full(lay.n_levels, len(E)))
-                E.append(scipy.sparse.csc_matrix((np.ones(lay.n_levels), (rows[-1], cols[-1])), shape=(w, w)))
-        self._by_theta = list(zip(rows, cols))                          # E_k's (row, column) indices
-        self._lam_rows, self._lam_cols, self._lam_which = (np.concatenate(v) for v in (rows, cols, which))
+        self._by_theta = [(position[r], position[c]) for r, c in lambda_pattern(self.layouts)]   # in M's order
+        E = [scipy.sparse.csc_matrix((np.ones(len(r)), (r, c)), shape=(w, w)) for r, c in self._by_theta]
+        self._lam_rows, self._lam_cols, self._lam_which = _stacked(self._by_theta)
         # Lambda's and Lambda^T's CSR structure, fixed: an evaluation only fills in theta
         self._lam = self._csr_structure(self._lam_rows, self._lam_cols)
         self._lamT = self._csr_structure(self._lam_cols, self._lam_rows)
