@@ -421,6 +421,42 @@ class ThetaDeviance:
             H = H + np.einsum("pr,klrp->kl", Ainv, d2A) - np.einsum("kps,lsp->kl", AdA, AdA)
         return (H + H.T) / 2
 
+    def _residual_second_order(self, L, Zt: np.ndarray, LtZt: np.ndarray, zt_vinv_z):
+        r"""The residual pieces of the Hessian at fixed :math:`\beta`, for any :math:`\Lambda = \sum_k \theta_k E_k`
+        (``self._by_theta`` holds each :math:`E_k`'s entries). With :math:`\partial_k V = Z \Delta_k Z^\top`,
+        :math:`\Delta_k = E_k \Lambda^\top + \Lambda E_k^\top`, :math:`\partial^2_{kl} V = Z (E_k E_l^\top +
+        E_l E_k^\top) Z^\top`, ``Zt`` :math:`= [g, Q] = Z^\top V^{-1} [y - X\beta, X]`, ``LtZt`` :math:`=
+        \Lambda^\top` ``Zt``, :math:`a_k = \Delta_k g` and ``zt_vinv_z`` applying :math:`N = Z^\top V^{-1} Z`:
+
+        .. math::
+
+            \partial^2_{kl} \mathrm{RSS} &= 2\, a_l^\top N a_k - 2 (E_k^\top g)^\top (E_l^\top g), \qquad
+            h_k = Q^\top a_k, \\
+            \partial^2_{kl} A &= (\Delta_l Q)^\top N (\Delta_k Q) + (\Delta_k Q)^\top N (\Delta_l Q)
+                - (E_k^\top Q)^\top E_l^\top Q - (E_l^\top Q)^\top E_k^\top Q.
+
+        Returns (d2rss, h, d2A), d2A None for ML."""
+        k, p, w = self.n_theta, self.p, Zt.shape[0]
+        g, Lg = Zt[:, 0], LtZt[:, 0]
+        Q, LQ = Zt[:, 1:], LtZt[:, 1:]
+        Etg, EtQ = np.zeros((k, w)), np.zeros((k, w, p))                     # E_k^T g, E_k^T Q
+        ELg, ELQ = np.zeros((k, w)), np.zeros((k, w, p))                     # E_k Lambda^T g, E_k Lambda^T Q
+        for j, (r, c) in enumerate(self._by_theta):
+            Etg[j, c], EtQ[j, c] = g[r], Q[r]
+            ELg[j, r], ELQ[j, r] = Lg[c], LQ[c]
+        a = ELg + (L @ Etg.T).T                                                  # (k, w): Delta_k g
+        DQ = ELQ + (L @ EtQ.transpose(1, 0, 2).reshape(w, k * p)).reshape(w, k, p).transpose(1, 0, 2)
+        Nb = zt_vinv_z(np.column_stack([a.T, DQ.transpose(1, 0, 2).reshape(w, k * p)]))
+        Na, NDQ = Nb[:, :k].T, Nb[:, k:].reshape(w, k, p).transpose(1, 0, 2)
+        d2rss = 2.0 * a @ Na.T - 2.0 * Etg @ Etg.T
+        d2A = None
+        if self.reml and p:
+            flat = lambda Y: Y.transpose(1, 0, 2).reshape(w, k * p)            # noqa: E731  (w, k p)
+            cross = (flat(DQ).T @ flat(NDQ)).reshape(k, p, k, p).transpose(2, 0, 1, 3)   # [k, l, p, r]
+            EE = (flat(EtQ).T @ flat(EtQ)).reshape(k, p, k, p).transpose(0, 2, 1, 3)
+            d2A = cross + cross.transpose(1, 0, 2, 3) - EE - EE.transpose(1, 0, 2, 3)
+        return d2rss, a @ Q, d2A
+
     def varpar_deviance(self, theta, sig: float) -> float:
         r"""lmerTest's deviance in varpar :math:`= (\theta, \sigma)`, :math:`\beta` at its GLS value (scaled
         response units): :math:`\log|M| + \mathrm{RSS} / \sigma^2 + n \log(2\pi\sigma^2)`
@@ -911,11 +947,44 @@ class DenseDeviance(ThetaDeviance):
         rhs = np.column_stack([self.Zty - self.ZtX @ st.beta, self.ZtX])
         Zt = rhs - ZtZL @ cholesky_solve(R, L.T @ rhs)
         LtZt = L.T @ Zt
+        st.work["ZtV"] = (Zt, LtZt)
         v, Lv = Zt[:, 0], LtZt[:, 0]
         drss = -2.0 * np.bincount(which, weights=v[rows] * Lv[cols], minlength=k)
         Q, LQ = Zt[:, 1:], LtZt[:, 1:]
         dA = np.stack([Q[r].T @ LQ[c] for r, c in self._by_theta])
         return dlogdet, drss, -(dA + dA.transpose(0, 2, 1))
+
+    def hessian(self, st: DevianceState) -> np.ndarray:
+        r"""The Hessian :math:`d''` of the profiled deviance (assembled as ``_profiled_hessian`` says), with
+        :math:`P = M^{-1}`, :math:`\partial_k M = E_k^\top C \Lambda + \Lambda^\top C E_k` and
+        :math:`\partial^2_{kl} M = E_k^\top C E_l + E_l^\top C E_k` held densely (:math:`C = Z^\top Z`):
+
+        .. math::
+
+            \partial^2_{kl} \log|M| = 2 \langle P, E_k^\top C E_l \rangle
+                - \operatorname{tr}(P\, \partial_l M\, P\, \partial_k M),
+
+        and the residual pieces from :meth:`_residual_second_order`."""
+        self.cached_derivatives(st)
+        L, ZtZL, R = st.work["L"], st.work["ZtZL"], st.work["R"]
+        P, C, k = self._minv(st), self.ZtZ, self.n_theta
+        PdM = []
+        for r, c in self._by_theta:
+            EtCL = np.zeros_like(ZtZL)
+            EtCL[c] = ZtZL[r]
+            PdM.append(P @ (EtCL + EtCL.T))
+        d2logdet = np.empty((k, k))
+        for i, (ri, ci) in enumerate(self._by_theta):
+            for j, (rj, cj) in enumerate(self._by_theta):
+                d2logdet[i, j] = (2.0 * np.sum(P[np.ix_(ci, cj)] * C[np.ix_(ri, rj)])
+                                  - np.sum(PdM[j] * PdM[i].T))
+
+        def zt_vinv_z(x):
+            Cx = C @ x
+            return Cx - ZtZL @ cholesky_solve(R, L.T @ Cx)
+
+        d2rss, h, d2A = self._residual_second_order(L, *st.work["ZtV"], zt_vinv_z)
+        return self._profiled_hessian(st, (d2logdet + d2logdet.T) / 2, d2rss, h, d2A)
 
 
 # --------------------------------------------------------------------------- any Z: sparse Z^T Z, M by blocks
@@ -923,6 +992,11 @@ class DenseDeviance(ThetaDeviance):
 SCHUR_MAX = 5000
 #: levels of the largest term handled at once when :math:`M^{-1}` is formed on :math:`M`'s pattern
 LEVEL_CHUNK = 4096
+#: H = F S^-1 is kept in the state for the Hessian when it has at most this many entries
+H_KEEP = 6_000_000
+#: the analytic Hessian of :class:`SparseDeviance` needs T^-1: below this smallest |diagonal of T| (or above
+#: this condition number of T) it is central differences of the analytic gradient instead
+HESSIAN_T_MIN, HESSIAN_T_COND = 1e-5, 1e7
 
 
 def _inverse_from_cholesky(R: np.ndarray) -> np.ndarray:
@@ -966,7 +1040,7 @@ class SparseDeviance(ThetaDeviance):
         shift, scale, beta_shift = response_scaling(design.y, X)
         super().__init__(design, reml, shift, scale, beta_shift)
         y = (design.y - shift) / scale
-        big = max(self.layouts, key=lambda lay: lay.width)
+        big = self._big = max(self.layouts, key=lambda lay: lay.width)
         w = self.width = sum(lay.width for lay in self.layouts)
         self.q1, self.w1, self.w2 = big.q, big.width, w - big.width
         if self.w2 > SCHUR_MAX:
@@ -1105,6 +1179,31 @@ class SparseDeviance(ThetaDeviance):
         out[self._perm] = np.asarray((L @ Minv).multiply(L).sum(axis=1)).ravel()
         return out
 
+    def _schur_inverse(self, f: dict) -> np.ndarray:
+        """S^-1 (dense w_2 x w_2), computed once per state."""
+        if "Sinv" not in f:
+            f["Sinv"] = _inverse_from_cholesky(f["RS"]) if self.w2 else np.zeros((0, 0))
+        return f["Sinv"]
+
+    def _chunks(self, f: dict):
+        """(start, stop, F_c, H_c = F_c S^-1) for the rows of the largest term, a chunk of levels at a time;
+        kept in the state when all of H fits in ``H_KEEP`` numbers (the Hessian reuses the gradient's)."""
+        if "H" in f:
+            yield from f["H"]
+            return
+        Sinv, F = self._schur_inverse(f), f["F"]
+        keep = [] if self.w1 * self.w2 <= H_KEEP else None
+        step = LEVEL_CHUNK * self.q1
+        for start in range(0, self.w1, step):
+            stop = min(start + step, self.w1)
+            Fc = F[start:stop]
+            item = (start, stop, Fc, np.asarray(Fc @ Sinv))
+            if keep is not None:
+                keep.append(item)
+            yield item
+        if keep is not None:
+            f["H"] = keep
+
     def _inverse_on_pattern(self, f: dict) -> np.ndarray:
         """(M^-1)_ij at every non-zero (i, j) of M's pattern, from the block inverse: S^-1 on M_22's pattern,
         -H = -F S^-1 on M_12's (H = F S^-1 from the sparse F, a chunk of levels at a time), and
@@ -1112,15 +1211,10 @@ class SparseDeviance(ThetaDeviance):
         w1, q1 = self.w1, self.q1
         rows, cols = self._rows, self._cols
         out = np.empty(len(rows))
-        Sinv = _inverse_from_cholesky(f["RS"]) if self.w2 else np.zeros((0, 0))
+        Sinv = self._schur_inverse(f)
         i = self._m22
         out[i] = Sinv[rows[i] - w1, cols[i] - w1]
-        F = f["F"]
-        step = LEVEL_CHUNK * q1
-        for start in range(0, w1, step):
-            stop = min(start + step, w1)
-            Fc = F[start:stop]
-            Hc = np.asarray(Fc @ Sinv)
+        for start, stop, Fc, Hc in self._chunks(f):
             i = self._m12[(rows[self._m12] >= start) & (rows[self._m12] < stop)]
             out[i] = -Hc[rows[i] - start, cols[i] - w1]
             i = self._m21[(cols[self._m21] >= start) & (cols[self._m21] < stop)]
@@ -1145,11 +1239,132 @@ class SparseDeviance(ThetaDeviance):
         rhs = np.column_stack([Zt_res, self.ZtX])
         Zt = rhs - self.ZtZ @ (L @ self._solve(f, LT @ rhs))            # [Z^T r, Z^T P]
         LtZt = LT @ Zt
+        f["ZtV"] = (Zt, LtZt)
         # sum over E_k's entries (i, j): dRSS_k = -2 (Z^T r)_i (Lambda^T Z^T r)_j, dA_k likewise for P
         rows, cols = self._lam_rows, self._lam_cols
         drss = -2.0 * np.bincount(self._lam_which, weights=Zt[rows, 0] * LtZt[cols, 0], minlength=k)
         QQ = np.stack([Zt[r, 1:].T @ LtZt[c, 1:] for r, c in self._by_theta])
         return trace, drss, -(QQ + QQ.transpose(0, 2, 1))
+
+    def _zt_vinv_z(self, f: dict, theta, x: np.ndarray) -> np.ndarray:
+        r""":math:`Z^\top V^{-1} Z\, x = C x - C \Lambda M^{-1} \Lambda^\top C x` (:math:`C = Z^\top Z`, Woodbury)."""
+        Cx = self.ZtZ @ x
+        return Cx - self.ZtZ @ (self._lambda(theta) @ self._solve(f, self._lambda(theta, transpose=True) @ Cx))
+
+    def hessian(self, st: DevianceState) -> np.ndarray:
+        r"""The Hessian :math:`d''` of the profiled deviance (assembled as ``_profiled_hessian`` says): the
+        residual pieces from :meth:`_residual_second_order`, :math:`\log|M|`'s from :meth:`_d2logdet`, which
+        needs :math:`\Lambda^{-1}`; where a :math:`T` is singular or nearly so (a boundary fit) the whole
+        Hessian is central differences of the analytic gradient."""
+        theta, f = st.theta, st.work
+        Ts = self.terms(theta)
+        if any(np.min(np.abs(np.diag(T))) < HESSIAN_T_MIN or np.linalg.cond(T) > HESSIAN_T_COND for T in Ts):
+            return difference_hessian(lambda th: self.gradient(self.state(th)), theta)
+        self.cached_derivatives(st)
+        d2rss, h, d2A = self._residual_second_order(self._lambda(theta), *f["ZtV"],
+                                                    lambda x: self._zt_vinv_z(f, theta, x))
+        return self._profiled_hessian(st, self._d2logdet(st, Ts), d2rss, h, d2A)
+
+    def _d2logdet(self, st: DevianceState, Ts) -> np.ndarray:
+        r""":math:`\partial^2 \log|M|`. With :math:`P = M^{-1}` and :math:`D_k = \Lambda^{-1} E_k` (block-diagonal:
+        :math:`d_k = T^{-1} e_{rc}` in every level of :math:`\theta_k`'s term), :math:`\Lambda^\top C E_k = (M - I) D_k`,
+        so :math:`\partial_k M = (M - I) D_k + D_k^\top (M - I)`, :math:`\partial^2_{kl} M = E_k^\top C E_l +
+        E_l^\top C E_k`, and :math:`\operatorname{tr}(P\, \partial^2_{kl} M) - \operatorname{tr}(P\, \partial_l M\,
+        P\, \partial_k M)` reduces (with :math:`P (M - I) = I - P`) to
+
+        .. math::
+
+            \partial^2_{kl} \log|M| = 2 \bigl[\operatorname{tr}(P D_l D_k) + \operatorname{tr}(P D_k D_l)
+                + \operatorname{tr}(P D_k^\top D_l) - \operatorname{tr}(D_l D_k)
+                - \operatorname{tr}(P D_l P D_k) - \operatorname{tr}(P D_l P D_k^\top)\bigr],
+
+        the first three from the sums :math:`\bar P_t` of :math:`P`'s diagonal blocks per term, the last two
+        from :meth:`_trace_tensors` contracted with :math:`d_l` and :math:`d_k`."""
+        k = self.n_theta
+        terms, small = [], []
+        for t, (lay, T) in enumerate(zip(self.layouts, Ts)):
+            Ti = np.linalg.inv(T)
+            for r, c in lay.theta_index:
+                terms.append(t)
+                small.append(np.outer(Ti[:, r], np.eye(lay.q)[c]))           # T^-1 e_rc
+        Pbar, K = self._trace_tensors(st.work)
+        H = np.zeros((k, k))
+        for l in range(k):
+            for j in range(k):
+                tl, tj, dl, dk = terms[l], terms[j], small[l], small[j]
+                Klj = K[tl, tj]
+                H[j, l] = -np.einsum("rc,rcRC,RC->", dl, Klj, dk + dk.T)
+                if tl == tj:
+                    P_ = Pbar[tl]
+                    H[j, l] += (np.trace(P_ @ dl @ dk) + np.trace(P_ @ dk @ dl) + np.trace(P_ @ dk.T @ dl)
+                                - self.layouts[tl].n_levels * np.trace(dl @ dk))
+        return H + H.T
+
+    def _term_block(self, t: int) -> int | None:
+        """Where term t's columns start in the Schur complement's block (None: the largest term)."""
+        lay, big = self.layouts[t], self._big
+        if lay is big:
+            return None
+        return lay.offset if lay.offset < big.offset else lay.offset - big.width
+
+    def _trace_tensors(self, f: dict) -> tuple[list, dict]:
+        r"""For every pair of terms :math:`(a, b)`, :math:`K_{ab}[r, c, r', c'] = \operatorname{tr}(P E^a_{rc}
+        P E^b_{r'c'})` with :math:`E^a_{rc} = I \otimes e_{rc}` on term :math:`a`'s columns, so that
+        :math:`\operatorname{tr}(P A P B) = \sum a_{rc} K_{ab}[r, c, r', c'] b_{r'c'}` for block-diagonal
+        :math:`A = I \otimes a`, :math:`B = I \otimes b`; and the sums :math:`\bar P_t` of :math:`P`'s diagonal
+        blocks. With :math:`X = P_{ab}` as (levels, :math:`q_a`, levels, :math:`q_b`),
+        :math:`K_{ab}[r, c, r', c'] = \sum_{\ell m} X_{\ell r m c'} X_{\ell c m r'}`, from the blocks of
+        :math:`P = M^{-1}`: :math:`P_{22} = S^{-1}`, :math:`P_{12} = -H`; for the largest term
+        :math:`P_{11} = M_{11}^{-1} + G` with :math:`G = H F^\top` (never formed), whose part
+        :math:`\sum_{\ell m} G_{(m, c'), (\ell, r)} G_{(\ell, c), (m, r')} = \langle U^{rc}, (U^{r'c'})^\top \rangle`,
+        :math:`U^{rc} = F_r^\top H_c` (the rows of :math:`F` and :math:`H` at offsets r and c within each level),
+        and the cross parts need only :math:`G`'s diagonal blocks, summed over :math:`F`'s non-zeros."""
+        q1, w2 = self.q1, self.w2
+        Sinv = self._schur_inverse(f)
+        n_terms = len(self.layouts)
+        place = [self._term_block(t) for t in range(n_terms)]
+        big = place.index(None)
+        K, Pbar = {}, [None] * n_terms
+
+        def tensor(X, qa, qb, Lb):           # X: (La * qa, Lb * qb) -> K (qa, qa, qb, qb)
+            Y = X.reshape(-1, qa, Lb, qb).transpose(1, 3, 0, 2).reshape(qa * qb, -1)
+            return (Y @ Y.T).reshape(qa, qb, qa, qb).transpose(0, 2, 3, 1)
+
+        others = [t for t in range(n_terms) if t != big]
+        for a in others:
+            la = self.layouts[a]
+            sa = slice(place[a], place[a] + la.width)
+            block = Sinv[sa, sa].reshape(la.n_levels, la.q, la.n_levels, la.q)
+            Pbar[a] = block[np.arange(la.n_levels), :, np.arange(la.n_levels), :].sum(axis=0)
+            for b in others:
+                lb = self.layouts[b]
+                K[a, b] = tensor(Sinv[sa, place[b]:place[b] + lb.width], la.q, lb.q, lb.n_levels)
+        m = f["M11inv"].reshape(-1, q1, q1)
+        Gd = np.zeros_like(m)                                           # G's diagonal blocks
+        U = np.zeros((q1, q1, w2, w2))
+        cross = {b: 0.0 for b in others}
+        for start, stop, Fc, Hc in self._chunks(f):
+            C = Fc.tocoo()
+            level, R = C.row // q1, C.row % q1
+            for c in range(q1):
+                v = C.data * Hc[level * q1 + c, C.col]
+                Gd[start // q1:stop // q1, c] += np.bincount(level * q1 + R, weights=v,
+                                                             minlength=(stop - start)).reshape(-1, q1)
+            for r in range(q1):
+                Fr = Fc[r::q1].T
+                for c in range(q1):
+                    U[r, c] += Fr @ Hc[c::q1]
+            for b in others:
+                lb = self.layouts[b]
+                cross[b] = cross[b] + tensor(Hc[:, place[b]:place[b] + lb.width], q1, lb.q, lb.n_levels)
+        for b in others:
+            K[big, b] = cross[b]
+            K[b, big] = cross[b].transpose(2, 3, 0, 1)
+        Pbar[big] = (m + Gd).sum(axis=0)
+        K[big, big] = (np.einsum("lCr,lcR->rcRC", m, m) + np.einsum("lCr,lcR->rcRC", m, Gd)
+                       + np.einsum("lCr,lcR->rcRC", Gd, m)
+                       + np.einsum("rcab,RCba->rcRC", U, U))
+        return Pbar, K
 
 
 def profiled_deviance(design: Design, reml: bool) -> ThetaDeviance:

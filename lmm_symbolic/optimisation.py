@@ -3,9 +3,10 @@ sympy where the design is balanced.
 
 Like lme4's ``optimizeLmer`` the numeric search is over :math:`\theta` alone (:math:`\sigma_s / \sigma` for
 (1|g), the relative covariance factors' entries otherwise); :math:`\sigma^2` and :math:`\beta` follow in closed
-form. One :math:`\theta`: Newton with the analytic second derivative; several: damped Newton with the
-analytic Hessian where the criterion has one (terms sharing one grouping factor), otherwise L-BFGS-B with
-the analytic gradient over unconstrained :math:`\theta`, made canonical and polished. :class:`OptSummary`
+form. One :math:`\theta`: Newton with the analytic second derivative; several: Newton in a trust region
+with the analytic Hessian (every evaluation of the deviance has one), and where that does not reach a
+stationary point L-BFGS-B with the analytic gradient over unconstrained :math:`\theta`, made canonical and
+polished. :class:`OptSummary`
 keeps the optimiser's settings, its path and its outcome in one immutable object (as MixedModels.jl's
 ``OptSummary``).
 """
@@ -220,8 +221,8 @@ class Optimum:
     summary: OptSummary
     objective: ThetaDeviance = field(repr=False)
     state: DevianceState = field(repr=False)     # the criterion at theta (scaled response units)
-    #: the Hessian of the profiled deviance at :math:`\theta` (scaled units): analytic for (1|g) and for terms
-    #: sharing one factor, else central differences of the analytic gradient taken for the final Newton steps
+    #: the Hessian of the profiled deviance at :math:`\theta` (scaled units): analytic, except for the sparse
+    #: evaluation with a singular :math:`T` (a boundary fit), where it is central differences of the gradient
     hessian: np.ndarray = field(repr=False, default=None)
 
 
@@ -231,9 +232,9 @@ def optimise(objective: ThetaDeviance) -> Optimum:
 
     One :math:`\theta` (a random intercept, a kinship matrix, one scalar term): Newton's method on
     :math:`d'(\theta) = 0` with the analytic second derivative where the criterion has one
-    (:meth:`InterceptDeviance.hessian`), safeguarded by backtracking. Several: damped Newton where the
-    criterion has an analytic Hessian (:meth:`BlockDeviance.hessian`), else L-BFGS-B with the analytic
-    gradient, then chord-Newton polishing. A diagonal :math:`\theta` at its bound 0 is a stationary point
+    (:meth:`InterceptDeviance.hessian`), safeguarded by backtracking. Several: Newton in a trust region
+    with the analytic Hessian (:meth:`BlockDeviance.hessian`, :meth:`DenseDeviance.hessian`,
+    :meth:`SparseDeviance.hessian`), else L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal :math:`\theta` at its bound 0 is a stationary point
     (the deviance is even in each column of :math:`T_k`), so a stop there is tested by moving that
     :math:`\theta` inward, and the search restarts from any better point."""
     path: list[np.ndarray] = []
@@ -325,13 +326,17 @@ def _minimise_scalar(objective: ThetaDeviance, t: float, path: list) -> tuple[np
 
 
 def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int = 100):
-    r"""Newton's method on the unconstrained :math:`\theta` with the analytic Hessian, made globally
-    convergent as Levenberg-Marquardt: the step solves :math:`(H + \lambda D)\, s = -g` with
-    :math:`D = \operatorname{diag}|H|` (so the damping does not depend on :math:`\theta`'s scale),
-    :math:`\lambda = 0` while full Newton steps decrease the criterion, raised fourfold until a step does.
-    Stops when a step no longer lowers the criterion beyond its rounding and the Newton decrement
-    :math:`-g^\top s` is below :math:`10^{-10}` (relative), or the step is at machine precision. Returns
-    (theta, message, converged, the state at theta)."""
+    r"""Newton's method on the unconstrained :math:`\theta` with the analytic Hessian, in a trust region.
+    With :math:`D = \operatorname{diag}|H|^{1/2}` (so nothing depends on :math:`\theta`'s scale) and the
+    eigen-decomposition :math:`D^{-1} H D^{-1} = V \operatorname{diag}(\mu) V^\top`, the step is
+    :math:`s = -D^{-1} V \operatorname{diag}(1/|\mu|) V^\top D^{-1} g` -- the Newton step where :math:`H` is
+    positive definite, a descent direction of the same scale where it is not (far from the optimum the
+    profiled deviance is not convex) -- shortened to :math:`\|s\|_\infty \le \Delta`. A step that lowers the
+    criterion is taken (and :math:`\Delta` doubled if the step was cut); one that does not quarters
+    :math:`\Delta` below the step's length; a cut step that would put a diagonal :math:`\theta` on 0 (stationary
+    in its column: Newton could not leave it) is shortened by a tenth. Stops when a step no longer lowers the criterion beyond its
+    rounding and the Newton decrement :math:`-g^\top s` is below :math:`10^{-10}` (relative), or the step is at
+    machine precision. Returns (theta, message, converged, the state at theta)."""
     def evaluate(x):
         path.append(np.array(x))
         try:
@@ -343,33 +348,37 @@ def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int 
     st, f = evaluate(x)
     if st is None:
         return x, "the criterion cannot be evaluated at the start", False, None
-    lam = 0.0
+    radius = 1.0
+    diagonal = np.array([lo is not None for lo in objective.lower_bounds])
     for _ in range(max_steps):
         g, H = objective.gradient(st), objective.hessian(st)
+        if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
+            return x, "the Hessian cannot be evaluated", False, st
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-300))
-        Hs, gs = H / np.outer(d, d), g / d
+        mu, V = np.linalg.eigh(H / np.outer(d, d))
+        mu = np.maximum(np.abs(mu), 1e-10 * max(float(np.max(np.abs(mu))), 1e-300))
+        full = -(V @ ((V.T @ (g / d)) / mu)) / d
+        decrement = -float(g @ full)
+        convex = bool(np.all(np.linalg.eigvalsh(H / np.outer(d, d)) > 0))
         while True:
-            try:
-                step = -cholesky_solve(np.linalg.cholesky(Hs + lam * np.eye(len(x))), gs)
-            except (np.linalg.LinAlgError, NumericalError):
-                lam = max(4.0 * lam, 1e-3)
-                if lam > 1e10 or not np.all(np.isfinite(Hs)):
-                    return x, "the Hessian cannot be made positive definite", False, st
-                continue
-            st_new, f_new = evaluate(x + step / d)
-            decrement = -float(gs @ step)
+            size = float(np.max(np.abs(full)))
+            step = full if size <= radius else full * (radius / size)
+            if size > radius and np.any(diagonal & (np.abs(x + step) < 1e-6 * np.maximum(np.abs(x), 1e-3))):
+                step = 0.9 * step       # a cut step never onto 0: theta = 0 is stationary in its column
+            st_new, f_new = evaluate(x + step)
             if f_new <= f + 1e-13 * max(1.0, abs(f)):
                 break
-            if decrement <= 1e-10 * max(1.0, abs(f)):
+            if convex and decrement <= 1e-10 * max(1.0, abs(f)):
                 return x, "converged: the Newton decrement is below the criterion's rounding", True, st
-            lam = max(4.0 * lam, 1e-3)
-            if lam > 1e10:
-                return x, "no descent along the damped Newton direction", False, st
-        x_new = x + step / d
+            radius = min(radius, size) / 4.0
+            if radius < 1e-12 * max(1.0, float(np.max(np.abs(x)))):
+                return x, "no descent along the Newton direction", False, st
+        if size > radius:
+            radius *= 2.0
+        x_new = x + step
         small = np.max(np.abs(x_new - x)) <= 1e-12 * max(1.0, float(np.max(np.abs(x))))
         x, st, f = x_new, st_new, f_new
-        lam = lam / 16.0 if lam > 1e-6 else 0.0
-        if small or (decrement <= 1e-10 * max(1.0, abs(f)) and lam == 0.0):
+        if small or (convex and size <= radius and decrement <= 1e-10 * max(1.0, abs(f))):
             return x, "converged: Newton steps with the analytic Hessian", True, st
     return x, f"iteration limit ({max_steps} Newton steps)", False, st
 
@@ -389,7 +398,7 @@ def _minimise_several(objective: ThetaDeviance, theta0: np.ndarray, lower: np.nd
         found = _newton_several(objective, theta0, lower, path)
         if found is not None:
             theta, message, H, st = found
-            return theta, message, H, "Newton (analytic Hessian), damped", st
+            return theta, message, H, "Newton (analytic Hessian), trust region", st
     quasi = "L-BFGS-B (scipy) + chord-Newton polish"
     bounds = [(lo, None) for lo in objective.lower_bounds]
 
@@ -609,15 +618,31 @@ class StandardisingMap:
 
 
 def _standardising_map(objective: ThetaDeviance) -> StandardisingMap | None:
-    """The map for the terms with an intercept and slope columns (None when no term has one)."""
+    """The map for the terms with an intercept and slope columns (None when no term has one). The columns'
+    means and SDs come from Z, or for data held out of memory (Dask) from the per-group sums Z_g^T Z_g, so
+    that both start the search at the same point."""
     mats, poor = [], False
+    stats = getattr(objective.design, "statistics", None)
+    offset = 0
     for term, lay in zip(objective.design.terms, objective.layouts):
-        Z = term.Z
-        if lay.q < 2 or term.names[0] != "(Intercept)" or not isinstance(Z, np.ndarray):
+        Z, first = term.Z, offset
+        offset += lay.q
+        if lay.q < 2 or term.names[0] != "(Intercept)":
             mats.append(None)
             continue
-        mean, sd = Z.mean(axis=0), Z.std(axis=0)
-        if np.any(sd[1:] <= 0) or np.any(np.abs(Z[:, 0] - 1.0) > 0):
+        if isinstance(Z, np.ndarray):
+            mean, sd = Z.mean(axis=0), Z.std(axis=0)
+            ones = not np.any(np.abs(Z[:, 0] - 1.0) > 0)
+        elif isinstance(getattr(stats, "S", None), np.ndarray) and stats.S.ndim == 3:
+            G = stats.S[:, first:first + lay.q, first:first + lay.q].sum(axis=0)    # sum_g Z_g^T Z_g
+            n = objective.design.n
+            mean = G[0] / n
+            sd = np.sqrt(np.maximum(np.diag(G) / n - mean**2, 0.0))
+            ones = G[0, 0] == n
+        else:
+            mats.append(None)
+            continue
+        if np.any(sd[1:] <= 0) or not ones:
             mats.append(None)
             continue
         A = np.eye(lay.q)
@@ -633,13 +658,15 @@ def _standardising_map(objective: ThetaDeviance) -> StandardisingMap | None:
 def _polish_general(objective: ThetaDeviance, theta: np.ndarray, lower: np.ndarray,
                     steps: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Chord-Newton steps theta_f -= H_ff^-1 g_f(theta) on the thetas off their bounds, H the Hessian at the
-    start (central differences of the analytic gradient, positive definite at a minimum). L-BFGS-B stops
+    start (the criterion's analytic one, else central differences of the analytic gradient; positive
+    definite at a minimum). L-BFGS-B stops
     ~1e-8 short of the optimum, at a point that moves with the rounding of the data's sums; from there each
     step gains ~6 digits. A step is kept while |g_f| falls (there the criterion's changes, ~1e-16, are below
     its rounding) and the criterion does not rise by more than its rounding could. Returns theta and H (which
     Satterthwaite's df reuse: it moves by less than its own differencing error over these steps)."""
     try:
-        H = difference_hessian(lambda th: objective.gradient(objective.state(th)), theta)
+        H = (objective.hessian(_state(objective, theta)) if hasattr(objective, "hessian")
+             else difference_hessian(lambda th: objective.gradient(objective.state(th)), theta))
     except NumericalError:              # a neighbour of theta lost definiteness in rounding
         return theta, None
     free = np.flatnonzero(theta > lower + 1e-12)
