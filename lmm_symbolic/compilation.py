@@ -2,7 +2,7 @@ r"""Compilation: the derived closed forms turned into numpy functions, and the o
 
 Every model is fitted through one criterion, lme4's profiled deviance in :math:`\theta`
 (:class:`ThetaDeviance`: :math:`\beta` and :math:`\sigma^2` profiled out, :math:`-2 \log L` for ML, the REML
-criterion otherwise), with its analytic gradient. :func:`profiled_deviance` picks the cheapest evaluation
+criterion otherwise), with its analytic gradient and Hessian. :func:`profiled_deviance` picks the cheapest evaluation
 of it that the model's structure allows:
 
 * :class:`InterceptDeviance` -- ``(1|g)`` (and :math:`\Sigma = \sigma_s^2 K + \sigma^2 I` after
@@ -1032,7 +1032,8 @@ class SparseDeviance(ThetaDeviance):
     needs :math:`M^{-1}` only on the pattern; :math:`\partial\mathrm{RSS} = -r^\top Z\, \partial(\Lambda\Lambda^\top) Z^\top r`
     and :math:`\partial A = -P^\top Z\, \partial(\Lambda\Lambda^\top) Z^\top P`, with
     :math:`\partial(\Lambda\Lambda^\top) = \sum_l \theta_l (E_k E_l^\top + E_l E_k^\top)`
-    (:math:`r = V^{-1} (y - X\hat\beta)`, :math:`P = V^{-1} X`).
+    (:math:`r = V^{-1} (y - X\hat\beta)`, :math:`P = V^{-1} X`). The Hessian (:meth:`hessian`) uses the
+    same blocks of :math:`M^{-1}`.
     """
 
     def __init__(self, design: Design, reml: bool):
@@ -1055,16 +1056,29 @@ class SparseDeviance(ThetaDeviance):
         self.ZtZ, self.ZtX, self.Zty = ZtZ, np.asarray(Z.T @ X), np.asarray(Z.T @ y)
         self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
         self._by_theta = [(position[r], position[c]) for r, c in lambda_pattern(self.layouts)]   # in M's order
-        E = [scipy.sparse.csc_matrix((np.ones(len(r)), (r, c)), shape=(w, w)) for r, c in self._by_theta]
         self._lam_rows, self._lam_cols, self._lam_which = _stacked(self._by_theta)
         # Lambda's and Lambda^T's CSR structure, fixed: an evaluation only fills in theta
         self._lam = self._csr_structure(self._lam_rows, self._lam_cols)
         self._lamT = self._csr_structure(self._lam_cols, self._lam_rows)
-        self._Et = [e.T.tocsr() for e in E]
-        self._EtZtX = np.stack([e @ self.ZtX for e in self._Et])     # (k, w, p)
-        self._EtZty = np.stack([e @ self.Zty for e in self._Et])     # (k, w)
-        self._pattern([[(self._Et[k] @ ZtZ @ E[l]).tocoo() for l in range(self.n_theta)]
-                       for k in range(self.n_theta)])
+        # E_k^T x puts x's rows r_k at c_k ((r_k, c_k) = E_k's entries, the r_k distinct)
+        k = self.n_theta
+        self._EtZtX, self._EtZty = np.zeros((k, w, self.p)), np.zeros((k, w))
+        where = np.full((k, w), -1)
+        for j, (r, c) in enumerate(self._by_theta):
+            self._EtZtX[j, c], self._EtZty[j, c] = self.ZtX[r], self.Zty[r]
+            where[j, r] = c
+        # P_kl = E_k^T Z^T Z E_l: each non-zero C_st of C = Z^T Z lands at (where_k[s], where_l[t]), if both exist
+        C = ZtZ.tocoo()
+        P = []
+        for a in range(k):
+            ra = where[a][C.row]
+            row = []
+            for b in range(k):
+                cb = where[b][C.col]
+                keep = (ra >= 0) & (cb >= 0)
+                row.append((ra[keep], cb[keep], C.data[keep]))
+            P.append(row)
+        self._pattern(P)
 
     def _csr_structure(self, rows: np.ndarray, cols: np.ndarray) -> tuple:
         """(which theta each stored entry takes, indices, indptr) of the w x w CSR matrix with entries at
@@ -1080,22 +1094,18 @@ class SparseDeviance(ThetaDeviance):
                                        shape=(self.width, self.width))
 
     def _pattern(self, P) -> None:
-        """M's pattern (the union of the P_kl and the diagonal), each P_kl's values on it, and where each
-        non-zero sits in the blocks M_11 (level, row, column), M_12, M_21 and M_22."""
+        """M's pattern (the union of the P_kl, given as (rows, columns, values), and the diagonal), each
+        P_kl's values on it, and where each non-zero sits in the blocks M_11 (level, row, column), M_12, M_21
+        and M_22."""
         w, w1, q1 = self.width, self.w1, self.q1
-        union = scipy.sparse.identity(w, format="csc")
-        for row in P:
-            for Pkl in row:
-                union = union + abs(Pkl).tocsc()
-        union = union.tocsc()
-        union.sort_indices()
-        rows = union.indices.astype(np.intp)
-        cols = np.repeat(np.arange(w), np.diff(union.indptr))
-        keys = cols.astype(np.int64) * w + rows
+        key = lambda r, c: c.astype(np.int64) * w + r                    # noqa: E731  (column-major)
+        keys = np.unique(np.concatenate([key(np.arange(w), np.arange(w))]
+                                        + [key(r, c) for row in P for r, c, _ in row]))
+        rows, cols = (keys % w).astype(np.intp), (keys // w).astype(np.intp)
         self._P = np.zeros((self.n_theta, self.n_theta, len(keys)))
         for k, row in enumerate(P):
-            for l, Pkl in enumerate(row):
-                np.add.at(self._P[k, l], np.searchsorted(keys, Pkl.col.astype(np.int64) * w + Pkl.row), Pkl.data)
+            for l, (r, c, v) in enumerate(row):
+                self._P[k, l, np.searchsorted(keys, key(r, c))] = v
         self._eye = (rows == cols).astype(float)
         self._rows, self._cols = rows, cols
         self._m11 = np.flatnonzero((rows < w1) & (cols < w1))
@@ -1232,7 +1242,14 @@ class SparseDeviance(ThetaDeviance):
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         theta, f = st.theta, st.work
         k = self.n_theta
-        trace = 2.0 * (self._P.reshape(k * k, -1) @ self._inverse_on_pattern(f)).reshape(k, k) @ theta
+        Ts = self.terms(theta)
+        if self._invertible(Ts):            # tr(M^-1 dM_k) = 2 (tr D_k - tr(M^-1 D_k)), D_k = Lambda^-1 E_k
+            Pbar, _ = self._diagonal_sums(f)
+            terms, small = self._relative_pieces(Ts)
+            trace = np.array([2.0 * (self.layouts[t].n_levels * np.trace(d) - np.sum(Pbar[t].T * d))
+                              for t, d in zip(terms, small)])
+        else:
+            trace = 2.0 * (self._P.reshape(k * k, -1) @ self._inverse_on_pattern(f)).reshape(k, k) @ theta
         # Z^T V^-1 v = Z^T v - Z^T Z Lambda M^-1 Lambda^T Z^T v, for v = y - X beta and the columns of X
         L, LT = self._lambda(theta), self._lambda(theta, transpose=True)
         Zt_res = self.Zty - self.ZtX @ st.beta
@@ -1258,7 +1275,7 @@ class SparseDeviance(ThetaDeviance):
         Hessian is central differences of the analytic gradient."""
         theta, f = st.theta, st.work
         Ts = self.terms(theta)
-        if any(np.min(np.abs(np.diag(T))) < HESSIAN_T_MIN or np.linalg.cond(T) > HESSIAN_T_COND for T in Ts):
+        if not self._invertible(Ts):
             return difference_hessian(lambda th: self.gradient(self.state(th)), theta)
         self.cached_derivatives(st)
         d2rss, h, d2A = self._residual_second_order(self._lambda(theta), *f["ZtV"],
@@ -1281,12 +1298,7 @@ class SparseDeviance(ThetaDeviance):
         the first three from the sums :math:`\bar P_t` of :math:`P`'s diagonal blocks per term, the last two
         from :meth:`_trace_tensors` contracted with :math:`d_l` and :math:`d_k`."""
         k = self.n_theta
-        terms, small = [], []
-        for t, (lay, T) in enumerate(zip(self.layouts, Ts)):
-            Ti = np.linalg.inv(T)
-            for r, c in lay.theta_index:
-                terms.append(t)
-                small.append(np.outer(Ti[:, r], np.eye(lay.q)[c]))           # T^-1 e_rc
+        terms, small = self._relative_pieces(Ts)
         Pbar, K = self._trace_tensors(st.work)
         H = np.zeros((k, k))
         for l in range(k):
@@ -1299,6 +1311,22 @@ class SparseDeviance(ThetaDeviance):
                     H[j, l] += (np.trace(P_ @ dl @ dk) + np.trace(P_ @ dk @ dl) + np.trace(P_ @ dk.T @ dl)
                                 - self.layouts[tl].n_levels * np.trace(dl @ dk))
         return H + H.T
+
+    @staticmethod
+    def _invertible(Ts) -> bool:
+        """Whether every T is far enough from singular for the formulas in Lambda^-1."""
+        return not any(np.min(np.abs(np.diag(T))) < HESSIAN_T_MIN or np.linalg.cond(T) > HESSIAN_T_COND
+                       for T in Ts)
+
+    def _relative_pieces(self, Ts) -> tuple[list, list]:
+        """For each theta_k: its term and d_k = T^-1 e_rc (the block of D_k = Lambda^-1 E_k in every level)."""
+        terms, small = [], []
+        for t, (lay, T) in enumerate(zip(self.layouts, Ts)):
+            Ti = np.linalg.inv(T)
+            for r, c in lay.theta_index:
+                terms.append(t)
+                small.append(np.outer(Ti[:, r], np.eye(lay.q)[c]))
+        return terms, small
 
     def _term_block(self, t: int) -> int | None:
         """Where term t's columns start in the Schur complement's block (None: the largest term)."""
@@ -1324,7 +1352,7 @@ class SparseDeviance(ThetaDeviance):
         n_terms = len(self.layouts)
         place = [self._term_block(t) for t in range(n_terms)]
         big = place.index(None)
-        K, Pbar = {}, [None] * n_terms
+        K = {}
 
         def tensor(X, qa, qb, Lb):           # X: (La * qa, Lb * qb) -> K (qa, qa, qb, qb)
             Y = X.reshape(-1, qa, Lb, qb).transpose(1, 3, 0, 2).reshape(qa * qb, -1)
@@ -1334,22 +1362,14 @@ class SparseDeviance(ThetaDeviance):
         for a in others:
             la = self.layouts[a]
             sa = slice(place[a], place[a] + la.width)
-            block = Sinv[sa, sa].reshape(la.n_levels, la.q, la.n_levels, la.q)
-            Pbar[a] = block[np.arange(la.n_levels), :, np.arange(la.n_levels), :].sum(axis=0)
             for b in others:
                 lb = self.layouts[b]
                 K[a, b] = tensor(Sinv[sa, place[b]:place[b] + lb.width], la.q, lb.q, lb.n_levels)
+        Pbar, Gd = self._diagonal_sums(f)
         m = f["M11inv"].reshape(-1, q1, q1)
-        Gd = np.zeros_like(m)                                           # G's diagonal blocks
         U = np.zeros((q1, q1, w2, w2))
         cross = {b: 0.0 for b in others}
         for start, stop, Fc, Hc in self._chunks(f):
-            C = Fc.tocoo()
-            level, R = C.row // q1, C.row % q1
-            for c in range(q1):
-                v = C.data * Hc[level * q1 + c, C.col]
-                Gd[start // q1:stop // q1, c] += np.bincount(level * q1 + R, weights=v,
-                                                             minlength=(stop - start)).reshape(-1, q1)
             for r in range(q1):
                 Fr = Fc[r::q1].T
                 for c in range(q1):
@@ -1360,11 +1380,41 @@ class SparseDeviance(ThetaDeviance):
         for b in others:
             K[big, b] = cross[b]
             K[b, big] = cross[b].transpose(2, 3, 0, 1)
-        Pbar[big] = (m + Gd).sum(axis=0)
         K[big, big] = (np.einsum("lCr,lcR->rcRC", m, m) + np.einsum("lCr,lcR->rcRC", m, Gd)
                        + np.einsum("lCr,lcR->rcRC", Gd, m)
                        + np.einsum("rcab,RCba->rcRC", U, U))
         return Pbar, K
+
+    def _diagonal_sums(self, f: dict) -> tuple[list, np.ndarray]:
+        r"""The sums :math:`\bar P_t = \sum_\ell (M^{-1})_{\ell\ell}` of :math:`M^{-1}`'s diagonal
+        :math:`q_t \times q_t` blocks, per term, and :math:`G = H F^\top`'s diagonal blocks in the largest
+        term (levels, :math:`q_1`, :math:`q_1`): :math:`S^{-1}`'s blocks in the second block,
+        :math:`M_{11}^{-1} + G` in the first, :math:`G_{\ell, c r} = \sum_n H_{(\ell, c) n} F_{(\ell, r) n}` over
+        :math:`F`'s non-zeros. Computed once per state."""
+        if "diagonal" in f:
+            return f["diagonal"]
+        q1, Sinv = self.q1, self._schur_inverse(f)
+        Pbar = []
+        for t, lay in enumerate(self.layouts):
+            s = self._term_block(t)
+            if s is None:
+                big = t
+                Pbar.append(None)
+                continue
+            block = Sinv[s:s + lay.width, s:s + lay.width].reshape(lay.n_levels, lay.q, lay.n_levels, lay.q)
+            Pbar.append(block[np.arange(lay.n_levels), :, np.arange(lay.n_levels), :].sum(axis=0))
+        m = f["M11inv"].reshape(-1, q1, q1)
+        Gd = np.zeros_like(m)
+        for start, stop, Fc, Hc in self._chunks(f):
+            C = Fc.tocoo()
+            level, R = C.row // q1, C.row % q1
+            for c in range(q1):
+                v = C.data * Hc[level * q1 + c, C.col]
+                Gd[start // q1:stop // q1, c] += np.bincount(level * q1 + R, weights=v,
+                                                             minlength=(stop - start)).reshape(-1, q1)
+        Pbar[big] = (m + Gd).sum(axis=0)
+        f["diagonal"] = (Pbar, Gd)
+        return f["diagonal"]
 
 
 def profiled_deviance(design: Design, reml: bool) -> ThetaDeviance:

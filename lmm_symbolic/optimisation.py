@@ -6,9 +6,8 @@ Like lme4's ``optimizeLmer`` the numeric search is over :math:`\theta` alone (:m
 form. One :math:`\theta`: Newton with the analytic second derivative; several: Newton in a trust region
 with the analytic Hessian (every evaluation of the deviance has one), and where that does not reach a
 stationary point L-BFGS-B with the analytic gradient over unconstrained :math:`\theta`, made canonical and
-polished. :class:`OptSummary`
-keeps the optimiser's settings, its path and its outcome in one immutable object (as MixedModels.jl's
-``OptSummary``).
+polished. :class:`OptSummary` keeps the optimiser's settings, its path and its outcome in one immutable
+object (as MixedModels.jl's ``OptSummary``).
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import numpy as np
 import scipy.optimize
 import sympy as sp
 
-from .compilation import DevianceState, ThetaDeviance, cholesky_solve, difference_hessian
+from .compilation import DevianceState, ThetaDeviance, difference_hessian
 from .derivation import m, random_intercept_block, sigma, sigma_s
 from .errors import NumericalError
 from .specification import Design
@@ -234,9 +233,10 @@ def optimise(objective: ThetaDeviance) -> Optimum:
     :math:`d'(\theta) = 0` with the analytic second derivative where the criterion has one
     (:meth:`InterceptDeviance.hessian`), safeguarded by backtracking. Several: Newton in a trust region
     with the analytic Hessian (:meth:`BlockDeviance.hessian`, :meth:`DenseDeviance.hessian`,
-    :meth:`SparseDeviance.hessian`), else L-BFGS-B with the analytic gradient, then chord-Newton polishing. A diagonal :math:`\theta` at its bound 0 is a stationary point
-    (the deviance is even in each column of :math:`T_k`), so a stop there is tested by moving that
-    :math:`\theta` inward, and the search restarts from any better point."""
+    :meth:`SparseDeviance.hessian`), else L-BFGS-B with the analytic gradient, then chord-Newton polishing.
+    A diagonal :math:`\theta` at its bound 0 is a stationary point (the deviance is even in each column of
+    :math:`T_k`), so a stop there is tested by moving that :math:`\theta` inward, and the search restarts
+    from any better point."""
     path: list[np.ndarray] = []
     theta0 = objective.initial()
     lower = np.array([lo if lo is not None else -np.inf for lo in objective.lower_bounds])
@@ -333,10 +333,11 @@ def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int 
     positive definite, a descent direction of the same scale where it is not (far from the optimum the
     profiled deviance is not convex) -- shortened to :math:`\|s\|_\infty \le \Delta`. A step that lowers the
     criterion is taken (and :math:`\Delta` doubled if the step was cut); one that does not quarters
-    :math:`\Delta` below the step's length; a cut step that would put a diagonal :math:`\theta` on 0 (stationary
-    in its column: Newton could not leave it) is shortened by a tenth. Stops when a step no longer lowers the criterion beyond its
-    rounding and the Newton decrement :math:`-g^\top s` is below :math:`10^{-10}` (relative), or the step is at
-    machine precision. Returns (theta, message, converged, the state at theta)."""
+    :math:`\Delta` below the step's length; a cut step that would put a diagonal :math:`\theta` on 0
+    (stationary in its column: Newton could not leave it) is shortened by a tenth. Stops when a step no
+    longer lowers the criterion beyond its rounding and the Newton decrement :math:`-g^\top s` is below
+    :math:`10^{-10}` (relative), or the step is at machine precision. Returns (theta, message, converged,
+    the state at theta)."""
     def evaluate(x):
         path.append(np.array(x))
         try:
@@ -355,11 +356,11 @@ def _newton(objective: ThetaDeviance, x: np.ndarray, path: list, max_steps: int 
         if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
             return x, "the Hessian cannot be evaluated", False, st
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-300))
-        mu, V = np.linalg.eigh(H / np.outer(d, d))
-        mu = np.maximum(np.abs(mu), 1e-10 * max(float(np.max(np.abs(mu))), 1e-300))
+        eig, V = np.linalg.eigh(H / np.outer(d, d))
+        convex = bool(np.all(eig > 0))
+        mu = np.maximum(np.abs(eig), 1e-10 * max(float(np.max(np.abs(eig))), 1e-300))
         full = -(V @ ((V.T @ (g / d)) / mu)) / d
         decrement = -float(g @ full)
-        convex = bool(np.all(np.linalg.eigvalsh(H / np.outer(d, d)) > 0))
         while True:
             size = float(np.max(np.abs(full)))
             step = full if size <= radius else full * (radius / size)
