@@ -964,7 +964,7 @@ class DenseDeviance(ThetaDeviance):
             \partial^2_{kl} \log|M| = 2 \langle P, E_k^\top C E_l \rangle
                 - \operatorname{tr}(P\, \partial_l M\, P\, \partial_k M),
 
-        and the residual pieces from :meth:`_residual_second_order`."""
+        and the residual pieces from ``_residual_second_order``."""
         self.cached_derivatives(st)
         L, ZtZL, R = st.work["L"], st.work["ZtZL"], st.work["R"]
         P, C, k = self._minv(st), self.ZtZ, self.n_theta
@@ -992,10 +992,11 @@ class DenseDeviance(ThetaDeviance):
 SCHUR_MAX = 5000
 #: levels of the largest term handled at once when :math:`M^{-1}` is formed on :math:`M`'s pattern
 LEVEL_CHUNK = 4096
-#: H = F S^-1 is kept in the state for the Hessian when it has at most this many entries
+#: :math:`H = F S^{-1}` is kept in the state for the Hessian when it has at most this many entries
 H_KEEP = 6_000_000
-#: the analytic Hessian of :class:`SparseDeviance` needs T^-1: below this smallest |diagonal of T| (or above
-#: this condition number of T) it is central differences of the analytic gradient instead
+#: the analytic Hessian of :class:`SparseDeviance` needs :math:`T^{-1}`: below this smallest
+#: :math:`|T_{ii}|` (or above this condition number of :math:`T`) it is central differences of the analytic
+#: gradient instead
 HESSIAN_T_MIN, HESSIAN_T_COND = 1e-5, 1e7
 
 
@@ -1270,7 +1271,7 @@ class SparseDeviance(ThetaDeviance):
 
     def hessian(self, st: DevianceState) -> np.ndarray:
         r"""The Hessian :math:`d''` of the profiled deviance (assembled as ``_profiled_hessian`` says): the
-        residual pieces from :meth:`_residual_second_order`, :math:`\log|M|`'s from :meth:`_d2logdet`, which
+        residual pieces from ``_residual_second_order``, :math:`\log|M|`'s from ``_d2logdet``, which
         needs :math:`\Lambda^{-1}`; where a :math:`T` is singular or nearly so (a boundary fit) the whole
         Hessian is central differences of the analytic gradient."""
         theta, f = st.theta, st.work
@@ -1296,7 +1297,7 @@ class SparseDeviance(ThetaDeviance):
                 - \operatorname{tr}(P D_l P D_k) - \operatorname{tr}(P D_l P D_k^\top)\bigr],
 
         the first three from the sums :math:`\bar P_t` of :math:`P`'s diagonal blocks per term, the last two
-        from :meth:`_trace_tensors` contracted with :math:`d_l` and :math:`d_k`."""
+        from ``_trace_tensors`` contracted with :math:`d_l` and :math:`d_k`."""
         k = self.n_theta
         terms, small = self._relative_pieces(Ts)
         Pbar, K = self._trace_tensors(st.work)
