@@ -53,7 +53,12 @@ def paired_t_test(data: DataLike, response: str = "Resp", treatment: str = "Trea
     x, y = _pairs(read_data(data), response, treatment, subject)
     d = x - y
     G = len(d)
+    if G < 2:
+        raise DataError(f"a paired t-test needs at least two subjects with both treatment levels; there is {G}")
     se = d.std(ddof=1) / np.sqrt(G)
+    if se <= 10 * np.finfo(float).eps * abs(d.mean()):      # R: "data are essentially constant"
+        raise DataError("the paired differences are all equal (data are essentially constant): their standard "
+                        "error is 0, so t is undefined")
     t = d.mean() / se
     df = G - 1
     q = scipy.stats.t.ppf(0.5 + conf_level / 2, df)

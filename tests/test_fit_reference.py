@@ -219,3 +219,15 @@ def test_full_loglik_gradient_vanishes_at_ml_optimum():
     assert np.max(np.abs(g)) < 1e-6
     H = ll.hessian(fit.sigma, fit.sigma_s, fit.params.values)
     assert np.all(np.linalg.eigvalsh(H) < 0)   # a maximum
+
+
+@pytest.mark.parametrize("resp,match", [([10, 25, 3, 18], "essentially constant"),     # both differences 15
+                                        ([10, 10, 3, 3], "essentially constant"),      # both 0
+                                        ([10, 25, None, None], "at least two subjects")])
+def test_paired_t_test_refuses_what_r_refuses(resp, match):
+    """R's t.test(paired = TRUE) stops on constant differences and on fewer than two pairs; so does ours,
+    with a DataError instead of a division by zero."""
+    import pandas as pd
+    data = pd.DataFrame({"Treat": [0, 1, 0, 1], "Resp": resp, "Ind": [1, 1, 2, 2]}).dropna()
+    with pytest.raises(lmm.DataError, match=match):
+        lmm.paired_t_test(data)
