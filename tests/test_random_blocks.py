@@ -457,3 +457,32 @@ def test_sparse_models_fit_by_newton_to_the_quasi_newton_optimum(formula):
     assert quasi[3].startswith("L-BFGS-B")
     assert ob(newton[0]) <= q(quasi[0]) + 1e-8 * abs(q(quasi[0]))
     assert n_newton < len(path2)
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (x|g1) + (1|g2)", "y ~ x + (1|g1) + (x|g2)"])
+def test_sparse_log_det_derivatives_equal_exact_dense_sympy(formula):
+    """The block forms of log|M|' and log|M|'' (M^-1's diagonal block sums, Lambda^-1 E_k, the K tensors)
+    equal tr(M^-1 dM_k) and tr(M^-1 d2M_kl) - tr(M^-1 dM_l M^-1 dM_k) with M = I + Lambda^T Z^T Z Lambda
+    written out by sympy and evaluated in exact rationals."""
+    rng = np.random.default_rng(0)
+    d = pd.DataFrame({"y": rng.normal(size=10), "x": rng.integers(0, 3, 10).astype(float),
+                      "g1": [f"a{v}" for v in [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]],
+                      "g2": [f"b{v}" for v in [0, 1, 0, 1, 0, 1, 0, 1, 1, 0]]})
+    design = specify(formula, d)
+    ob = SparseDeviance(design, False)
+    Z = sp.Matrix(random_effects_matrix(design).toarray().astype(int))[:, list(ob._perm)]
+    th = sp.symbols(f"t0:{ob.n_theta}")
+    L = sp.zeros(Z.shape[1], Z.shape[1])
+    for k, (r, c) in enumerate(ob._by_theta):
+        for i, j in zip(r, c):
+            L[i, j] += th[k]
+    M = sp.eye(Z.shape[1]) + L.T * Z.T * Z * L
+    at = {t: sp.Rational(v, 10) for t, v in zip(th, [7, 3, 5, 9])}
+    Minv = M.subs(at).inv()
+    dM = [M.diff(t).subs(at) for t in th]
+    grad = [float((Minv * dM[a]).trace()) for a in range(len(th))]
+    hess = [[float((Minv * M.diff(th[a], th[b]).subs(at)).trace() - (Minv * dM[b] * Minv * dM[a]).trace())
+             for b in range(len(th))] for a in range(len(th))]
+    st = ob.state(np.array([float(at[t]) for t in th]))
+    np.testing.assert_allclose(ob.derivatives(st)[0], grad, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ob._d2logdet(st, ob.terms(st.theta)), hess, rtol=1e-12, atol=1e-12)
