@@ -994,9 +994,9 @@ SCHUR_MAX = 5000
 LEVEL_CHUNK = 4096
 #: :math:`H = F S^{-1}` is kept in the state for the Hessian when it has at most this many entries
 H_KEEP = 6_000_000
-#: the analytic Hessian of :class:`SparseDeviance` needs :math:`T^{-1}`: below this smallest
-#: :math:`|T_{ii}|` (or above this condition number of :math:`T`) it is central differences of the analytic
-#: gradient instead
+#: :class:`SparseDeviance`'s block forms of :math:`\log|M|'` and the Hessian need :math:`T^{-1}`: below this
+#: smallest :math:`|T_{ii}|` (or above this condition number of :math:`T`) the gradient is summed on
+#: :math:`M`'s pattern and the Hessian is central differences of the analytic gradient instead
 HESSIAN_T_MIN, HESSIAN_T_COND = 1e-5, 1e7
 
 
@@ -1176,7 +1176,7 @@ class SparseDeviance(ThetaDeviance):
         sol = self._solve(f, np.column_stack([LZX, LZy]))
         A, beta, rss, logdetA, u = self._woodbury_profile(theta, LZX, LZy, sol)
         b = np.empty(self.width)
-        b[self._perm] = self._lambda(theta) @ u                           # Lambda u, Z's column order
+        b[self._perm] = self._lambdas(f, theta)[0] @ u                    # Lambda u, Z's column order
         return DevianceState(theta=theta, A=A, beta=beta, rss=rss, logdetM=f["logdet"], logdetA=logdetA,
                              b=b, work=f)
 
@@ -1185,7 +1185,7 @@ class SparseDeviance(ThetaDeviance):
         on :math:`M`'s pattern."""
         Minv = scipy.sparse.csr_matrix((self._inverse_on_pattern(st.work), (self._rows, self._cols)),
                                        shape=(self.width, self.width))
-        L = self._lambda(st.theta)
+        L = self._lambdas(st.work, st.theta)[0]
         out = np.empty(self.width)
         out[self._perm] = np.asarray((L @ Minv).multiply(L).sum(axis=1)).ravel()
         return out
@@ -1243,16 +1243,15 @@ class SparseDeviance(ThetaDeviance):
     def derivatives(self, st: DevianceState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         theta, f = st.theta, st.work
         k = self.n_theta
-        Ts = self.terms(theta)
-        if self._invertible(Ts):            # tr(M^-1 dM_k) = 2 (tr D_k - tr(M^-1 D_k)), D_k = Lambda^-1 E_k
+        _, invertible, terms, small = self._relative(f, theta)
+        if invertible:                      # tr(M^-1 dM_k) = 2 (tr D_k - tr(M^-1 D_k)), D_k = Lambda^-1 E_k
             Pbar, _ = self._diagonal_sums(f)
-            terms, small = self._relative_pieces(Ts)
             trace = np.array([2.0 * (self.layouts[t].n_levels * np.trace(d) - np.sum(Pbar[t].T * d))
                               for t, d in zip(terms, small)])
         else:
             trace = 2.0 * (self._P.reshape(k * k, -1) @ self._inverse_on_pattern(f)).reshape(k, k) @ theta
         # Z^T V^-1 v = Z^T v - Z^T Z Lambda M^-1 Lambda^T Z^T v, for v = y - X beta and the columns of X
-        L, LT = self._lambda(theta), self._lambda(theta, transpose=True)
+        L, LT = self._lambdas(f, theta)
         Zt_res = self.Zty - self.ZtX @ st.beta
         rhs = np.column_stack([Zt_res, self.ZtX])
         Zt = rhs - self.ZtZ @ (L @ self._solve(f, LT @ rhs))            # [Z^T r, Z^T P]
@@ -1267,39 +1266,41 @@ class SparseDeviance(ThetaDeviance):
     def _zt_vinv_z(self, f: dict, theta, x: np.ndarray) -> np.ndarray:
         r""":math:`Z^\top V^{-1} Z\, x = C x - C \Lambda M^{-1} \Lambda^\top C x` (:math:`C = Z^\top Z`, Woodbury)."""
         Cx = self.ZtZ @ x
-        return Cx - self.ZtZ @ (self._lambda(theta) @ self._solve(f, self._lambda(theta, transpose=True) @ Cx))
+        L, LT = self._lambdas(f, theta)
+        return Cx - self.ZtZ @ (L @ self._solve(f, LT @ Cx))
 
     def hessian(self, st: DevianceState) -> np.ndarray:
-        r"""The Hessian :math:`d''` of the profiled deviance (assembled as ``_profiled_hessian`` says): the
-        residual pieces from ``_residual_second_order``, :math:`\log|M|`'s from ``_d2logdet``, which
-        needs :math:`\Lambda^{-1}`; where a :math:`T` is singular or nearly so (a boundary fit) the whole
-        Hessian is central differences of the analytic gradient."""
-        theta, f = st.theta, st.work
-        Ts = self.terms(theta)
-        if not self._invertible(Ts):
-            return difference_hessian(lambda th: self.gradient(self.state(th)), theta)
-        self.cached_derivatives(st)
-        d2rss, h, d2A = self._residual_second_order(self._lambda(theta), *f["ZtV"],
-                                                    lambda x: self._zt_vinv_z(f, theta, x))
-        return self._profiled_hessian(st, self._d2logdet(st, Ts), d2rss, h, d2A)
-
-    def _d2logdet(self, st: DevianceState, Ts) -> np.ndarray:
-        r""":math:`\partial^2 \log|M|`. With :math:`P = M^{-1}` and :math:`D_k = \Lambda^{-1} E_k` (block-diagonal:
-        :math:`d_k = T^{-1} e_{rc}` in every level of :math:`\theta_k`'s term), :math:`\Lambda^\top C E_k = (M - I) D_k`,
-        so :math:`\partial_k M = (M - I) D_k + D_k^\top (M - I)`, :math:`\partial^2_{kl} M = E_k^\top C E_l +
-        E_l^\top C E_k`, and :math:`\operatorname{tr}(P\, \partial^2_{kl} M) - \operatorname{tr}(P\, \partial_l M\,
-        P\, \partial_k M)` reduces (with :math:`P (M - I) = I - P`) to
+        r"""The Hessian :math:`d''` of the profiled deviance (assembled as ``_profiled_hessian`` says), the
+        residual pieces from ``_residual_second_order``. For :math:`\log|M|`, with :math:`P = M^{-1}` and
+        :math:`D_k = \Lambda^{-1} E_k` (block-diagonal: :math:`d_k = T^{-1} e_{rc}` in every level of
+        :math:`\theta_k`'s term), :math:`\Lambda^\top C E_k = (M - I) D_k`, so
+        :math:`\partial_k M = (M - I) D_k + D_k^\top (M - I)` and :math:`\partial^2_{kl} M = E_k^\top C E_l +
+        E_l^\top C E_k`; :math:`\operatorname{tr}(P\, \partial^2_{kl} M) - \operatorname{tr}(P\, \partial_l M\,
+        P\, \partial_k M)` then reduces (with :math:`P (M - I) = I - P`) to
 
         .. math::
 
-            \partial^2_{kl} \log|M| = 2 \bigl[\operatorname{tr}(P D_l D_k) + \operatorname{tr}(P D_k D_l)
-                + \operatorname{tr}(P D_k^\top D_l) - \operatorname{tr}(D_l D_k)
-                - \operatorname{tr}(P D_l P D_k) - \operatorname{tr}(P D_l P D_k^\top)\bigr],
+            \partial^2_{kl} \log|M| &= 2 \bigl[\operatorname{tr}(P D_l D_k) + \operatorname{tr}(P D_k D_l)
+                + \operatorname{tr}(P D_k^\top D_l) - \operatorname{tr}(D_l D_k)\bigr] \\
+                &\quad - 2 \bigl[\operatorname{tr}(P D_l P D_k) + \operatorname{tr}(P D_l P D_k^\top)\bigr],
 
-        the first three from the sums :math:`\bar P_t` of :math:`P`'s diagonal blocks per term, the last two
-        from ``_trace_tensors`` contracted with :math:`d_l` and :math:`d_k`."""
+        and likewise :math:`\partial_k \log|M| = 2 \bigl(\operatorname{tr} D_k - \operatorname{tr}(P D_k)\bigr)`
+        (:meth:`derivatives`). Where a :math:`T` is singular or nearly so (a boundary fit) the whole Hessian
+        is central differences of the analytic gradient."""
+        theta, f = st.theta, st.work
+        if not self._relative(f, theta)[1]:
+            return difference_hessian(lambda th: self.gradient(self.state(th)), theta)
+        self.cached_derivatives(st)
+        d2rss, h, d2A = self._residual_second_order(self._lambdas(f, theta)[0], *f["ZtV"],
+                                                    lambda x: self._zt_vinv_z(f, theta, x))
+        return self._profiled_hessian(st, self._d2logdet(st), d2rss, h, d2A)
+
+    def _d2logdet(self, st: DevianceState) -> np.ndarray:
+        r""":math:`\partial^2 \log|M|` as :meth:`hessian` gives it: the first three traces from the sums
+        :math:`\bar P_t` of :math:`P`'s diagonal blocks per term, the last two from ``_trace_tensors``
+        contracted with :math:`d_l` and :math:`d_k`."""
         k = self.n_theta
-        terms, small = self._relative_pieces(Ts)
+        _, _, terms, small = self._relative(st.work, st.theta)
         Pbar, K = self._trace_tensors(st.work)
         H = np.zeros((k, k))
         for l in range(k):
@@ -1313,21 +1314,28 @@ class SparseDeviance(ThetaDeviance):
                                 - self.layouts[tl].n_levels * np.trace(dl @ dk))
         return H + H.T
 
-    @staticmethod
-    def _invertible(Ts) -> bool:
-        """Whether every T is far enough from singular for the formulas in Lambda^-1."""
-        return not any(np.min(np.abs(np.diag(T))) < HESSIAN_T_MIN or np.linalg.cond(T) > HESSIAN_T_COND
-                       for T in Ts)
+    def _lambdas(self, f: dict, theta) -> tuple:
+        """Lambda and Lambda^T at the state (CSR), built once per state."""
+        if "Lambda" not in f:
+            f["Lambda"] = (self._lambda(theta), self._lambda(theta, transpose=True))
+        return f["Lambda"]
 
-    def _relative_pieces(self, Ts) -> tuple[list, list]:
-        """For each theta_k: its term and d_k = T^-1 e_rc (the block of D_k = Lambda^-1 E_k in every level)."""
-        terms, small = [], []
-        for t, (lay, T) in enumerate(zip(self.layouts, Ts)):
-            Ti = np.linalg.inv(T)
-            for r, c in lay.theta_index:
-                terms.append(t)
-                small.append(np.outer(Ti[:, r], np.eye(lay.q)[c]))
-        return terms, small
+    def _relative(self, f: dict, theta) -> tuple:
+        """(the T_k, whether every T is far enough from singular for the formulas in Lambda^-1, and for each
+        theta_k its term and d_k = T^-1 e_rc, the block of D_k = Lambda^-1 E_k in every level), once per state."""
+        if "relative" not in f:
+            Ts = self.terms(theta)
+            invertible = not any(np.min(np.abs(np.diag(T))) < HESSIAN_T_MIN or np.linalg.cond(T) > HESSIAN_T_COND
+                                 for T in Ts)
+            terms, small = [], []
+            if invertible:
+                for t, (lay, T) in enumerate(zip(self.layouts, Ts)):
+                    Ti = np.linalg.inv(T)
+                    for r, c in lay.theta_index:
+                        terms.append(t)
+                        small.append(np.outer(Ti[:, r], np.eye(lay.q)[c]))
+            f["relative"] = (Ts, invertible, terms, small)
+        return f["relative"]
 
     def _term_block(self, t: int) -> int | None:
         """Where term t's columns start in the Schur complement's block (None: the largest term)."""
